@@ -1,0 +1,125 @@
+"""Run configuration: a frozen dataclass loaded from YAML and overridden by command-line flags."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ptqbench.errors import ConfigError
+
+MIN_BITS, MAX_BITS = 2, 16
+PRESETS = ("paper", "fast")
+
+
+@dataclass(frozen=True, order=True)
+class BitSpec:
+    """Weight and activation bit widths of one grid cell (e.g. W4A4)."""
+
+    w_bits: int
+    a_bits: int
+
+    @property
+    def label(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits}"
+
+    @classmethod
+    def parse(cls, text: str) -> "BitSpec":
+        """`4` -> W4A4; `w4a8` / `W4A8` -> W4A8. Bit widths must lie in 2..16."""
+        token = text.strip().lower()
+        match = re.fullmatch(r"(\d+)", token) or re.fullmatch(r"w(\d+)a(\d+)", token)
+        if not match:
+            raise ConfigError(f"cannot read bit width {text!r}: use a number like 4 or a pair like w4a8")
+        values = [int(g) for g in match.groups()]
+        w_bits, a_bits = (values[0], values[0]) if len(values) == 1 else values
+        for bits in (w_bits, a_bits):
+            if not MIN_BITS <= bits <= MAX_BITS:
+                raise ConfigError(f"bit width {bits} in {text!r} is outside {MIN_BITS}..{MAX_BITS}")
+        return cls(w_bits, a_bits)
+
+
+def parse_bits(text: str) -> tuple[BitSpec, ...]:
+    """A comma-separated list: `4,6` -> (W4A4, W6A6); duplicates removed, order kept."""
+    specs = [BitSpec.parse(part) for part in text.split(",") if part.strip()]
+    if not specs:
+        raise ConfigError("--bits is empty")
+    return tuple(dict.fromkeys(specs))
+
+
+def split_names(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    if not names:
+        raise ConfigError(f"empty name list {text!r}")
+    return names
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run of the grid.
+
+    data_root None means: the demo data (generated offline on first use) when no model was named
+    either, else $PTQBENCH_DATASETS, else ./datasets. preset None means: `fast` for sam_tiny,
+    `paper` for full-size SAM.
+    """
+
+    model: str = "sam_tiny"
+    checkpoint: str | None = None
+    tasks: tuple[str, ...] = ("coco",)
+    methods: tuple[str, ...] = ("minmax",)
+    bits: tuple[BitSpec, ...] = (BitSpec(4, 4),)
+    data_root: str | None = None
+    prompts: str | None = None
+    calib_prompts: str | None = None
+    calib_split: str | None = None
+    calib_size: int = 32
+    limit: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    preset: str | None = None
+    out: str = "results"
+    resume: bool = True
+    task_options: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.calib_size < 1:
+            raise ConfigError(f"--calib-size must be at least 1, got {self.calib_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+
+    def with_overrides(self, **overrides: Any) -> "RunConfig":
+        """A copy with the given (non-None) fields replaced."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML run configuration into RunConfig field values (lists and bit specs parsed)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option names to values")
+    known = {f.name for f in fields(RunConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {path}: unknown option {key!r}")
+        if name in ("tasks", "methods"):
+            value = split_names(value if isinstance(value, str) else ",".join(map(str, value)))
+        elif name == "bits":
+            value = parse_bits(value if isinstance(value, str) else ",".join(map(str, value)))
+        elif name == "task_options":
+            value = tuple((str(k), str(v)) for k, v in dict(value).items())
+        values[name] = value
+    return values

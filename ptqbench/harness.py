@@ -1,0 +1,201 @@
+"""The grid: model -> FP row -> methods x bits -> calibrate -> seal -> evaluate -> store.
+
+Every finished cell is one record in the SQLite store and the leaderboards are regenerated
+after each cell, so an interrupted run loses at most the cell in progress; re-running skips
+finished cells (resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ptqbench.config import BitSpec, RunConfig
+from ptqbench.errors import ConfigError
+from ptqbench.methods.base import METHODS
+from ptqbench.quant.sites import seal_for_evaluation
+from ptqbench.results import RunRecord, RunStore, write_leaderboards
+from ptqbench.sam.calibration import CalibrationSet, build_calibration_set
+from ptqbench.sam.inference import BoxPredictor
+from ptqbench.sam.models import MODELS, LoadedModel, load_model
+from ptqbench.sam.quantized import quantize_sam
+from ptqbench.tasks.base import TASKS, Task, TaskConfig
+
+log = logging.getLogger(__name__)
+
+DEMO = "demo"
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A RunConfig with its defaults decided (data root, preset, device) and names validated."""
+
+    config: RunConfig
+    data_root: Path
+    is_demo: bool
+    preset: str
+    device: torch.device
+
+
+def resolve(config: RunConfig, *, model_given: bool) -> ResolvedRun:
+    """Validate names and decide the defaults that depend on other options."""
+    MODELS.canonical(config.model)
+    for name in config.tasks:
+        TASKS.canonical(name)
+    for name in config.methods:
+        METHODS.canonical(name)
+    data_root, is_demo = _data_root(config, model_given)
+    preset = config.preset or ("fast" if config.model == "sam_tiny" else "paper")
+    return ResolvedRun(config, data_root, is_demo, preset, _device(config.device))
+
+
+def _data_root(config: RunConfig, model_given: bool) -> tuple[Path, bool]:
+    if config.data_root == DEMO or (config.data_root is None and not model_given
+                                    and "PTQBENCH_DATASETS" not in os.environ):
+        from ptqbench.tasks.synthetic import ensure_demo_data
+
+        return ensure_demo_data(), True
+    root = Path(config.data_root or os.environ.get("PTQBENCH_DATASETS", "datasets")).expanduser()
+    if not root.is_dir():
+        from ptqbench.errors import DataError
+
+        raise DataError(f"data root {root} does not exist (set --data-root or PTQBENCH_DATASETS; "
+                        "see datasets/README.md for the expected layout)")
+    return root, False
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("ptqbench", "torch", "segment_anything", "numpy", "pycocotools"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+class Harness:
+    """Runs one resolved configuration against the store under `config.out`."""
+
+    def __init__(self, run: ResolvedRun, *, progress: bool = True) -> None:
+        self.run = run
+        self.config = run.config
+        self.progress = progress
+        self.out = Path(self.config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.store = RunStore(self.out / "ptqbench.sqlite")
+        self.versions = _versions()
+        self.git_commit = _git_commit()
+
+    def execute(self) -> None:
+        loaded = load_model(self.config.model, self.config.checkpoint)
+        labels = () if loaded.trained else ("untrained",)
+        if not loaded.trained:
+            log.warning("model %s is untrained (seeded random weights): its scores say nothing about a method",
+                        loaded.name)
+        for task_name in self.config.tasks:
+            task = self._make_task(task_name, loaded)
+            log.info("task %s: %s", task.name, task.describe())
+            self._run_task(task, loaded, labels)
+
+    def _make_task(self, name: str, loaded: LoadedModel) -> Task:
+        factory = TASKS.get(name)
+        return factory(TaskConfig(
+            data_root=self.run.data_root, prompts=self.config.prompts, calib_prompts=self.config.calib_prompts,
+            calib_split=self.config.calib_split, model_input_size=loaded.input_size,
+            options=self.config.task_options))
+
+    def _record(self, loaded: LoadedModel, task: Task, method: str, spec: BitSpec | None,
+                calib_fingerprint: str, labels: tuple[str, ...]) -> dict:
+        return dict(
+            model=loaded.name, checkpoint_sha256=loaded.checkpoint_sha256, task=task.name,
+            dataset_fingerprint=task.fingerprint(), prompts=self.config.prompts or "gt", method=method,
+            bits=spec.label if spec else "fp", w_bits=spec.w_bits if spec else None,
+            a_bits=spec.a_bits if spec else None, preset=self.run.preset if spec else "-",
+            seed=self.config.seed, calib_fingerprint=calib_fingerprint, labels=labels)
+
+    def _run_task(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...]) -> None:
+        fp_fields = self._record(loaded, task, "fp", None, "-", labels)
+        if not self._finished(fp_fields):
+            self._evaluate_cell(task, loaded.model, fp_fields, calib_s=0.0)
+        calib: CalibrationSet | None = None
+        for method_name in self.config.methods:
+            method_name = METHODS.canonical(method_name)
+            if method_name == "fp":
+                continue
+            for spec in self.config.bits:
+                if calib is None:
+                    items = task.calibration_items(self.config.calib_size, self.config.seed)
+                    calib = build_calibration_set(loaded.model, items, self.run.device)
+                fields = self._record(loaded, task, method_name, spec, calib.fingerprint, labels)
+                if self._finished(fields):
+                    log.info("skipping %s %s %s: already in the store", task.name, method_name, spec.label)
+                    continue
+                log.info("calibrating %s %s (%s preset, %d images)", method_name, spec.label, self.run.preset, len(calib))
+                qmodel = quantize_sam(loaded.model, spec.w_bits, spec.a_bits).to(self.run.device)
+                fp_model = loaded.model.to(self.run.device)
+                torch.manual_seed(self.config.seed)
+                start = time.perf_counter()
+                METHODS.get(method_name)().calibrate(qmodel, fp_model, calib, spec, self.run.preset, self.config.seed)
+                seal_for_evaluation(qmodel)
+                calib_s = time.perf_counter() - start
+                self._evaluate_cell(task, qmodel, fields, calib_s=calib_s)
+                del qmodel
+
+    def _finished(self, fields: dict) -> bool:
+        return self.config.resume and self.store.has(RunStore.cell_key(**fields))
+
+    def _evaluate_cell(self, task: Task, model, fields: dict, *, calib_s: float) -> None:
+        device = self.run.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        cell_dir = self.out / "runs" / f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.config.seed)
+        start = time.perf_counter()
+        metrics = task.evaluate(BoxPredictor(model, device), limit=self.config.limit, progress=self.progress,
+                                out_dir=cell_dir)
+        eval_s = time.perf_counter() - start
+        record = RunRecord(
+            **fields, metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
+            images=int(metrics.pop("images", 0)) if "images" in metrics else self._images(task),
+            peak_mem_mb=_peak_memory_mb(device), device=str(device), versions=self.versions,
+            git_commit=self.git_commit, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        self.store.put(record)
+        write_leaderboards(self.store, self.out, task=task.name)
+        log.info("%s %s %s: %s = %.2f", task.name, fields["method"], fields["bits"], task.metric, metrics[task.metric])
+
+    def _images(self, task: Task) -> int:
+        return int(getattr(task, "last_image_count", 0))

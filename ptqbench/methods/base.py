@@ -1,0 +1,79 @@
+"""The Method interface, the method registry and the shared range-setting steps.
+
+A method receives a quantizable twin of SAM (`ptqbench.sam.quantized.quantize_sam`, every site
+off), the FP model, the calibration set, the bit widths and the preset, and sets every site.
+The harness then seals the model for evaluation (`ptqbench.quant.sites.seal_for_evaluation`),
+so no method can leave a random bypass, an observer or a trainable scale behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Protocol
+
+import torch
+from segment_anything.modeling import Sam
+from tqdm.auto import tqdm
+
+from ptqbench.config import BitSpec
+from ptqbench.quant.observers import Observer, make_observer
+from ptqbench.quant.sites import quantizer_sites, weight_layers
+from ptqbench.registry import Registry
+from ptqbench.sam.calibration import CalibrationSet, sam_forward
+
+log = logging.getLogger(__name__)
+
+
+class Method(Protocol):
+    """A PTQ method; `calibrate` leaves every site of `qmodel` either off or quantizing."""
+
+    name: str
+
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
+                  preset: str, seed: int) -> None: ...
+
+
+METHODS: Registry[Method] = Registry("method", entry_point_group="ptqbench.methods")
+
+
+def set_weight_ranges(qmodel: Sam, observer: str, **observer_kw) -> None:
+    """Per-channel weight ranges from `observer` (one update with the whole weight)."""
+    for layer in weight_layers(qmodel).values():
+        obs = make_observer(observer, channel_axis=0, **observer_kw)
+        obs.update(layer.weight.detach())
+        layer.weight_quantizer.observe_with(obs)
+        layer.weight_quantizer.finish_observing()
+
+
+@torch.no_grad()
+def observe_activations(qmodel: Sam, calib: CalibrationSet,
+                        observer_for: Callable[[str], Observer], *, progress: bool = True) -> None:
+    """Calibrate every activation site that is still off, in one pass over the calibration set.
+
+    The pass runs with the already-set sites quantizing (weights first, so activation statistics
+    see quantized weights) and the observed sites in FP; each image is one observer update.
+    `observer_for(site_name)` returns a fresh observer for a site.
+    """
+    sites = {name: q for name, q in quantizer_sites(qmodel).items() if not q.is_weight and q.mode == "off"}
+    for name, quantizer in sites.items():
+        quantizer.observe_with(observer_for(name))
+    for sample in tqdm(calib.samples, desc="observing activations", disable=not progress, leave=False):
+        sam_forward(qmodel, sample.image, sample.boxes)
+    for quantizer in sites.values():
+        quantizer.finish_observing()
+
+
+class RangeSettingMethod:
+    """A statistics-only method: a weight observer and an activation observer, nothing learned."""
+
+    name = ""
+    weight_observer = "minmax"
+    activation_observer = "minmax"
+
+    def activation_observer_for(self, site: str) -> Observer:
+        return make_observer(self.activation_observer)
+
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
+                  preset: str, seed: int) -> None:
+        set_weight_ranges(qmodel, self.weight_observer)
+        observe_activations(qmodel, calib, self.activation_observer_for)

@@ -1,0 +1,1 @@
+"""Method-agnostic quantization primitives: pure functions, observers, the FakeQuantizer, sites."""

@@ -1,0 +1,60 @@
+"""Pure fake-quantization functions (simulated in floating point).
+
+Conventions (methods.md, section 1): uniform affine, asymmetric, unsigned grid with
+qmin = 0 and qmax = 2^b - 1. Per-channel parameters are tensors broadcastable against the
+input (e.g. shape [C, 1] for a [C, K] weight); per-tensor parameters are 0-d tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def quant_range(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of the unsigned b-bit grid."""
+    return 0, 2**bits - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest (half to even, as torch.round) with a straight-through gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def affine_qparams(x_min: Tensor, x_max: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Scale and zero point covering [x_min, x_max] (widened to include 0).
+
+    s = max(max(x_max, 0) - min(x_min, 0), 1e-8) / (qmax - qmin)
+    z = clamp(qmin - round(min(x_min, 0) / s), qmin, qmax)
+    Shapes: x_min, x_max any shape S (per-tensor: 0-d); returns scale, zero_point of shape S.
+    """
+    qmin, qmax = quant_range(bits)
+    lo = torch.clamp(x_min, max=0.0)
+    hi = torch.clamp(x_max, min=0.0)
+    scale = torch.clamp(hi - lo, min=1e-8) / (qmax - qmin)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def fake_quant_affine(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """x_hat = (clamp(round(x/s) + z, qmin, qmax) - z) * s, with STE through the rounding.
+
+    Gradients flow to x (straight through inside the clamp range) and to `scale` (LSQ-style).
+    x: any shape; scale, zero_point broadcastable to x.
+    """
+    qmin, qmax = quant_range(bits)
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def fake_quant_log2(a: Tensor, scale: Tensor, tau: int, bits: int) -> Tensor:
+    """The AGQ log2 quantizer with base 2^(1/tau) for non-negative inputs (softmax outputs).
+
+    a_int = round(-tau * log2(a / s)); a_hat = s * 2^(-clamp(a_int, 0, 2^b - 1) / tau);
+    elements whose a_int >= 2^b (below the smallest level, including a = 0) become exactly 0.
+    a: any shape, values >= 0; scale: 0-d tensor (learnable, gradient through the STE).
+    """
+    levels = 2**bits
+    a_int = round_ste(-tau * torch.log2(torch.clamp(a, min=1e-30) / scale))
+    a_hat = scale * torch.pow(2.0, -torch.clamp(a_int, 0, levels - 1) / tau)
+    return torch.where(a_int >= levels, torch.zeros_like(a_hat), a_hat)

@@ -1,0 +1,140 @@
+"""The FakeQuantizer module: one quantization site's state and its forward.
+
+A quantizer is in one of three modes:
+- "off":      identity (returns its input object unchanged, so the FP path is bit-exact);
+- "observe":  identity, and its observer records the input's statistics;
+- "quantize": simulated quantization with the stored scale and zero point.
+
+Granularity is per tensor (`channel_axis=None`, scale and zero point are 0-d) or per channel
+(scale and zero point have shape [C], broadcast along `channel_axis`). Two grids exist:
+the uniform affine grid of methods.md section 1 and, for softmax outputs, the AGQ log2 grid
+(`set_log2(tau, scale)`). Options used by reconstruction methods:
+- LSQ: `make_scale_learnable()` turns the scale into an `nn.Parameter` trained with the
+  gradient scale 1/sqrt(numel * qmax) and kept positive;
+- QDrop: `quantize_prob` < 1 quantizes each element with that probability and passes the
+  rest through in FP (fresh randomness every forward). Evaluation always uses 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ptqbench.quant import functional as qf
+
+if TYPE_CHECKING:
+    from ptqbench.quant.observers import Observer
+
+Mode = Literal["off", "observe", "quantize"]
+
+
+class FakeQuantizer(nn.Module):
+    """Fake-quantizes a weight or an activation.
+
+    bits: the grid's bit width (2..16).
+    is_weight: whether this site quantizes a weight (methods choose observers by it).
+    channel_axis: None for per-tensor, else the axis holding the channels (weights: 0).
+    """
+
+    def __init__(self, bits: int, *, is_weight: bool, channel_axis: int | None = None) -> None:
+        super().__init__()
+        self.bits = bits
+        self.is_weight = is_weight
+        self.channel_axis = channel_axis
+        self.mode: Mode = "off"
+        self.observer: "Observer | None" = None
+        self.quantize_prob = 1.0
+        self.log2_tau: int | None = None
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def extra_repr(self) -> str:
+        grid = f"log2(tau={self.log2_tau})" if self.log2_tau else "uniform"
+        gran = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        return f"bits={self.bits}, {gran}, grid={grid}, mode={self.mode}, quantize_prob={self.quantize_prob}"
+
+    def observe_with(self, observer: "Observer") -> None:
+        """Attach a fresh observer and switch to observe mode."""
+        self.observer = observer
+        self.mode = "observe"
+
+    def set_range(self, x_min: Tensor, x_max: Tensor) -> None:
+        """Set scale and zero point from a range (0-d or [C]) and switch to quantize mode."""
+        scale, zero_point = qf.affine_qparams(x_min.float(), x_max.float(), self.bits)
+        self._store(scale, zero_point)
+        self.mode = "quantize"
+
+    def set_log2(self, tau: int, scale: Tensor) -> None:
+        """Use the AGQ log2 grid with base 2^(1/tau) and the given 0-d scale."""
+        self.log2_tau = tau
+        self._store(scale.detach().float().reshape(()), torch.zeros(()))
+        self.mode = "quantize"
+
+    def finish_observing(self) -> None:
+        """Turn the observer's statistics into qparams and drop the observer."""
+        if self.observer is None:
+            raise RuntimeError("finish_observing called on a quantizer without an observer")
+        x_min, x_max = self.observer.compute_range(self.bits)
+        self.observer = None
+        self.set_range(x_min, x_max)
+
+    def make_scale_learnable(self) -> nn.Parameter:
+        """LSQ: the scale becomes a trainable parameter (initialised from its current value)."""
+        if not isinstance(self.scale, nn.Parameter):
+            value = self.scale.detach().clone()
+            del self.scale
+            self.scale = nn.Parameter(value)
+        return self.scale
+
+    def freeze_scale(self) -> None:
+        """End of learning: the scale becomes a plain buffer again (clamped positive)."""
+        if isinstance(self.scale, nn.Parameter):
+            value = self.scale.detach().clamp(min=1e-8).clone()
+            del self.scale
+            self.register_buffer("scale", value)
+
+    def _store(self, scale: Tensor, zero_point: Tensor) -> None:
+        if isinstance(self.scale, nn.Parameter):
+            self.scale.data = scale.to(self.scale.device)
+        else:
+            self.scale = scale.to(self.scale.device)
+        self.zero_point = zero_point.to(self.zero_point.device)
+
+    def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
+        if self.channel_axis is None or t.dim() == 0:
+            return t
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = -1
+        return t.reshape(shape)
+
+    def _learnable_scale(self, x: Tensor) -> Tensor:
+        """The scale with LSQ's gradient scaling and kept positive (identity for buffers)."""
+        scale = self.scale
+        if isinstance(scale, nn.Parameter):
+            numel = x.numel() if self.channel_axis is None else x.numel() // x.shape[self.channel_axis]
+            g = 1.0 / math.sqrt(numel * (2**self.bits - 1))
+            scale = (scale - scale * g).detach() + scale * g
+            scale = scale.abs().clamp(min=1e-8)
+        return scale
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """The fake-quantized tensor (every element), whatever the mode."""
+        scale = self._broadcast(self._learnable_scale(x), x)
+        if self.log2_tau is not None:
+            return qf.fake_quant_log2(x, scale, self.log2_tau, self.bits)
+        return qf.fake_quant_affine(x, scale, self._broadcast(self.zero_point, x), self.bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.observer.update(x.detach())
+            return x
+        x_hat = self.quantize(x)
+        if self.quantize_prob < 1.0:
+            keep_quantized = torch.rand_like(x) < self.quantize_prob
+            x_hat = torch.where(keep_quantized, x_hat, x)
+        return x_hat

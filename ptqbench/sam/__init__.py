@@ -1,0 +1,1 @@
+"""The Segment Anything Model: builders, checkpoints, quantizable twins and box-prompt inference."""

@@ -1,0 +1,68 @@
+"""The calibration set (identical for every method) and one SAM forward on a calibration sample."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from segment_anything.modeling import Sam
+from torch import Tensor
+
+from ptqbench.sam.inference import BoxPredictor
+from ptqbench.tasks.base import CalibrationItem
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    """One preprocessed calibration image and its box prompts.
+
+    image: [1, 3, S, S] normalised and padded model input; boxes: [N, 4] xyxy in model input
+    coordinates (after ResizeLongestSide), N >= 1.
+    """
+
+    image: Tensor
+    boxes: Tensor
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The calibration samples in order, and a fingerprint of their content."""
+
+    samples: tuple[CalibrationSample, ...]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def build_calibration_set(model: Sam, items: list[CalibrationItem], device: torch.device | str) -> CalibrationSet:
+    """Preprocess calibration items exactly as evaluation does and move them to `device`."""
+    predictor = BoxPredictor(model, device)
+    digest = hashlib.sha256()
+    samples = []
+    for item in items:
+        image, _ = predictor.preprocess(item.image)
+        boxes = predictor.transform.apply_boxes(item.boxes.astype("float64"), item.image.shape[:2])
+        boxes_t = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
+        samples.append(CalibrationSample(image=image, boxes=boxes_t))
+        digest.update(item.image.tobytes())
+        digest.update(item.boxes.astype("float64").tobytes())
+    return CalibrationSet(samples=tuple(samples), fingerprint=digest.hexdigest()[:16])
+
+
+def sam_forward(model: Sam, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Encoder + prompt encoder + single-mask decoder.
+
+    image: [1, 3, S, S] model input; boxes: [N, 4] input coordinates.
+    Returns low-res mask logits [N, 1, S/4, S/4] and predicted IoU [N, 1].
+    """
+    embedding = model.image_encoder(image)
+    sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return model.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )

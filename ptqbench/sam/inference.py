@@ -1,0 +1,80 @@
+"""Batched box-prompt inference: preprocess once, encode once, decode all of an image's boxes.
+
+The FP path reproduces segment_anything's `SamPredictor.set_image` followed by
+`predict_torch(boxes=..., multimask_output=False)` and `> mask_threshold` exactly: it uses
+the same `ResizeLongestSide` transform and the model's own `preprocess` / `postprocess_masks`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+
+class BoxPredictor:
+    """Predicts one mask per box prompt with a (possibly quantized) SAM.
+
+    model: a `Sam` (its quantizable twin is still a `Sam`); it is moved to `device`.
+    chunk_size: boxes decoded per mask-decoder call (bounds memory for images with many boxes).
+    """
+
+    def __init__(self, model: Sam, device: torch.device | str = "cpu", chunk_size: int = 64) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.input_size = model.image_encoder.img_size
+        self.chunk_size = chunk_size
+        self.transform = ResizeLongestSide(self.input_size)
+        self._features: torch.Tensor | None = None
+        self._input_hw: tuple[int, int] = (0, 0)
+        self._original_hw: tuple[int, int] = (0, 0)
+
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """uint8 RGB [H, W, 3] -> (normalised, padded input [1, 3, S, S], resized (h, w))."""
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        return self.model.preprocess(x), (resized.shape[0], resized.shape[1])
+
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode one uint8 RGB image [H, W, 3]; later `predict_boxes` calls reuse the embedding."""
+        x, self._input_hw = self.preprocess(image)
+        self._original_hw = (image.shape[0], image.shape[1])
+        self._features = self.model.image_encoder(x)
+
+    @torch.no_grad()
+    def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Masks for box prompts on the last image.
+
+        boxes: [N, 4] xyxy in original image pixels.
+        Returns masks bool [N, H, W] at the original size and predicted IoU float32 [N].
+        """
+        if self._features is None:
+            raise RuntimeError("set_image must be called before predict_boxes")
+        h, w = self._original_hw
+        if len(boxes) == 0:
+            return np.zeros((0, h, w), dtype=bool), np.zeros((0,), dtype=np.float32)
+        scaled = self.transform.apply_boxes(np.asarray(boxes, dtype=np.float64), self._original_hw)
+        boxes_t = torch.as_tensor(scaled, dtype=torch.float, device=self.device)
+        masks, ious = [], []
+        for start in range(0, len(boxes_t), self.chunk_size):
+            logits, iou = self.decode(boxes_t[start : start + self.chunk_size])
+            upscaled = self.model.postprocess_masks(logits, self._input_hw, self._original_hw)
+            masks.append((upscaled[:, 0] > self.model.mask_threshold).cpu().numpy())
+            ious.append(iou[:, 0].float().cpu().numpy())
+        return np.concatenate(masks), np.concatenate(ious)
+
+    def decode(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder for boxes [B, 4] in model input coordinates.
+
+        Returns low-res mask logits [B, 1, S/4, S/4] and predicted IoU [B, 1].
+        """
+        sparse, dense = self.model.prompt_encoder(points=None, boxes=boxes, masks=None)
+        return self.model.mask_decoder(
+            image_embeddings=self._features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )

@@ -1,0 +1,418 @@
+"""The model registry and checkpoint handling.
+
+Four models: `sam_vit_b`, `sam_vit_l`, `sam_vit_h` (segment_anything's builders, Meta's
+official weights) and `sam_tiny` (the same architecture scaled down for CPU: input 256,
+encoder dim 192, depth 6; its weights ship with the package once trained).
+
+Each registry entry is a factory returning a `ModelSpec`: how to build the architecture and
+where its weights come from (cache file name, URL, expected hashes, or a file shipped in the
+package). Tests and users override the URL or hashes with `dataclasses.replace(spec, ...)`
+and pass the spec to `load_model`.
+
+Checkpoint resolution (`resolve_checkpoint`) is separate from building so it can be tested
+without building a model:
+
+1. an explicit path (`--checkpoint PATH`): hashed and recorded, not compared with the
+   official hash (fine-tuned weights are welcome), but it must load strictly;
+2. a packaged file (sam_tiny): verified against its constant sha256; when absent the model
+   is the seeded random init, marked untrained;
+3. the cache (`$PTQBENCH_CACHE` or `~/.cache/ptqbench`): the file is re-verified before use;
+4. a one-time download from the official URL: streamed to a `.part` file, verified, then
+   atomically renamed into the cache; a bad download is deleted.
+
+A file that fails a check is never loaded: `CheckpointError` says which file, what was
+expected and what was found, and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptqbench.errors import CheckpointError
+from ptqbench.registry import Registry
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_URL_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
+CACHE_ENV = "PTQBENCH_CACHE"
+SAM_TINY_PACKAGED = Path(__file__).resolve().parents[1] / "data" / "sam_tiny.pt"
+SAM_TINY_SHA256: str | None = None
+UNTRAINED_SHA256 = "untrained-seed0"
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+_HASH_CHUNK = 8 << 20
+_DOWNLOAD_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one model and where its weights come from.
+
+    build: returns the architecture with random weights, eval mode, on CPU.
+    input_size: the side of the square model input (1024 for SAM, 256 for sam_tiny).
+    file_name: the official checkpoint's file name, used in the cache (None: nothing to cache).
+    url: where to download `file_name` from (None: no download).
+    sha256: the expected sha256 (hex) of the checkpoint (cache, download or packaged file).
+    md5_prefix: the expected start of the file's MD5 (hex), a second guard.
+    packaged: a checkpoint shipped inside the package; when it does not exist the model is
+        the seeded random init (trained=False).
+    """
+
+    name: str
+    build: Callable[[], Sam]
+    input_size: int
+    file_name: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    md5_prefix: str | None = None
+    packaged: Path | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A checkpoint file that passed its checks.
+
+    sha256: the file's sha256 (hex). verified: whether it was compared with a known hash
+    (False for an explicit `--checkpoint` path).
+    """
+
+    path: Path
+    sha256: str
+    verified: bool
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for evaluation.
+
+    model: SAM in eval mode on CPU. checkpoint_sha256: the weights' sha256, or
+    "untrained-seed0" for the random init. trained: False only for the untrained sam_tiny.
+    input_size: the side of the square model input in pixels.
+    """
+
+    model: Sam
+    name: str
+    checkpoint_path: Path | None
+    checkpoint_sha256: str
+    trained: bool
+    input_size: int
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def build_sam_official(kind: str) -> Sam:
+    """segment_anything's builder `kind` ("vit_b", "vit_l", "vit_h") without weights, eval mode.
+
+    The random init draws from a forked RNG so building never moves the global torch RNG.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        sam = sam_model_registry[kind](checkpoint=None)
+    return sam.eval()
+
+
+def build_sam_tiny(seed: int = 0) -> Sam:
+    """SAM scaled down for CPU: input 256, image embedding [256, 16, 16], random init from `seed`.
+
+    Encoder: ViT with patch 16, dim 192, depth 6, 3 heads, window 8, global attention at
+    blocks 2 and 5, neck to 256 channels. Prompt encoder and mask decoder are SAM's exactly
+    (dim 256, two-way transformer of depth 2, 8 heads, MLP 2048). The global RNG is untouched.
+    """
+    img_size, patch_size, prompt_dim = 256, 16, 256
+    embedding_side = img_size // patch_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=img_size,
+                patch_size=patch_size,
+                embed_dim=192,
+                depth=6,
+                num_heads=3,
+                mlp_ratio=4,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                qkv_bias=True,
+                use_rel_pos=True,
+                window_size=8,
+                global_attn_indexes=(2, 5),
+                out_chans=prompt_dim,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=prompt_dim,
+                image_embedding_size=(embedding_side, embedding_side),
+                input_image_size=(img_size, img_size),
+                mask_in_chans=16,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=2048, num_heads=8),
+                transformer_dim=prompt_dim,
+                iou_head_depth=3,
+                iou_head_hidden_dim=256,
+            ),
+            pixel_mean=list(SAM_PIXEL_MEAN),
+            pixel_std=list(SAM_PIXEL_STD),
+        )
+    return sam.eval()
+
+
+def _official_spec(name: str, kind: str, file_name: str, sha256: str) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        build=partial(build_sam_official, kind),
+        input_size=1024,
+        file_name=file_name,
+        url=OFFICIAL_URL_BASE + file_name,
+        sha256=sha256,
+        md5_prefix=file_name.rsplit("_", 1)[1].split(".")[0],
+    )
+
+
+@MODELS.register("sam_vit_b", aliases=("vit_b",))
+def sam_vit_b_spec() -> ModelSpec:
+    return _official_spec(
+        "sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+    )
+
+
+@MODELS.register("sam_vit_l", aliases=("vit_l",))
+def sam_vit_l_spec() -> ModelSpec:
+    return _official_spec(
+        "sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+    )
+
+
+@MODELS.register("sam_vit_h", aliases=("vit_h",))
+def sam_vit_h_spec() -> ModelSpec:
+    return _official_spec(
+        "sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+    )
+
+
+@MODELS.register("sam_tiny", aliases=("tiny",))
+def sam_tiny_spec() -> ModelSpec:
+    return ModelSpec(
+        name="sam_tiny",
+        build=build_sam_tiny,
+        input_size=256,
+        sha256=SAM_TINY_SHA256,
+        packaged=SAM_TINY_PACKAGED,
+    )
+
+
+def default_cache_dir() -> Path:
+    """`$PTQBENCH_CACHE` when set, else `~/.cache/ptqbench`."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ptqbench"
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """The (sha256, md5) hex digests of a file, read in chunks."""
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            sha.update(chunk)
+            md5.update(chunk)
+    return sha.hexdigest(), md5.hexdigest()
+
+
+def _digest_problem(spec: ModelSpec, sha256: str, md5: str) -> str | None:
+    """A description of the first digest that differs from the spec's, or None when all match."""
+    if spec.sha256 is not None and sha256 != spec.sha256:
+        return f"sha256 is {sha256}, expected {spec.sha256}"
+    if spec.md5_prefix is not None and not md5.startswith(spec.md5_prefix):
+        return f"md5 is {md5}, expected it to start with {spec.md5_prefix}"
+    return None
+
+
+def verify_file(path: Path, spec: ModelSpec, remedy: str) -> ResolvedCheckpoint:
+    """Hash `path` and compare with the spec's expected digests; `remedy` ends the error message."""
+    sha256, md5 = file_digests(path)
+    problem = _digest_problem(spec, sha256, md5)
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {path} for {spec.name} is corrupt, truncated or a different file: "
+            f"{problem}. {remedy}"
+        )
+    return ResolvedCheckpoint(path=path, sha256=sha256, verified=True)
+
+
+def download_checkpoint(spec: ModelSpec, dest: Path, *, progress: bool = True,
+                        timeout_s: float = 60.0) -> ResolvedCheckpoint:
+    """Download `spec.url` to `dest`: stream to a `.part` file, verify, rename atomically.
+
+    A download that fails, stops early or does not match the expected digests is deleted
+    and raises CheckpointError; `dest` only ever holds a verified file.
+    """
+    if spec.url is None:
+        raise CheckpointError(f"{spec.name} has no download URL; put its checkpoint at {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    handle, part_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    part = Path(part_name)
+    offline_hint = (
+        f"If this machine is offline, download {spec.url} elsewhere and put it at {dest}, "
+        f"or pass --checkpoint PATH."
+    )
+    done = False
+    try:
+        sha, md5 = hashlib.sha256(), hashlib.md5()
+        received = 0
+        log.info("downloading %s to %s", spec.url, dest)
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(spec.url, timeout=timeout_s) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length else None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=dest.name, disable=not progress) as bar:
+                while chunk := response.read(_DOWNLOAD_CHUNK):
+                    out.write(chunk)
+                    sha.update(chunk)
+                    md5.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and received != total:
+            raise CheckpointError(
+                f"download of {spec.url} stopped early: got {received} of {total} bytes; "
+                f"the partial file was deleted. Run again to retry. {offline_hint}"
+            )
+        problem = _digest_problem(spec, sha.hexdigest(), md5.hexdigest())
+        if problem is not None:
+            raise CheckpointError(
+                f"downloaded {spec.url} does not match the checkpoint expected for {spec.name}: "
+                f"{problem}; the download was deleted. Run again to retry, or download it yourself "
+                f"and pass --checkpoint PATH."
+            )
+        os.replace(part, dest)
+        done = True
+    except (OSError, http.client.HTTPException) as exc:
+        raise CheckpointError(f"could not download {spec.url} to {dest}: {exc}. {offline_hint}") from exc
+    finally:
+        if not done:
+            part.unlink(missing_ok=True)
+    return ResolvedCheckpoint(path=dest, sha256=sha.hexdigest(), verified=True)
+
+
+def resolve_checkpoint(spec: ModelSpec, checkpoint: str | Path | None = None, cache_dir: Path | None = None,
+                       download: bool = True, *, progress: bool = True) -> ResolvedCheckpoint | None:
+    """Find and check the weights for `spec`; None means "use the seeded random init".
+
+    Order: explicit `checkpoint` path, the packaged file, the cache, a download (see the module
+    docstring). Raises CheckpointError for a missing explicit file, a file failing its hash
+    check, or no file at all when downloading is off or impossible.
+    """
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} does not exist (given for {spec.name})")
+        sha256, _ = file_digests(path)
+        if spec.sha256 is not None and sha256 != spec.sha256:
+            log.info("%s: %s is not the official checkpoint (sha256 %s); loading it as given",
+                     spec.name, path, sha256)
+        return ResolvedCheckpoint(path=path, sha256=sha256, verified=False)
+    if spec.packaged is not None:
+        if not spec.packaged.is_file():
+            log.warning("%s: no trained weights at %s; using the untrained seeded init", spec.name, spec.packaged)
+            return None
+        if spec.sha256 is None:
+            got, _ = file_digests(spec.packaged)
+            raise CheckpointError(
+                f"packaged checkpoint {spec.packaged} for {spec.name} has no expected sha256 to check "
+                f"against; set the constant in {__file__} to {got} if this file is the intended one"
+            )
+        return verify_file(spec.packaged, spec, "Reinstall ptqbench, or pass --checkpoint PATH.")
+    if spec.file_name is None:
+        return None
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    cached = cache / spec.file_name
+    if cached.is_file():
+        return verify_file(cached, spec, "Delete it to download it again, or pass --checkpoint PATH.")
+    if not download:
+        raise CheckpointError(
+            f"no checkpoint for {spec.name}: put {spec.file_name} (from {spec.url}) at {cached} "
+            f"(the cache is ${CACHE_ENV} or ~/.cache/ptqbench), or pass --checkpoint PATH"
+        )
+    return download_checkpoint(spec, cached, progress=progress)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict safely (weights_only, CPU); floating tensors are converted to float32."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file can fail torch.load in many ways
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read as a torch state dict ({type(exc).__name__}: {first_line}); "
+            f"the file is corrupt, truncated or not a PyTorch weights file"
+        ) from exc
+    if not isinstance(loaded, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} is not a flat state dict (a dict of parameter name -> tensor); "
+            f"got {type(loaded).__name__}"
+        )
+    return {key: value.float() if value.is_floating_point() else value for key, value in loaded.items()}
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """`model.load_state_dict(state_dict, strict=True)`; a mismatch raises CheckpointError naming `path`."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [
+        f"{key} {tuple(state_dict[key].shape)} vs {tuple(tensor.shape)}"
+        for key, tensor in expected.items()
+        if key in state_dict and state_dict[key].shape != tensor.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatches, file vs model (e.g. {'; '.join(wrong_shape[:3])})")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the {name} architecture: {'; '.join(problems)}. "
+            f"Is it a checkpoint of another model?"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, cache_dir: Path | None = None,
+               download: bool = True, *, progress: bool = True, spec: ModelSpec | None = None) -> LoadedModel:
+    """Build model `name` with its weights resolved as in `resolve_checkpoint`.
+
+    `spec` overrides the registry entry (e.g. another URL or hash); `name` is then ignored.
+    The model is in eval mode on CPU; its weights are float32.
+    """
+    if spec is None:
+        spec = MODELS.get(name)()
+    resolved = resolve_checkpoint(spec, checkpoint, cache_dir, download, progress=progress)
+    model = spec.build()
+    if resolved is None:
+        return LoadedModel(model=model, name=spec.name, checkpoint_path=None,
+                           checkpoint_sha256=UNTRAINED_SHA256, trained=False, input_size=spec.input_size)
+    load_state_dict_strict(model, read_state_dict(resolved.path), resolved.path, spec.name)
+    log.info("loaded %s weights from %s (sha256 %s)", spec.name, resolved.path, resolved.sha256[:12])
+    return LoadedModel(model=model.eval(), name=spec.name, checkpoint_path=resolved.path,
+                       checkpoint_sha256=resolved.sha256, trained=True, input_size=spec.input_size)

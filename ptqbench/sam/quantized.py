@@ -1,0 +1,123 @@
+"""Quantizable twins of SAM's modules and `quantize_sam`, which swaps them in by module type.
+
+The twins subclass segment_anything's own modules, share their parameters and replicate their
+forward with quantizers inserted at the sites of methods.md section 1. With every quantizer off,
+each twin returns exactly what the original returns (tested bit-exactly).
+
+Sites (relative to each swapped module):
+- image encoder attention: `qkv.input`, `qkv.weight`, `q`, `k`, `v` (after the qkv projection),
+  `softmax` (attention probabilities), `proj.input`, `proj.weight`; the decomposed
+  relative-position term is computed from the unquantized q and added in FP;
+- MLP blocks (encoder and decoder): `lin1.input`, `lin1.weight`, `lin2.input` (post-activation), `lin2.weight`;
+- encoder neck: `neck.0.*` (1x1 conv) and `neck.2.*` (3x3 conv), input and weight;
+- mask decoder transformer attentions: `{q,k,v,out}_proj.{input,weight}`, `q`, `k`, `v`, `softmax`.
+Everything else (patch and position embedding, LayerNorms, prompt encoder, output upscaling,
+hypernetwork MLPs, IoU head) stays FP.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.modeling.common import MLPBlock
+from segment_anything.modeling.image_encoder import Attention as EncoderAttention
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+from segment_anything.modeling.transformer import Attention as DecoderAttention
+from torch import Tensor, nn
+
+from ptqbench.quant.layers import QuantConv2d, QuantLinear
+from ptqbench.quant.quantizer import FakeQuantizer
+
+
+def _activation_quantizers(module: nn.Module, bits: int) -> None:
+    for name in ("q", "k", "v", "softmax"):
+        setattr(module, f"{name}_quantizer", FakeQuantizer(bits, is_weight=False))
+
+
+class QuantEncoderAttention(EncoderAttention):
+    """Image-encoder attention with quantized qkv/proj, q, k, v and softmax output.
+
+    x: [B, H, W, C] -> [B, H, W, C].
+    """
+
+    @classmethod
+    def from_float(cls, attn: EncoderAttention, w_bits: int, a_bits: int) -> "QuantEncoderAttention":
+        twin = cls.__new__(cls)
+        nn.Module.__init__(twin)
+        twin.num_heads, twin.scale, twin.use_rel_pos = attn.num_heads, attn.scale, attn.use_rel_pos
+        if attn.use_rel_pos:
+            twin.rel_pos_h, twin.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
+        twin.qkv = QuantLinear(attn.qkv, w_bits, a_bits)
+        twin.proj = QuantLinear(attn.proj, w_bits, a_bits)
+        _activation_quantizers(twin, a_bits)
+        return twin
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
+        q_hat, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
+        attn = (q_hat * self.scale) @ k.transpose(-2, -1)
+        if self.use_rel_pos:
+            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+        attn = self.softmax_quantizer(attn.softmax(dim=-1))
+        x = (attn @ v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        return self.proj(x)
+
+
+class QuantDecoderAttention(DecoderAttention):
+    """Mask-decoder attention with quantized projections, q, k, v and softmax output.
+
+    q: [B, Nq, C], k and v: [B, Nk, C] -> [B, Nq, C].
+    """
+
+    @classmethod
+    def from_float(cls, attn: DecoderAttention, w_bits: int, a_bits: int) -> "QuantDecoderAttention":
+        twin = cls.__new__(cls)
+        nn.Module.__init__(twin)
+        twin.embedding_dim, twin.internal_dim, twin.num_heads = attn.embedding_dim, attn.internal_dim, attn.num_heads
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(twin, name, QuantLinear(getattr(attn, name), w_bits, a_bits))
+        _activation_quantizers(twin, a_bits)
+        return twin
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q = self._separate_heads(self.q_quantizer(self.q_proj(q)), self.num_heads)
+        k = self._separate_heads(self.k_quantizer(self.k_proj(k)), self.num_heads)
+        v = self._separate_heads(self.v_quantizer(self.v_proj(v)), self.num_heads)
+        _, _, _, c_per_head = q.shape
+        attn = q @ k.permute(0, 1, 3, 2)
+        attn = attn / math.sqrt(c_per_head)
+        attn = self.softmax_quantizer(torch.softmax(attn, dim=-1))
+        return self.out_proj(self._recombine_heads(attn @ v))
+
+
+def _swap(parent: nn.Module, w_bits: int, a_bits: int, encoder: bool) -> None:
+    for name, child in list(parent.named_children()):
+        if isinstance(child, EncoderAttention) and encoder:
+            setattr(parent, name, QuantEncoderAttention.from_float(child, w_bits, a_bits))
+        elif isinstance(child, DecoderAttention) and not encoder:
+            setattr(parent, name, QuantDecoderAttention.from_float(child, w_bits, a_bits))
+        elif isinstance(child, MLPBlock):
+            child.lin1 = QuantLinear(child.lin1, w_bits, a_bits)
+            child.lin2 = QuantLinear(child.lin2, w_bits, a_bits)
+        else:
+            _swap(child, w_bits, a_bits, encoder)
+
+
+def quantize_sam(model: Sam, w_bits: int, a_bits: int) -> Sam:
+    """A deep copy of `model` with every quantization site installed (all off).
+
+    The copy is still a `Sam`; its quantizers start in mode "off", so it computes exactly what
+    `model` computes until a method calibrates it.
+    """
+    qmodel = copy.deepcopy(model)
+    encoder = qmodel.image_encoder
+    _swap(encoder.blocks, w_bits, a_bits, encoder=True)
+    encoder.neck[0] = QuantConv2d(encoder.neck[0], w_bits, a_bits)
+    encoder.neck[2] = QuantConv2d(encoder.neck[2], w_bits, a_bits)
+    _swap(qmodel.mask_decoder.transformer, w_bits, a_bits, encoder=False)
+    return qmodel

@@ -1,0 +1,73 @@
+"""The Task interface: a dataset protocol that turns a predictor into metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from ptqbench.registry import Registry
+
+if TYPE_CHECKING:
+    from ptqbench.sam.inference import BoxPredictor
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Everything a task needs to find its data and prompts.
+
+    data_root: the folder holding the official layouts (`coco/`, `DOTA/`, `ADEChallengeData2016/`).
+    prompts: evaluation prompt source (a COCO detection JSON, a DOTA Task1 folder) or None for GT.
+    calib_prompts: calibration prompt source, or None for GT boxes.
+    calib_split: override of the calibration split name (e.g. `validation` for ADE20K).
+    model_input_size: the SAM input side (1024 for full-size SAM, 256 for sam_tiny); tasks that
+        split images into windows derive their default window from it.
+    options: task-specific settings (e.g. {"mode": "ssa", "semantic_prior": "DIR"}).
+    """
+
+    data_root: Path
+    prompts: str | None = None
+    calib_prompts: str | None = None
+    calib_split: str | None = None
+    model_input_size: int = 1024
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(key, default)
+
+
+@dataclass(frozen=True)
+class CalibrationItem:
+    """One calibration image with its box prompts.
+
+    image: uint8 RGB array [H, W, 3]; boxes: float array [N, 4] xyxy in image pixels (N >= 1).
+    """
+
+    image: np.ndarray
+    boxes: np.ndarray
+
+
+class Task(Protocol):
+    """A task reads its split(s) below `config.data_root` and scores a predictor."""
+
+    name: str
+    metric: str                # the headline metric key, e.g. "mask_AP"
+    metrics: tuple[str, ...]   # every key `evaluate` returns, headline first
+
+    def fingerprint(self) -> str:
+        """A short hash of the evaluation + calibration data and prompts (keys the run store)."""
+
+    def describe(self) -> str:
+        """One line saying which data and prompts the task uses."""
+
+    def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
+        """The first `n` calibration images in file order with their box prompts."""
+
+    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
+                 out_dir: Path) -> dict[str, float]:
+        """Run the protocol on the evaluation split; write artefacts under out_dir."""
+
+
+TASKS: Registry[Task] = Registry("task")
