@@ -142,14 +142,13 @@ class Harness:
         return dict(
             model=loaded.name, checkpoint_sha256=loaded.checkpoint_sha256, task=task.name,
             dataset_fingerprint=task.fingerprint(), prompts=self.config.prompts or "gt", method=method,
-            bits=spec.label if spec else "fp", w_bits=spec.w_bits if spec else None,
-            a_bits=spec.a_bits if spec else None, preset=self.run.preset if spec else "-",
+            bits=spec.label if spec else "fp", preset=self.run.preset if spec else "-",
             seed=self.config.seed, calib_fingerprint=calib_fingerprint, labels=labels)
 
     def _run_task(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...]) -> None:
         fp_fields = self._record(loaded, task, "fp", None, "-", labels)
         if not self._finished(fp_fields):
-            self._evaluate_cell(task, loaded.model, fp_fields, calib_s=0.0)
+            self._evaluate_cell(task, loaded.model, fp_fields, None, calib_s=0.0)
         calib: CalibrationSet | None = None
         for method_name in self.config.methods:
             method_name = METHODS.canonical(method_name)
@@ -171,13 +170,13 @@ class Harness:
                 METHODS.get(method_name)().calibrate(qmodel, fp_model, calib, spec, self.run.preset, self.config.seed)
                 seal_for_evaluation(qmodel)
                 calib_s = time.perf_counter() - start
-                self._evaluate_cell(task, qmodel, fields, calib_s=calib_s)
+                self._evaluate_cell(task, qmodel, fields, spec, calib_s=calib_s)
                 del qmodel
 
     def _finished(self, fields: dict) -> bool:
         return self.config.resume and self.store.has(RunStore.cell_key(**fields))
 
-    def _evaluate_cell(self, task: Task, model, fields: dict, *, calib_s: float) -> None:
+    def _evaluate_cell(self, task: Task, model, fields: dict, spec: BitSpec | None, *, calib_s: float) -> None:
         device = self.run.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -189,7 +188,7 @@ class Harness:
                                 out_dir=cell_dir)
         eval_s = time.perf_counter() - start
         record = RunRecord(
-            **fields, metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
+            **fields, w_bits=spec.w_bits if spec else None, a_bits=spec.a_bits if spec else None, metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
             images=int(metrics.pop("images", 0)) if "images" in metrics else self._images(task),
             peak_mem_mb=_peak_memory_mb(device), device=str(device), versions=self.versions,
             git_commit=self.git_commit, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))

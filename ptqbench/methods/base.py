@@ -39,7 +39,7 @@ METHODS: Registry[Method] = Registry("method", entry_point_group="ptqbench.metho
 def set_weight_ranges(qmodel: Sam, observer: str, **observer_kw) -> None:
     """Per-channel weight ranges from `observer` (one update with the whole weight)."""
     for layer in weight_layers(qmodel).values():
-        obs = make_observer(observer, channel_axis=0, **observer_kw)
+        obs = make_observer(observer, channel_axis=0, bits=layer.weight_quantizer.bits, **observer_kw)
         obs.update(layer.weight.detach())
         layer.weight_quantizer.observe_with(obs)
         layer.weight_quantizer.finish_observing()
@@ -47,16 +47,16 @@ def set_weight_ranges(qmodel: Sam, observer: str, **observer_kw) -> None:
 
 @torch.no_grad()
 def observe_activations(qmodel: Sam, calib: CalibrationSet,
-                        observer_for: Callable[[str], Observer], *, progress: bool = True) -> None:
+                        observer_for: Callable[[str, int], Observer], *, progress: bool = True) -> None:
     """Calibrate every activation site that is still off, in one pass over the calibration set.
 
     The pass runs with the already-set sites quantizing (weights first, so activation statistics
     see quantized weights) and the observed sites in FP; each image is one observer update.
-    `observer_for(site_name)` returns a fresh observer for a site.
+    `observer_for(site_name, bits)` returns a fresh observer for a site of that bit width.
     """
     sites = {name: q for name, q in quantizer_sites(qmodel).items() if not q.is_weight and q.mode == "off"}
     for name, quantizer in sites.items():
-        quantizer.observe_with(observer_for(name))
+        quantizer.observe_with(observer_for(name, quantizer.bits))
     for sample in tqdm(calib.samples, desc="observing activations", disable=not progress, leave=False):
         sam_forward(qmodel, sample.image, sample.boxes)
     for quantizer in sites.values():
@@ -70,8 +70,8 @@ class RangeSettingMethod:
     weight_observer = "minmax"
     activation_observer = "minmax"
 
-    def activation_observer_for(self, site: str) -> Observer:
-        return make_observer(self.activation_observer)
+    def activation_observer_for(self, site: str, bits: int) -> Observer:
+        return make_observer(self.activation_observer, bits=bits)
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
                   preset: str, seed: int) -> None:

@@ -57,4 +57,5 @@ def fake_quant_log2(a: Tensor, scale: Tensor, tau: int, bits: int) -> Tensor:
     levels = 2**bits
     a_int = round_ste(-tau * torch.log2(torch.clamp(a, min=1e-30) / scale))
     a_hat = scale * torch.pow(2.0, -torch.clamp(a_int, 0, levels - 1) / tau)
-    return torch.where(a_int >= levels, torch.zeros_like(a_hat), a_hat)
+    below_grid = (a_int >= levels) | (a <= 0)
+    return torch.where(below_grid, torch.zeros_like(a_hat), a_hat)

@@ -12,7 +12,8 @@ the uniform affine grid of methods.md section 1 and, for softmax outputs, the AG
 - LSQ: `make_scale_learnable()` turns the scale into an `nn.Parameter` trained with the
   gradient scale 1/sqrt(numel * qmax) and kept positive;
 - QDrop: `quantize_prob` < 1 quantizes each element with that probability and passes the
-  rest through in FP (fresh randomness every forward). Evaluation always uses 1.
+  rest through in FP (fresh randomness every forward, drawn from `generator` when one is
+  set, else from the global RNG). Evaluation always uses 1.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FakeQuantizer(nn.Module):
         self.mode: Mode = "off"
         self.observer: "Observer | None" = None
         self.quantize_prob = 1.0
+        self.generator: torch.Generator | None = None
         self.log2_tau: int | None = None
         self.register_buffer("zero_point", torch.tensor(0.0))
         self.register_buffer("scale", torch.tensor(1.0))
@@ -90,9 +92,9 @@ class FakeQuantizer(nn.Module):
         return self.scale
 
     def freeze_scale(self) -> None:
-        """End of learning: the scale becomes a plain buffer again (clamped positive)."""
+        """End of learning: the scale becomes a plain buffer again (|scale| clamped positive, as used in forward)."""
         if isinstance(self.scale, nn.Parameter):
-            value = self.scale.detach().clamp(min=1e-8).clone()
+            value = self.scale.detach().abs().clamp(min=1e-8).clone()
             del self.scale
             self.register_buffer("scale", value)
 
@@ -135,6 +137,7 @@ class FakeQuantizer(nn.Module):
             return x
         x_hat = self.quantize(x)
         if self.quantize_prob < 1.0:
-            keep_quantized = torch.rand_like(x) < self.quantize_prob
+            uniform = torch.rand(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
+            keep_quantized = uniform < self.quantize_prob
             x_hat = torch.where(keep_quantized, x_hat, x)
         return x_hat

@@ -43,9 +43,9 @@ def build_calibration_set(model: Sam, items: list[CalibrationItem], device: torc
     samples = []
     for item in items:
         image, _ = predictor.preprocess(item.image)
-        boxes = predictor.transform.apply_boxes(item.boxes.astype("float64"), item.image.shape[:2])
-        boxes_t = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
-        samples.append(CalibrationSample(image=image, boxes=boxes_t))
+        boxes = torch.as_tensor(item.boxes, dtype=torch.float, device=predictor.device)
+        boxes = predictor.transform.apply_boxes_torch(boxes, item.image.shape[:2])
+        samples.append(CalibrationSample(image=image, boxes=boxes))
         digest.update(item.image.tobytes())
         digest.update(item.boxes.astype("float64").tobytes())
     return CalibrationSet(samples=tuple(samples), fingerprint=digest.hexdigest()[:16])

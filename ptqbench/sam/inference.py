@@ -45,7 +45,7 @@ class BoxPredictor:
 
     @torch.no_grad()
     def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Masks for box prompts on the last image.
+        """Masks for box prompts on the last image (boxes scaled as `apply_boxes_torch` does in float32).
 
         boxes: [N, 4] xyxy in original image pixels.
         Returns masks bool [N, H, W] at the original size and predicted IoU float32 [N].
@@ -55,8 +55,8 @@ class BoxPredictor:
         h, w = self._original_hw
         if len(boxes) == 0:
             return np.zeros((0, h, w), dtype=bool), np.zeros((0,), dtype=np.float32)
-        scaled = self.transform.apply_boxes(np.asarray(boxes, dtype=np.float64), self._original_hw)
-        boxes_t = torch.as_tensor(scaled, dtype=torch.float, device=self.device)
+        boxes_t = self.transform.apply_boxes_torch(
+            torch.as_tensor(np.asarray(boxes), dtype=torch.float, device=self.device), self._original_hw)
         masks, ious = [], []
         for start in range(0, len(boxes_t), self.chunk_size):
             logits, iou = self.decode(boxes_t[start : start + self.chunk_size])

@@ -31,7 +31,6 @@ import http.client
 import logging
 import os
 import tempfile
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from functools import partial
@@ -322,7 +321,7 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: str | Path | None = None, ca
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} does not exist (given for {spec.name})")
+            raise CheckpointError(f"checkpoint file {path} does not exist or is not a file (given for {spec.name})")
         sha256, _ = file_digests(path)
         if spec.sha256 is not None and sha256 != spec.sha256:
             log.info("%s: %s is not the official checkpoint (sha256 %s); loading it as given",

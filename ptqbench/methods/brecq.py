@@ -1,0 +1,165 @@
+"""`brecq` and `brecq-fisher` (Li et al., ICLR 2021), methods.md section 3.
+
+`brecq` is BRECQ as the PTQ4SAM codebase runs it on SAM: per-channel MSE weight ranges and
+AvgMinMax activation ranges, then AdaRound on the weights of every SAM unit with the activation
+quantizers off and the plain reconstruction loss; the activation quantizers come back on at
+their AvgMinMax ranges afterwards.
+
+`brecq-fisher` is the paper's version: the unit loss is the squared error weighted by the
+Fisher diagonal `(|dKL(fp || q)/dz| + 1)^2` (z: the unit output, gradient taken once per
+calibration image with the model quantized up to and including the unit and FP after it), and a
+second pass learns the activation scales (LSQ, 5,000 steps, Adam 4e-4 with cosine decay,
+|error|^2.4 loss) with the weights frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from torch import Tensor
+
+from ptqbench.config import BitSpec
+from ptqbench.errors import ConfigError
+from ptqbench.methods.base import METHODS, observe_activations, set_weight_ranges
+from ptqbench.methods.reconstruction import ReconstructionSettings, preset_value, reconstruct
+from ptqbench.quant.observers import make_observer
+from ptqbench.quant.quantizer import FakeQuantizer
+from ptqbench.quant.sites import quantizer_sites
+from ptqbench.quant.unit import HookPoint, Unit, UnitConfig, lp_error, weighted_squared_error
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
+from ptqbench.sam.units import sam_units
+
+FISHER_KEY = "fisher_weight"
+ACTIVATION_STAGE_P = 2.4
+
+
+def brecq_config(preset: str) -> UnitConfig:
+    """AdaRound only (Adam 1e-3, lambda 0.01, beta 20 -> 2 after 20 %), no drop; 20,000 / 50 steps."""
+    return UnitConfig(iterations=preset_value(preset, 20_000, 50), adaround=True, learn_scales=False,
+                      weight_lr=1e-3, reg_lambda=0.01, beta_start=20.0, beta_end=2.0, warmup=0.2,
+                      quantize_prob=1.0)
+
+
+def activation_stage_config(preset: str) -> UnitConfig:
+    """BRECQ's second pass: LSQ scales only (Adam 4e-4, cosine), weights fixed; 5,000 / 25 steps."""
+    return UnitConfig(iterations=preset_value(preset, 5_000, 25), adaround=False, learn_scales=True,
+                      scale_lr=4e-4, reg_lambda=0.0, quantize_prob=1.0)
+
+
+def mask_kl(fp_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """KL(fp || q) of the per-pixel Bernoulli mask distributions, summed over pixels, mean over
+    prompts. Logits [N, 1, h, w]. (A softmax over SAM's single mask channel would be constant.)"""
+    target = torch.sigmoid(fp_logits)
+    cross = F.binary_cross_entropy_with_logits(q_logits, target, reduction="sum")
+    entropy = F.binary_cross_entropy_with_logits(fp_logits, target, reduction="sum")
+    return (cross - entropy) / q_logits.shape[0]
+
+
+def _logits_with_graph(model: Sam, sample: CalibrationSample) -> Tensor:
+    """Mask logits [N, 1, h, w] with every intermediate tensor in the autograd graph (the image and
+    the prompt tokens require grad, so gradients reach any encoder or decoder tensor)."""
+    embedding = model.image_encoder(sample.image.detach().requires_grad_(True))
+    sparse, dense = model.prompt_encoder(points=None, boxes=sample.boxes, masks=None)
+    logits, _ = model.mask_decoder(
+        image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse.detach().requires_grad_(True), dense_prompt_embeddings=dense,
+        multimask_output=False)
+    return logits
+
+
+class FisherWeights:
+    """Extras provider of one unit: {FISHER_KEY: (|dKL/dz| + 1)^2}, z the unit output (its shape).
+
+    output: where z appears in the forward; later: module paths of the units after this one,
+    whose quantizers are switched off while the gradient is taken.
+    """
+
+    def __init__(self, output: HookPoint, later: Sequence[str]) -> None:
+        self.output = output
+        self.later = tuple(later)
+
+    def __call__(self, qmodel: Sam, fp_model: Sam, sample: CalibrationSample) -> dict[str, Tensor]:
+        with torch.no_grad():
+            fp_logits, _ = sam_forward(fp_model, sample.image, sample.boxes)
+        later = {id(q): q for path in self.later for q in qmodel.get_submodule(path).modules()
+                 if isinstance(q, FakeQuantizer)}
+        modes = {key: q.mode for key, q in later.items()}
+        found: dict[str, Tensor] = {}
+        module = qmodel.get_submodule(self.output.path)
+
+        def keep(args: tuple, kwargs: dict, out: object) -> None:
+            found.update(self.output.take(args, kwargs, out))
+
+        handle = (module.register_forward_pre_hook(lambda m, a, k: keep(a, k, None), with_kwargs=True)
+                  if self.output.when == "pre" else
+                  module.register_forward_hook(lambda m, a, k, o: keep(a, k, o), with_kwargs=True))
+        try:
+            for q in later.values():
+                q.mode = "off"
+            with torch.enable_grad():
+                kl = mask_kl(fp_logits, _logits_with_graph(qmodel, sample))
+                (grad,) = torch.autograd.grad(kl, found["output"])
+        finally:
+            handle.remove()
+            for key, q in later.items():
+                q.mode = modes[key]
+        return {FISHER_KEY: (grad.abs() + 1.0).square()}
+
+
+def with_fisher_loss(units: Sequence[Unit]) -> list[Unit]:
+    """The same units with the Fisher-weighted squared error (weights computed per image)."""
+    fisher_units = []
+    for index, unit in enumerate(units):
+        if unit.output is None:
+            raise ConfigError(f"unit {unit.name} has no output hook point; the Fisher loss needs one")
+        later = [path for other in units[index + 1:] for path in other.trained]
+        fisher_units.append(replace(unit, loss=weighted_squared_error(unit.channel_dim, FISHER_KEY),
+                                    extras=FisherWeights(unit.output, later)))
+    return fisher_units
+
+
+@METHODS.register("brecq")
+class Brecq:
+    """BRECQ on SAM's units. fisher: the Fisher-diagonal loss; activation_stage: the second pass
+    learning activation scales. Both off = the PTQ4SAM codebase's run; both on = `brecq-fisher`."""
+
+    name = "brecq"
+    weight_observer = "mse"
+    activation_observer = "avgminmax"
+
+    def __init__(self, *, fisher: bool = False, activation_stage: bool = False, progress: bool = True) -> None:
+        self.fisher = fisher
+        self.activation_stage = activation_stage
+        self.progress = progress
+
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
+                  preset: str, seed: int) -> None:
+        set_weight_ranges(qmodel, self.weight_observer)
+        observe_activations(qmodel, calib, lambda site, bits: make_observer(self.activation_observer, bits=bits),
+                            progress=self.progress)
+        activations = [q for q in quantizer_sites(qmodel).values() if not q.is_weight and q.mode == "quantize"]
+        for quantizer in activations:
+            quantizer.mode = "off"
+        units = sam_units(qmodel, brecq_config(preset))
+        reconstruct(with_fisher_loss(units) if self.fisher else units, qmodel, fp_model, calib,
+                    ReconstructionSettings(), seed, self.progress)
+        for quantizer in activations:
+            quantizer.mode = "quantize"
+        if self.activation_stage:
+            stage = [replace(unit, loss=lp_error(unit.channel_dim, ACTIVATION_STAGE_P))
+                     for unit in sam_units(qmodel, activation_stage_config(preset))]
+            reconstruct(stage, qmodel, fp_model, calib, ReconstructionSettings(), seed + 1, self.progress)
+
+
+@METHODS.register("brecq-fisher")
+class BrecqFisher(Brecq):
+    """BRECQ as in the paper: Fisher-diagonal loss, then the activation-scale pass."""
+
+    name = "brecq-fisher"
+
+    def __init__(self, *, progress: bool = True) -> None:
+        super().__init__(fisher=True, activation_stage=True, progress=progress)

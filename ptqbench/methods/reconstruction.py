@@ -1,0 +1,313 @@
+"""The block-reconstruction engine shared by brecq, qdrop, ptq4sam and saqsam (methods.md section 3).
+
+`reconstruct(units, qmodel, fp_model, calib, settings, seed, progress)` takes the units in
+order; for each one it
+
+1. captures the unit's inputs in the quantized model (as reconstructed so far) and in the FP
+   model, its extras and its FP targets over the calibration set (`unit_cache.build_cache`);
+2. installs the learnable pieces in the unit's trained modules: an `AdaRoundQuantizer` per
+   weight (when `config.adaround`), LSQ scales on every activation quantizer in quantize mode
+   (when `config.learn_scales`), QDrop's per-element drop (`config.quantize_prob`) with a seeded
+   generator;
+3. trains them: each step takes one calibration sample, mixes the unit input
+   `where(U < p, quantized input, FP input)`, runs the unit, adds the AdaRound regulariser
+   (lambda, beta annealed 20 -> 2 after the warm-up) to the unit loss; Adam on V, Adam on the
+   scales with cosine decay to 0;
+4. ends the unit: weights are hard-rounded (`floor + 1[V >= 0]`) and written back into the
+   layer's weight, whose own quantizer then reproduces them exactly (re-quantizing a grid value
+   is the identity), and frozen; scales become buffers again; every quantizer of the unit gets
+   quantize_prob = 1 and no generator (the leak-free rule: nothing random survives a unit).
+
+Randomness (sample order, input mixing, in-unit drops) comes from generators seeded by
+(seed, unit name), so a run is reproducible and a unit's randomness does not depend on which
+units ran before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ptqbench.errors import ConfigError
+from ptqbench.methods.unit_cache import Forward, Placement, UnitCache, build_cache
+from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule
+from ptqbench.quant.layers import QuantWeightLayer
+from ptqbench.quant.quantizer import FakeQuantizer
+from ptqbench.quant.unit import Unit, UnitConfig
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
+
+log = logging.getLogger(__name__)
+
+
+def sam_sample_forward(model: nn.Module, sample: CalibrationSample) -> object:
+    """One SAM forward on a calibration sample (encoder, prompt encoder, single-mask decoder)."""
+    return sam_forward(model, sample.image, sample.boxes)
+
+
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    """Engine-wide settings (per-unit hyperparameters live in each unit's `UnitConfig`).
+
+    cache: where captured data lives: "auto" (the device when it fits in `cache_memory_fraction`
+        of the free device memory, else pinned CPU memory), "device" or "cpu".
+    max_prompts: at most this many box prompts per calibration image (a seeded random subset,
+        the same for every unit); None keeps them all.
+    forward: (model, sample) -> anything; the whole-model forward that reaches the hook points.
+    log_every: steps between updates of the progress bar's running loss (each one syncs the device).
+    """
+
+    cache: Placement = "auto"
+    cache_memory_fraction: float = 0.5
+    max_prompts: int | None = None
+    forward: Forward = sam_sample_forward
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """What happened in one unit: timings, the mean unit loss over the first and the last logging
+    window (NaN without training steps), and the share of weights AdaRound rounded differently
+    from round-to-nearest (None without AdaRound)."""
+
+    name: str
+    iterations: int
+    capture_s: float
+    train_s: float
+    first_loss: float
+    last_loss: float
+    flipped: float | None
+    cache_on_device: bool
+
+
+def unit_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from the run seed and a unit name."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def mix_inputs(quant: dict[str, Tensor], fp: dict[str, Tensor], quantize_prob: float,
+               generator: torch.Generator | None) -> dict[str, Tensor]:
+    """QDrop's unit input: per element the quantized-model value with probability `quantize_prob`,
+    else the FP-model value. Inputs only in `fp` (shared inputs) are passed through."""
+    mixed = dict(fp)
+    for name, q in quant.items():
+        if quantize_prob >= 1.0:
+            mixed[name] = q
+        else:
+            uniform = torch.rand(q.shape, generator=generator, dtype=q.dtype, device=q.device)
+            mixed[name] = torch.where(uniform < quantize_prob, q, fp[name])
+    return mixed
+
+
+def _limit_prompts(samples: Sequence[Any], max_prompts: int | None, seed: int) -> list[Any]:
+    if max_prompts is None:
+        return list(samples)
+    generator = torch.Generator().manual_seed(seed)
+    limited = []
+    for sample in samples:
+        if len(sample.boxes) > max_prompts:
+            keep = torch.randperm(len(sample.boxes), generator=generator)[:max_prompts].sort().values
+            sample = replace(sample, boxes=sample.boxes[keep.to(sample.boxes.device)])
+        limited.append(sample)
+    return limited
+
+
+def _modules_under(model: nn.Module, paths: Sequence[str], kind: type) -> list:
+    found: dict[int, nn.Module] = {}
+    for path in paths:
+        for module in model.get_submodule(path).modules():
+            if isinstance(module, kind):
+                found.setdefault(id(module), module)
+    return list(found.values())
+
+
+class _LearnablePieces:
+    """The trainable state of one unit inside the quantized model, installed and removed.
+
+    `install` swaps in AdaRound quantizers, makes scales learnable and sets the drop; `finish`
+    hard-rounds and writes back the weights, freezes the scales and resets quantize_prob to 1.
+    """
+
+    def __init__(self, qmodel: nn.Module, unit: Unit, generator: torch.Generator) -> None:
+        config = unit.config
+        self.config = config
+        layers = [layer for layer in _modules_under(qmodel, unit.trained, QuantWeightLayer)
+                  if isinstance(layer.weight_quantizer, FakeQuantizer) and layer.weight_quantizer.mode == "quantize"]
+        self.activations = [q for q in _modules_under(qmodel, unit.trained, FakeQuantizer)
+                            if not q.is_weight and q.mode == "quantize"]
+        self.adaround: list[tuple[QuantWeightLayer, FakeQuantizer, AdaRoundQuantizer]] = []
+        self.frozen_for_speed: list[QuantWeightLayer] = []
+        self.scales: list[nn.Parameter] = []
+        for layer in layers:
+            if config.adaround:
+                base = layer.weight_quantizer
+                if base.log2_tau is not None:
+                    raise ConfigError(f"unit {unit.name}: AdaRound needs uniform weight quantizers")
+                layer.unfreeze_weight()
+                rounding = AdaRoundQuantizer(layer.weight, base)
+                layer.weight_quantizer = rounding
+                self.adaround.append((layer, base, rounding))
+            elif layer.frozen_weight is None:
+                layer.freeze_weight()
+                self.frozen_for_speed.append(layer)
+        for quantizer in self.activations:
+            if config.learn_scales:
+                self.scales.append(quantizer.make_scale_learnable().requires_grad_(True))
+            quantizer.quantize_prob = config.quantize_prob
+            quantizer.generator = generator if config.quantize_prob < 1.0 else None
+
+    @property
+    def trainable(self) -> bool:
+        return bool(self.adaround or self.scales)
+
+    def regularizer(self, beta: float) -> Tensor:
+        terms = [rounding.regularizer(beta) for _, _, rounding in self.adaround]
+        return self.config.reg_lambda * sum(terms[1:], terms[0])
+
+    def finish(self) -> float | None:
+        """End the unit; returns the share of weights rounded away from nearest (None: no AdaRound)."""
+        flipped, total = 0.0, 0
+        for layer, base, rounding in self.adaround:
+            flipped += rounding.flipped_fraction(layer.weight) * layer.weight.numel()
+            total += layer.weight.numel()
+            with torch.no_grad():
+                layer.weight.copy_(rounding.hard_weight())
+            layer.weight_quantizer = base
+            layer.freeze_weight()
+        for layer in self.frozen_for_speed:
+            layer.unfreeze_weight()
+        for quantizer in self.activations:
+            quantizer.freeze_scale()
+            quantizer.quantize_prob = 1.0
+            quantizer.generator = None
+        return flipped / total if total else None
+
+
+def _optimizers(pieces: _LearnablePieces, config: UnitConfig, device: torch.device) -> tuple[list, list]:
+    fused = device.type == "cuda"
+    optimizers, schedulers = [], []
+    if pieces.adaround:
+        optimizers.append(torch.optim.Adam([r.v for _, _, r in pieces.adaround], lr=config.weight_lr, fused=fused))
+    if pieces.scales:
+        scale_opt = torch.optim.Adam(pieces.scales, lr=config.scale_lr, fused=fused)
+        optimizers.append(scale_opt)
+        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(scale_opt, T_max=config.iterations, eta_min=0.0))
+    return optimizers, schedulers
+
+
+def _train(unit: Unit, root: nn.Module, cache: UnitCache, pieces: _LearnablePieces, seed: int,
+           generator: torch.Generator, log_every: int, progress: bool) -> tuple[float, float]:
+    """The optimisation loop of one unit; returns the mean loss of the first and last logging window."""
+    config = unit.config
+    optimizers, schedulers = _optimizers(pieces, config, cache.device)
+    order = torch.randint(len(cache), (config.iterations,), generator=torch.Generator().manual_seed(seed)).tolist()
+    use_regularizer = bool(pieces.adaround) and config.reg_lambda > 0
+    running = torch.zeros((), device=cache.device)
+    window, first_loss, last_loss = 0, float("nan"), float("nan")
+    bar = tqdm(order, desc=unit.name, disable=not progress, leave=False)
+    for step, index in enumerate(bar):
+        entry = cache.get(index)
+        inputs = mix_inputs(entry.quant_inputs, entry.fp_inputs, config.quantize_prob, generator)
+        loss = unit.loss(unit.run(root, inputs), entry.target, entry.extras)
+        total = loss
+        beta = beta_schedule(step, config.iterations, config.warmup, config.beta_start, config.beta_end)
+        if use_regularizer and beta is not None:
+            total = loss + pieces.regularizer(beta)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        running += loss.detach()
+        window += 1
+        if window == log_every or step == config.iterations - 1:
+            last_loss = float(running) / window
+            if math.isnan(first_loss):
+                first_loss = last_loss
+            bar.set_postfix(loss=f"{last_loss:.4g}")
+            running.zero_()
+            window = 0
+    return first_loss, last_loss
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reconstruct_unit(unit: Unit, qmodel: nn.Module, fp_model: nn.Module, samples: Sequence[Any],
+                     settings: ReconstructionSettings, seed: int, progress: bool) -> UnitReport:
+    """Capture, train and finish one unit (see the module docstring)."""
+    device = next(qmodel.parameters()).device
+    start = time.perf_counter()
+    cache = build_cache(unit, qmodel, fp_model, samples, settings.forward, device,
+                        settings.cache, settings.cache_memory_fraction)
+    _synchronize(device)
+    capture_s = time.perf_counter() - start
+    seed_u = unit_seed(seed, unit.name)
+    generator = torch.Generator(device=device).manual_seed(seed_u)
+    pieces = _LearnablePieces(qmodel, unit, generator)
+    first_loss = last_loss = float("nan")
+    start = time.perf_counter()
+    try:
+        if pieces.trainable and unit.config.iterations > 0:
+            first_loss, last_loss = _train(unit, qmodel.get_submodule(unit.root), cache, pieces, seed_u,
+                                           generator, max(settings.log_every, 1), progress)
+        else:
+            log.info("unit %s has nothing to train; skipped", unit.name)
+    finally:
+        flipped = pieces.finish()
+    _synchronize(device)
+    return UnitReport(unit.name, unit.config.iterations if pieces.trainable else 0, capture_s,
+                      time.perf_counter() - start, first_loss, last_loss, flipped, cache.on_device)
+
+
+def reconstruct(units: Sequence[Unit], qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet,
+                settings: ReconstructionSettings = ReconstructionSettings(), seed: int = 0,
+                progress: bool = True, on_unit_done: Callable[[Unit, UnitReport], None] | None = None
+                ) -> list[UnitReport]:
+    """Reconstruct `units` in order (see the module docstring); returns one report per unit.
+
+    qmodel: the quantized model, every site of the units already set (ranges, modes); it is
+    changed in place. fp_model: the reference. calib: the calibration samples (on the models'
+    device). `on_unit_done(unit, report)` runs after each unit (e.g. to update the reference).
+    Parameters of `qmodel` keep their `requires_grad` flags after the call.
+    """
+    samples = _limit_prompts(calib.samples, settings.max_prompts, seed)
+    flags = {param: param.requires_grad for param in qmodel.parameters()}
+    for param in flags:
+        param.requires_grad_(False)
+    reports = []
+    try:
+        for unit in tqdm(units, desc="reconstruction", disable=not progress):
+            report = reconstruct_unit(unit, qmodel, fp_model, samples, settings, seed, progress)
+            log.info("unit %s: loss %.4g -> %.4g in %d steps (%.1f s train, %.1f s capture)%s", report.name,
+                     report.first_loss, report.last_loss, report.iterations, report.train_s, report.capture_s,
+                     "" if report.flipped is None else f", {100 * report.flipped:.2f}% weights flipped")
+            reports.append(report)
+            if on_unit_done is not None:
+                on_unit_done(unit, report)
+    finally:
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+    return reports
+
+
+def preset_value(preset: str, paper: Any, fast: Any) -> Any:
+    """The value of a hyperparameter under `preset` ("paper" or "fast"); ConfigError otherwise."""
+    if preset == "paper":
+        return paper
+    if preset == "fast":
+        return fast
+    raise ConfigError(f"unknown preset {preset!r}: use 'paper' or 'fast'")

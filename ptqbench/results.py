@@ -1,0 +1,334 @@
+"""The run store (one SQLite file per output folder) and the leaderboards exported from it.
+
+`<out>/ptqbench.sqlite` is the source of truth: one row per cell (model, checkpoint, task,
+dataset, prompts, method, bits, preset, seed, calibration set, labels), keyed by `cell_key`,
+so a finished cell is found again on re-run (resume). Each `put` is one transaction; the
+file is in WAL mode so readers and a writer can share it. Every operation opens its own
+short-lived connection: several `RunStore` objects (or processes) on one file are fine.
+
+`write_leaderboards` regenerates `<out>/leaderboard_<task>.csv` and `.md` from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from ptqbench.errors import DataError
+
+STORE_FILENAME = "ptqbench.sqlite"
+FP = "fp"
+SCHEMA_VERSION = 1
+_KEY_FIELDS = ("model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "method", "bits",
+               "preset", "seed", "calib_fingerprint", "labels")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    checkpoint_sha256 TEXT NOT NULL,
+    task TEXT NOT NULL,
+    dataset_fingerprint TEXT NOT NULL,
+    prompts TEXT NOT NULL,
+    method TEXT NOT NULL,
+    bits TEXT NOT NULL,
+    w_bits INTEGER,
+    a_bits INTEGER,
+    preset TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    calib_fingerprint TEXT,
+    metrics TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    calib_s REAL NOT NULL,
+    eval_s REAL NOT NULL,
+    images INTEGER NOT NULL,
+    peak_mem_mb REAL,
+    device TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    git_commit TEXT,
+    labels TEXT NOT NULL,
+    created_at TEXT NOT NULL
+)
+"""
+_JSON_FIELDS = ("metrics", "versions", "labels")
+
+
+def now_iso() -> str:
+    """The current UTC time as an ISO 8601 string with seconds, e.g. 2024-05-01T12:00:00+00:00."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One evaluated cell.
+
+    bits: "fp" for the full-precision row, else e.g. "W4A4" (w_bits/a_bits hold the numbers,
+    None for fp). metrics: every value the task returned (percentages); metric: the headline
+    key. calib_fingerprint: hash of the calibration set (None for fp). labels: caveats shown in
+    the leaderboard, e.g. ("untrained",). peak_mem_mb: None where it was not measured.
+    """
+
+    model: str
+    checkpoint_sha256: str
+    task: str
+    dataset_fingerprint: str
+    prompts: str
+    method: str
+    bits: str
+    w_bits: int | None
+    a_bits: int | None
+    preset: str
+    seed: int
+    calib_fingerprint: str | None
+    metrics: dict[str, float]
+    metric: str
+    calib_s: float
+    eval_s: float
+    images: int
+    peak_mem_mb: float | None
+    device: str
+    versions: dict[str, str]
+    git_commit: str | None
+    labels: tuple[str, ...] = ()
+    created_at: str = field(default_factory=now_iso)
+
+    def __post_init__(self) -> None:
+        if self.metric not in self.metrics:
+            raise ValueError(f"headline metric {self.metric!r} is not among the metrics {sorted(self.metrics)}")
+        if not isinstance(self.labels, tuple):
+            raise TypeError(f"labels must be a tuple of strings, got {type(self.labels).__name__}")
+
+    @property
+    def key(self) -> str:
+        """The cell key of this record (see `RunStore.cell_key`)."""
+        return RunStore.cell_key(**{name: getattr(self, name) for name in _KEY_FIELDS})
+
+
+class RunStore:
+    """The SQLite run store at `path` (conventionally `<out>/ptqbench.sqlite`).
+
+    Opening creates the file (and its folder) when missing; a file that is not a readable
+    run store raises DataError naming it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._open() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise DataError(
+                    f"run store {self.path} has schema version {version}, this ptqbench reads version "
+                    f"{SCHEMA_VERSION}; use a new output folder or a matching ptqbench"
+                )
+            conn.execute("PRAGMA journal_mode=WAL")
+            with conn:
+                conn.execute(_SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    def cell_key(*, model: str, checkpoint_sha256: str, task: str, dataset_fingerprint: str, prompts: str,
+                 method: str, bits: str, preset: str, seed: int, calib_fingerprint: str | None,
+                 labels: tuple[str, ...] = ()) -> str:
+        """A stable 16-hex-digit hash of what defines a cell; metrics and timings are not part of it.
+
+        The order of `labels` does not matter.
+        """
+        identity = {
+            "model": model, "checkpoint_sha256": checkpoint_sha256, "task": task,
+            "dataset_fingerprint": dataset_fingerprint, "prompts": prompts, "method": method,
+            "bits": bits, "preset": preset, "seed": int(seed), "calib_fingerprint": calib_fingerprint,
+            "labels": sorted(labels),
+        }
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+    def has(self, key: str) -> bool:
+        """Whether a record with cell key `key` exists."""
+        with self._open() as conn:
+            return conn.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone() is not None
+
+    def get(self, key: str) -> RunRecord | None:
+        """The record with cell key `key`, or None."""
+        with self._open() as conn:
+            row = conn.execute("SELECT * FROM runs WHERE key = ?", (key,)).fetchone()
+        return _from_row(row) if row is not None else None
+
+    def put(self, record: RunRecord) -> str:
+        """Store `record` in one transaction, replacing an earlier record of the same cell; returns its key."""
+        row = _to_row(record)
+        columns = ", ".join(row)
+        placeholders = ", ".join("?" for _ in row)
+        with self._open() as conn, conn:
+            conn.execute(f"INSERT OR REPLACE INTO runs ({columns}) VALUES ({placeholders})", tuple(row.values()))
+        return row["key"]
+
+    def records(self, task: str | None = None) -> list[RunRecord]:
+        """All records (of `task` when given), oldest first (by created_at, then insertion order)."""
+        where, params = ("WHERE task = ?", (task,)) if task is not None else ("", ())
+        with self._open() as conn:
+            rows = conn.execute(f"SELECT * FROM runs {where} ORDER BY created_at, rowid", params).fetchall()
+        return [_from_row(row) for row in rows]
+
+    def tasks(self) -> list[str]:
+        """The tasks that have records, sorted."""
+        with self._open() as conn:
+            rows = conn.execute("SELECT DISTINCT task FROM runs ORDER BY task").fetchall()
+        return [row["task"] for row in rows]
+
+    @contextmanager
+    def _open(self) -> Iterator[sqlite3.Connection]:
+        """A short-lived connection; any SQLite failure becomes a DataError naming the file."""
+        try:
+            conn = sqlite3.connect(self.path, timeout=60.0)
+        except sqlite3.Error as exc:
+            raise DataError(f"cannot open the run store {self.path}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        try:
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            raise DataError(
+                f"run store {self.path} is unreadable ({exc}); if the file is corrupt, move it aside "
+                f"and run again (finished cells will be recomputed)"
+            ) from exc
+        finally:
+            conn.close()
+
+
+def _to_row(record: RunRecord) -> dict[str, object]:
+    """The SQLite row of `record`: its fields (dicts and labels as JSON) plus the cell key."""
+    row: dict[str, object] = {"key": record.key}
+    for name, value in asdict(record).items():
+        row[name] = json.dumps(list(value) if name == "labels" else value) if name in _JSON_FIELDS else value
+    return row
+
+
+def _from_row(row: sqlite3.Row) -> RunRecord:
+    values = {name: row[name] for name in row.keys() if name != "key"}
+    values["metrics"] = {k: float(v) for k, v in json.loads(values["metrics"]).items()}
+    values["versions"] = json.loads(values["versions"])
+    values["labels"] = tuple(json.loads(values["labels"]))
+    return RunRecord(**values)
+
+
+def _is_fp(record: RunRecord) -> bool:
+    return record.method == FP and record.bits == FP
+
+
+def _order(record: RunRecord) -> tuple:
+    """Sort key: per model, the FP row first, then methods by name, then bits numerically, then preset."""
+    w_bits = record.w_bits if record.w_bits is not None else math.inf
+    a_bits = record.a_bits if record.a_bits is not None else math.inf
+    return record.model, not _is_fp(record), record.method, w_bits, a_bits, record.bits, record.preset
+
+
+def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
+    """The leaderboard of `task`: one row per (model, method, bits, preset), the most recent record.
+
+    delta_vs_fp is the headline metric minus that of the most recent FP record (method and bits
+    "fp") of the same model, checkpoint, dataset fingerprint and prompts; empty without one.
+    Columns: model, method, bits, w_bits, a_bits, preset, <metrics, headline first>, delta_vs_fp,
+    calib_s, eval_s, images, seed, and labels when any row has labels.
+    """
+    records = store.records(task)
+    if not records:
+        raise DataError(f"no runs of task {task!r} in {store.path}; tasks with runs: {store.tasks() or 'none'}")
+    latest: dict[tuple[str, str, str, str], RunRecord] = {}
+    fp_reference: dict[tuple[str, str, str, str], RunRecord] = {}
+    for record in records:
+        latest[(record.model, record.method, record.bits, record.preset)] = record
+        if _is_fp(record):
+            fp_reference[(record.model, record.checkpoint_sha256, record.dataset_fingerprint, record.prompts)] = record
+    rows = sorted(latest.values(), key=_order)
+    metric_names: list[str] = []
+    for record in rows:
+        for name in (record.metric, *record.metrics):
+            if name not in metric_names:
+                metric_names.append(name)
+    table = []
+    for record in rows:
+        fp = fp_reference.get((record.model, record.checkpoint_sha256, record.dataset_fingerprint, record.prompts))
+        delta = None
+        if fp is not None and record.metric in fp.metrics:
+            delta = record.metrics[record.metric] - fp.metrics[record.metric]
+        table.append({
+            "model": record.model, "method": record.method, "bits": record.bits,
+            "w_bits": record.w_bits, "a_bits": record.a_bits, "preset": record.preset,
+            **{name: record.metrics.get(name) for name in metric_names},
+            "delta_vs_fp": delta, "calib_s": record.calib_s, "eval_s": record.eval_s,
+            "images": record.images, "seed": record.seed, "labels": ",".join(record.labels),
+        })
+    frame = pd.DataFrame(table)
+    for column in ("w_bits", "a_bits", "images", "seed"):
+        frame[column] = frame[column].astype("Int64")
+    for column in (*metric_names, "delta_vs_fp"):
+        frame[column] = frame[column].astype("float64")
+    if not frame["labels"].astype(bool).any():
+        frame = frame.drop(columns="labels")
+    return frame
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-style table; numbers with two decimals, missing values empty."""
+    cells = frame.astype(object).where(frame.notna(), None)
+    return cells.to_markdown(index=False, tablefmt="github", floatfmt=".2f", missingval="")
+
+
+def format_leaderboard(store: RunStore, task: str | None = None) -> str:
+    """The leaderboard(s) as text for the terminal: one titled table per task (all tasks when None)."""
+    tasks = [task] if task is not None else store.tasks()
+    if not tasks:
+        raise DataError(f"no runs in {store.path}")
+    sections = []
+    for name in tasks:
+        frame = leaderboard_frame(store, name)
+        headline = store.records(name)[-1].metric
+        sections.append(f"{name} (headline: {headline})\n{_markdown(frame)}")
+    return "\n\n".join(sections)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file next to `path`, then rename it over `path`."""
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    done = False
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+        os.chmod(temp_name, 0o644)
+        os.replace(temp_name, path)
+        done = True
+    finally:
+        if not done:
+            Path(temp_name).unlink(missing_ok=True)
+
+
+def write_leaderboards(store: RunStore, out_dir: str | Path, task: str | None = None) -> list[Path]:
+    """Regenerate `<out_dir>/leaderboard_<task>.csv` and `.md` for `task` (every task when None).
+
+    The CSV keeps 4 decimals, the Markdown 2. Returns the paths written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in [task] if task is not None else store.tasks():
+        frame = leaderboard_frame(store, name)
+        headline = store.records(name)[-1].metric
+        csv_path, md_path = out / f"leaderboard_{name}.csv", out / f"leaderboard_{name}.md"
+        _write_atomic(csv_path, frame.to_csv(index=False, float_format="%.4f", lineterminator="\n"))
+        _write_atomic(md_path, (
+            f"# Leaderboard: {name}\n\n"
+            f"Headline metric: `{headline}`. `delta_vs_fp` is the headline metric minus that of the FP row "
+            f"of the same model, checkpoint, dataset and prompts.\n\n{_markdown(frame)}\n"
+        ))
+        written += [csv_path, md_path]
+    return written

@@ -1,0 +1,503 @@
+"""DOTA-v1.0 oriented object detection with box-prompted SAM (task `dota`).
+
+The MMRotate-SAM / SAM-RBox protocol, as specified in tasks.md section 2:
+
+- Data: `<data_root>/DOTA/{val,train}/images/*.png` + `labelTxt/*.txt`; evaluation on `val`,
+  calibration on `train` (`TaskConfig.calib_split` overrides). Images are sorted by file name;
+  `limit` keeps the first images and scores against those images only.
+- Windows: each image is split into square windows of side `window` with overlap `gap`
+  (step = window - gap; along each axis the starts are 0, step, 2 step, ... and the last window
+  is shifted to max(side - window, 0), as DOTA_devkit's ImgSplit does), ordered row by row.
+  Defaults: window = the model's input size, gap = round(window * 200 / 1024) (1024/200 for
+  full-size SAM, 256/50 for sam_tiny); TaskConfig options `window` and `gap` override them.
+  A window is a plain crop (smaller than `window` where the image is); SAM's own preprocessing
+  resizes and pads it.
+- Prompts: horizontal boxes in full-image pixels, clipped to the image. `gt` (the default): the
+  axis-aligned box of every GT polygon, score = SAM's predicted IoU. A folder of Task1 files
+  (`TaskConfig.prompts` = DIR): the enclosing horizontal box of every detection quad, score =
+  the detector's score. Each prompt is run in exactly one window: the one with the largest
+  intersection with its box, ties (every window that contains the whole box) broken by the
+  nearest window centre, then by window order; the box is clipped to that window. So every
+  prompt gives at most one detection; windows without prompts are not encoded.
+- Mask -> rotated box: `cv2.minAreaRect` over the (x, y) coordinates of all foreground pixels,
+  `cv2.boxPoints` for the 4 corners, plus the window offset. An empty mask gives no detection
+  (it is dropped and counted in the log).
+- Merge: per image and class, polygon NMS in descending score order (stable on ties): a box is
+  suppressed when its IoU with a kept box is > 0.1 (the devkit polygon IoU).
+- Output: `out_dir/dota_task1/Task1_<class>.txt` for all 15 classes (lines
+  `imgname score x1 y1 ... x4 y4`, `repr` of every float: full precision, never rounded), in
+  the format of the official evaluation server; then scored by `dota_eval.evaluate_task1`.
+
+Calibration items (`calibration_items(n, seed)`): calibration images in sorted file order, each
+split into windows exactly like the evaluation images (same window and gap); a window to which
+at least one prompt (GT box, or a `calib_prompts` Task1 folder box) is assigned becomes one item:
+the window crop and its assigned boxes, clipped, in window pixels. The first `n` such windows are
+returned; `seed` is unused (the order is fixed by the files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from ptqbench.errors import ConfigError, DataError
+from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig
+from ptqbench.tasks.dota_eval import (
+    DOTA_CLASSES,
+    METRIC_KEYS,
+    DotaLabels,
+    SplitItem,
+    Task1Detections,
+    dota_split_dir,
+    evaluate_task1,
+    list_split,
+    poly_iou_batch,
+    read_dota_labels,
+    read_split_labels,
+    read_task1_folder,
+)
+
+if TYPE_CHECKING:
+    from ptqbench.sam.inference import BoxPredictor
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLIT = "val"
+CALIB_SPLIT = "train"
+GAP_PER_WINDOW = 200 / 1024
+NMS_IOU = 0.1
+MASK_BATCH = 64
+OPTION_KEYS = ("window", "gap")
+TASK1_FOLDER = "dota_task1"
+
+
+@dataclass(frozen=True)
+class Window:
+    """The crop image[y0:y1, x0:x1] (pixels, end-exclusive)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+@dataclass(frozen=True)
+class BoxPrompts:
+    """The box prompts of one image.
+
+    boxes: float64 [N, 4] xyxy in full-image pixels; classes: int64 [N] indices into
+    DOTA_CLASSES; scores: float64 [N] detector scores, or None for GT prompts (the score is
+    then SAM's predicted IoU).
+    """
+
+    boxes: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray | None
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+@dataclass(frozen=True)
+class RotatedBoxes:
+    """Oriented detections of one image.
+
+    polygons: float64 [M, 4 * 2] corners (x1 y1 ... x4 y4) in full-image pixels;
+    scores: float64 [M]; classes: int64 [M] indices into DOTA_CLASSES.
+    """
+
+    polygons: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+
+def window_starts(length: int, window: int, step: int) -> list[int]:
+    """Window starts along one axis of `length` pixels: 0, step, ... ; the last is max(length - window, 0)."""
+    starts = []
+    start = 0
+    while True:
+        if start + window >= length:
+            starts.append(max(length - window, 0))
+            return starts
+        starts.append(start)
+        start += step
+
+
+def split_windows(width: int, height: int, window: int, gap: int) -> list[Window]:
+    """The windows of a width x height image, row by row (y outer, x inner)."""
+    step = window - gap
+    return [Window(x0, y0, min(x0 + window, width), min(y0 + window, height))
+            for y0 in window_starts(height, window, step)
+            for x0 in window_starts(width, window, step)]
+
+
+def clip_boxes(boxes: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    """Clip xyxy boxes [N, 4] to the rectangle [x0, x1] x [y0, y1]."""
+    return np.stack([np.clip(boxes[:, 0], x0, x1), np.clip(boxes[:, 1], y0, y1),
+                     np.clip(boxes[:, 2], x0, x1), np.clip(boxes[:, 3], y0, y1)], axis=1)
+
+
+def assign_windows(boxes: np.ndarray, windows: Sequence[Window]) -> np.ndarray:
+    """The window index [N] (int64) each box [N, 4] xyxy runs in.
+
+    The window with the largest intersection area; among equals (e.g. every window holding the
+    whole box) the one whose centre is nearest the box centre; then the first in order.
+    """
+    if len(boxes) == 0:
+        return np.zeros((0,), dtype=np.int64)
+    rects = np.array([[w.x0, w.y0, w.x1, w.y1] for w in windows], dtype=np.float64)
+    iw = np.clip(np.minimum(boxes[:, None, 2], rects[None, :, 2])
+                 - np.maximum(boxes[:, None, 0], rects[None, :, 0]), 0.0, None)
+    ih = np.clip(np.minimum(boxes[:, None, 3], rects[None, :, 3])
+                 - np.maximum(boxes[:, None, 1], rects[None, :, 1]), 0.0, None)
+    inter = iw * ih
+    box_centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0
+    window_centres = (rects[:, :2] + rects[:, 2:]) / 2.0
+    distance = ((box_centres[:, None, :] - window_centres[None, :, :]) ** 2).sum(axis=2)
+    distance[inter < inter.max(axis=1, keepdims=True)] = np.inf
+    return np.argmin(distance, axis=1).astype(np.int64)
+
+
+def polygon_hboxes(polygons: np.ndarray) -> np.ndarray:
+    """Enclosing horizontal boxes [N, 4] xyxy of quads [N, 8]."""
+    return np.stack([polygons[:, 0::2].min(axis=1), polygons[:, 1::2].min(axis=1),
+                     polygons[:, 0::2].max(axis=1), polygons[:, 1::2].max(axis=1)], axis=1)
+
+
+def mask_to_rbox(mask: np.ndarray) -> np.ndarray | None:
+    """Rotated box of a bool mask [H, W]: float64 [8] corners (x1 y1 ... x4 y4) in cyclic order.
+
+    `cv2.minAreaRect` over the (x, y) coordinates of every foreground pixel, then
+    `cv2.boxPoints`. Returns None for an empty mask. (The pixels are listed in row-major order
+    from the mask's bounding crop: the same points in the same order as `np.nonzero(mask)`.)
+    """
+    import cv2
+
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    ys, xs = np.nonzero(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+    points = np.stack([xs + cols[0], ys + rows[0]], axis=1).astype(np.int32)
+    return cv2.boxPoints(cv2.minAreaRect(points)).reshape(8).astype(np.float64)
+
+
+def _overlapping_pairs(hboxes: np.ndarray, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j), i < j, of boxes [N, 4] xyxy whose intersection has positive area,
+    sorted by i then j."""
+    firsts, seconds = [], []
+    for start in range(0, len(hboxes), block):
+        rows = hboxes[start:start + block, None, :]
+        others = hboxes[None, :, :]
+        overlap = ((np.minimum(rows[..., 2], others[..., 2]) > np.maximum(rows[..., 0], others[..., 0]))
+                   & (np.minimum(rows[..., 3], others[..., 3]) > np.maximum(rows[..., 1], others[..., 1])))
+        i, j = np.nonzero(overlap)
+        i = i + start
+        firsts.append(i[j > i])
+        seconds.append(j[j > i])
+    if not firsts:
+        return np.zeros((0,), dtype=np.int64), np.zeros((0,), dtype=np.int64)
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def polygon_nms(polygons: np.ndarray, scores: np.ndarray, iou_threshold: float = NMS_IOU) -> np.ndarray:
+    """Greedy polygon NMS; returns kept indices (int64) in descending score order.
+
+    polygons: float64 [N, 8]; scores: [N]. Boxes are visited in descending score (stable sort);
+    a box is suppressed when its IoU (`poly_iou_batch`, the higher-scored box as first) with an
+    already kept box is > iou_threshold. Only pairs whose horizontal boxes overlap with positive
+    area are compared (the others have IoU 0).
+    """
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    ranked = polygons[order]
+    first, second = _overlapping_pairs(polygon_hboxes(ranked))
+    over = poly_iou_batch(ranked[first], ranked[second]) > iou_threshold
+    first, second = first[over], second[over]
+    bounds = np.searchsorted(first, np.arange(len(order) + 1))
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for rank in range(len(order)):
+        if not suppressed[rank]:
+            keep.append(rank)
+            suppressed[second[bounds[rank]:bounds[rank + 1]]] = True
+    return order[np.array(keep, dtype=np.int64)]
+
+
+def gt_prompts(labels: DotaLabels, width: int, height: int) -> BoxPrompts:
+    """Box prompts from GT polygons: their horizontal boxes clipped to the image; scores None."""
+    boxes = clip_boxes(polygon_hboxes(labels.polygons), 0, 0, width, height)
+    classes = np.array([DOTA_CLASSES.index(name) for name in labels.names], dtype=np.int64)
+    return BoxPrompts(boxes=boxes, classes=classes, scores=None)
+
+
+def detection_prompts(detections: Mapping[str, Task1Detections]) -> dict[str, BoxPrompts]:
+    """Per-image box prompts from Task1 detections {class: detections}: horizontal boxes of the
+    quads (not yet clipped), detector scores; within an image, class order then file order."""
+    per_image: dict[str, tuple[list[np.ndarray], list[int], list[float]]] = {}
+    for class_index, name in enumerate(DOTA_CLASSES):
+        found = detections.get(name)
+        if found is None or len(found) == 0:
+            continue
+        hboxes = polygon_hboxes(found.polygons)
+        for k, image in enumerate(found.image_ids):
+            boxes, classes, scores = per_image.setdefault(image, ([], [], []))
+            boxes.append(hboxes[k])
+            classes.append(class_index)
+            scores.append(float(found.scores[k]))
+    return {image: BoxPrompts(boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4),
+                              classes=np.array(classes, dtype=np.int64),
+                              scores=np.array(scores, dtype=np.float64))
+            for image, (boxes, classes, scores) in per_image.items()}
+
+
+def no_prompts() -> BoxPrompts:
+    """An image without prompts (detector prompts with no box on it)."""
+    return BoxPrompts(boxes=np.zeros((0, 4)), classes=np.zeros((0,), dtype=np.int64),
+                      scores=np.zeros((0,)))
+
+
+def clip_prompts(prompts: BoxPrompts, width: int, height: int) -> BoxPrompts:
+    """The same prompts with boxes clipped to a width x height image."""
+    return BoxPrompts(boxes=clip_boxes(prompts.boxes, 0, 0, width, height),
+                      classes=prompts.classes, scores=prompts.scores)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3] (any size; grey and 16-bit files are converted)."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"cannot read image {path} (missing, truncated or not an image)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def predict_rotated_boxes(predictor: "BoxPredictor", image: np.ndarray, prompts: BoxPrompts,
+                          window: int, gap: int) -> tuple[RotatedBoxes, int]:
+    """Run every prompt in its window; return the rotated boxes (before NMS) and the number of
+    empty masks dropped.
+
+    image: uint8 [H, W, 3]; prompts: boxes clipped to the image. Output polygons are in
+    full-image pixels, in window order then prompt order.
+    """
+    height, width = image.shape[:2]
+    windows = split_windows(width, height, window, gap)
+    assignment = assign_windows(prompts.boxes, windows)
+    polygons, scores, classes = [], [], []
+    dropped = 0
+    for index, win in enumerate(windows):
+        members = np.nonzero(assignment == index)[0]
+        if members.size == 0:
+            continue
+        predictor.set_image(np.ascontiguousarray(image[win.y0:win.y1, win.x0:win.x1]))
+        offset = np.array([win.x0, win.y0, win.x0, win.y0], dtype=np.float64)
+        local = clip_boxes(prompts.boxes[members], win.x0, win.y0, win.x1, win.y1) - offset
+        for start in range(0, members.size, MASK_BATCH):
+            batch = members[start:start + MASK_BATCH]
+            masks, ious = predictor.predict_boxes(local[start:start + MASK_BATCH])
+            for k, prompt in enumerate(batch):
+                corners = mask_to_rbox(masks[k])
+                if corners is None:
+                    dropped += 1
+                    continue
+                corners[0::2] += win.x0
+                corners[1::2] += win.y0
+                polygons.append(corners)
+                scores.append(float(ious[k]) if prompts.scores is None else float(prompts.scores[prompt]))
+                classes.append(int(prompts.classes[prompt]))
+    return RotatedBoxes(polygons=np.array(polygons, dtype=np.float64).reshape(-1, 8),
+                        scores=np.array(scores, dtype=np.float64),
+                        classes=np.array(classes, dtype=np.int64)), dropped
+
+
+def nms_per_class(boxes: RotatedBoxes, iou_threshold: float = NMS_IOU) -> RotatedBoxes:
+    """Polygon NMS within each class; output grouped by class, descending score within a class."""
+    kept = []
+    for class_index in range(len(DOTA_CLASSES)):
+        members = np.nonzero(boxes.classes == class_index)[0]
+        if members.size:
+            kept.append(members[polygon_nms(boxes.polygons[members], boxes.scores[members], iou_threshold)])
+    order = np.concatenate(kept) if kept else np.zeros((0,), dtype=np.int64)
+    return RotatedBoxes(polygons=boxes.polygons[order], scores=boxes.scores[order],
+                        classes=boxes.classes[order])
+
+
+def task1_lines(image: str, boxes: RotatedBoxes) -> dict[str, list[str]]:
+    """{class: Task1 lines `imgname score x1 y1 ... x4 y4`} with full-precision floats."""
+    lines: dict[str, list[str]] = {}
+    for polygon, score, class_index in zip(boxes.polygons, boxes.scores, boxes.classes):
+        coords = " ".join(repr(float(v)) for v in polygon)
+        lines.setdefault(DOTA_CLASSES[class_index], []).append(f"{image} {float(score)!r} {coords}")
+    return lines
+
+
+def write_task1(det_dir: Path, lines: Mapping[str, Sequence[str]]) -> None:
+    """Write `Task1_<class>.txt` for all 15 classes (empty files for classes without lines)."""
+    det_dir.mkdir(parents=True, exist_ok=True)
+    for name in DOTA_CLASSES:
+        text = "".join(f"{line}\n" for line in lines.get(name, ()))
+        (det_dir / f"Task1_{name}.txt").write_text(text, encoding="utf-8")
+
+
+def _int_option(config: TaskConfig, key: str, default: int) -> int:
+    value = config.option(key)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError as err:
+        raise ConfigError(f"dota option {key}={value!r} is not an integer") from err
+    return number
+
+
+def _resolve_windows(config: TaskConfig) -> tuple[int, int]:
+    unknown = sorted(set(dict(config.options)) - set(OPTION_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown dota option(s) {', '.join(unknown)}; valid: {', '.join(OPTION_KEYS)}")
+    window = _int_option(config, "window", config.model_input_size)
+    gap = _int_option(config, "gap", round(window * GAP_PER_WINDOW))
+    if window <= 0 or gap < 0 or gap >= window:
+        raise ConfigError(f"dota windows need window > gap >= 0, got window={window}, gap={gap}")
+    return window, gap
+
+
+def _prompt_dir(source: str | None) -> Path | None:
+    if source is None or source == "gt":
+        return None
+    path = Path(source)
+    if not path.is_dir():
+        raise DataError(f"DOTA prompt folder {path} does not exist (give a folder of "
+                        f"Task1_<class>.txt files, or 'gt')")
+    return path
+
+
+class DotaTask:
+    """DOTA-v1.0 Task 1 (oriented boxes) from SAM masks; see the module docstring."""
+
+    name = "dota"
+    metric = "mAP"
+    metrics = METRIC_KEYS
+
+    def __init__(self, config: TaskConfig) -> None:
+        self.config = config
+        self.window, self.gap = _resolve_windows(config)
+        self.calib_split = config.calib_split or CALIB_SPLIT
+        self.prompt_dir = _prompt_dir(config.prompts)
+        self.calib_prompt_dir = _prompt_dir(config.calib_prompts)
+
+    def _items(self, split: str) -> list[SplitItem]:
+        return list_split(dota_split_dir(self.config.data_root, split))
+
+    def _prompt_source(self, prompt_dir: Path | None, items: Sequence[SplitItem]) -> dict[str, BoxPrompts] | None:
+        """Detector prompts per image (None for GT prompts)."""
+        if prompt_dir is None:
+            return None
+        return detection_prompts(read_task1_folder(prompt_dir, {item.name for item in items}))
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"dota window={self.window} gap={self.gap}\n".encode())
+        splits = [(EVAL_SPLIT, self.prompt_dir), (self.calib_split, self.calib_prompt_dir)]
+        for split, prompt_dir in splits:
+            digest.update(f"split {split}\n".encode())
+            try:
+                items = self._items(split)
+            except DataError:
+                if split == EVAL_SPLIT:
+                    raise
+                digest.update(b"absent\n")
+                continue
+            for item in items:
+                digest.update(f"{item.image_path.name} {item.image_path.stat().st_size}\n".encode())
+                digest.update(item.label_path.read_bytes())
+            digest.update(b"prompts gt\n" if prompt_dir is None else b"prompts\n")
+            if prompt_dir is not None:
+                for path in sorted(prompt_dir.glob("Task1_*.txt")):
+                    digest.update(f"{path.name}\n".encode())
+                    digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
+
+    def describe(self) -> str:
+        prompts = "gt" if self.prompt_dir is None else str(self.prompt_dir)
+        calib_prompts = "gt" if self.calib_prompt_dir is None else str(self.calib_prompt_dir)
+        return (f"DOTA-v1.0 {EVAL_SPLIT} under {Path(self.config.data_root) / 'DOTA'}, prompts {prompts}, "
+                f"windows {self.window}/gap {self.gap}, Task-1 mAP (DOTA_devkit); "
+                f"calibration on {self.calib_split} with prompts {calib_prompts}")
+
+    def _image_prompts(self, detector: dict[str, BoxPrompts] | None, item: SplitItem,
+                       labels: DotaLabels | None, width: int, height: int) -> BoxPrompts:
+        if detector is None:
+            return gt_prompts(labels if labels is not None else read_dota_labels(item.label_path), width, height)
+        return clip_prompts(detector.get(item.name, no_prompts()), width, height)
+
+    def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
+        """The first `n` windows with prompts of the calibration split (see the module docstring)."""
+        if n <= 0:
+            return []
+        items = self._items(self.calib_split)
+        detector = self._prompt_source(self.calib_prompt_dir, items)
+        result: list[CalibrationItem] = []
+        for item in items:
+            if len(result) >= n:
+                break
+            labels = read_dota_labels(item.label_path) if detector is None else None
+            if (labels is not None and len(labels) == 0) or (detector is not None and item.name not in detector):
+                continue
+            image = read_rgb(item.image_path)
+            height, width = image.shape[:2]
+            prompts = self._image_prompts(detector, item, labels, width, height)
+            windows = split_windows(width, height, self.window, self.gap)
+            assignment = assign_windows(prompts.boxes, windows)
+            for index, win in enumerate(windows):
+                members = np.nonzero(assignment == index)[0]
+                if members.size == 0:
+                    continue
+                offset = np.array([win.x0, win.y0, win.x0, win.y0], dtype=np.float64)
+                boxes = clip_boxes(prompts.boxes[members], win.x0, win.y0, win.x1, win.y1) - offset
+                crop = np.ascontiguousarray(image[win.y0:win.y1, win.x0:win.x1])
+                result.append(CalibrationItem(image=crop, boxes=boxes))
+                if len(result) >= n:
+                    break
+        if not result:
+            raise DataError(f"no calibration window with box prompts in DOTA split {self.calib_split} "
+                            f"under {Path(self.config.data_root) / 'DOTA'}")
+        if len(result) < n:
+            log.warning("DOTA %s gives only %d calibration windows (asked for %d)",
+                        self.calib_split, len(result), n)
+        return result
+
+    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
+                 out_dir: Path) -> dict[str, float]:
+        """Predict rotated boxes for the val images, write Task1 files, score them (percent)."""
+        all_items = self._items(EVAL_SPLIT)
+        detector = self._prompt_source(self.prompt_dir, all_items)
+        items = all_items if limit is None else all_items[:limit]
+        labels = read_split_labels(items)
+        lines: dict[str, list[str]] = {}
+        dropped = 0
+        for item in tqdm(items, desc="dota", unit="image", disable=not progress):
+            image = read_rgb(item.image_path)
+            height, width = image.shape[:2]
+            prompts = self._image_prompts(detector, item, labels[item.name], width, height)
+            boxes, empty = predict_rotated_boxes(predictor, image, prompts, self.window, self.gap)
+            dropped += empty
+            for name, class_lines in task1_lines(item.name, nms_per_class(boxes)).items():
+                lines.setdefault(name, []).extend(class_lines)
+        if dropped:
+            log.info("dota: %d empty masks gave no detection", dropped)
+        det_dir = Path(out_dir) / TASK1_FOLDER
+        write_task1(det_dir, lines)
+        return evaluate_task1(labels, read_task1_folder(det_dir, labels))
+
+
+@TASKS.register("dota")
+def make_dota_task(config: TaskConfig) -> DotaTask:
+    """The `dota` task for a TaskConfig (options: window, gap)."""
+    return DotaTask(config)

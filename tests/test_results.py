@@ -1,0 +1,197 @@
+"""The SQLite run store and the leaderboard export."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sqlite3
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ptqbench.errors import DataError
+from ptqbench.results import STORE_FILENAME, RunRecord, RunStore, format_leaderboard, write_leaderboards
+
+
+def _record(method: str = "fp", bits: str = "fp", ap: float = 40.0, **changes) -> RunRecord:
+    w_bits, a_bits = (None, None) if bits == "fp" else (int(bits[1:].split("A")[0]), int(bits.split("A")[1]))
+    base = RunRecord(
+        model="sam_tiny", checkpoint_sha256="c0ffee", task="coco", dataset_fingerprint="d1", prompts="gt",
+        method=method, bits=bits, w_bits=w_bits, a_bits=a_bits, preset="default", seed=0,
+        calib_fingerprint=None if method == "fp" else "cal1",
+        metrics={"mask_AP": ap, "mask_AP50": ap + 10.0}, metric="mask_AP",
+        calib_s=1.5, eval_s=2.25, images=5, peak_mem_mb=None, device="cpu",
+        versions={"torch": "2.3.0", "ptqbench": "0.1.0"}, git_commit=None,
+        created_at="2024-01-01T00:00:00+00:00",
+    )
+    return replace(base, **changes)
+
+
+@pytest.fixture
+def store(tmp_path) -> RunStore:
+    return RunStore(tmp_path / STORE_FILENAME)
+
+
+def test_round_trip(store):
+    record = _record("saqsam", "W4A8", 31.25, peak_mem_mb=123.5, git_commit="abc123", labels=("untrained",))
+    key = store.put(record)
+    assert key == record.key and store.has(key) and not store.has("0" * 16)
+    assert store.get(key) == record
+    assert store.get("0" * 16) is None
+    assert store.records() == [record] and store.records("ade20k") == []
+    assert store.tasks() == ["coco"]
+
+
+def test_wal_mode_and_one_row_per_cell(store):
+    store.put(_record())
+    store.put(_record(ap=41.0, created_at="2024-01-02T00:00:00+00:00"))  # same cell: replaced
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+    assert store.get(_record().key).metrics["mask_AP"] == 41.0
+
+
+def test_cell_key_is_stable_and_covers_the_identity():
+    record = _record("minmax", "W4A4")
+    identity = {
+        "model": "sam_tiny", "checkpoint_sha256": "c0ffee", "task": "coco", "dataset_fingerprint": "d1",
+        "prompts": "gt", "method": "minmax", "bits": "W4A4", "preset": "default", "seed": 0,
+        "calib_fingerprint": "cal1", "labels": [],
+    }
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+    assert record.key == hashlib.sha256(canonical).hexdigest()[:16]
+    assert record.key == "b4883e9b117da6dc"  # pinned: changing the key format breaks resume of old runs
+    # results and timings are not part of the identity
+    assert replace(record, metrics={"mask_AP": 1.0}, calib_s=9.0, created_at="2030-01-01").key == record.key
+    assert replace(record, labels=("b", "a")).key == replace(record, labels=("a", "b")).key
+    changed = [replace(record, **{name: value}).key for name, value in [
+        ("model", "sam_vit_b"), ("checkpoint_sha256", "beef"), ("dataset_fingerprint", "d2"),
+        ("prompts", "det"), ("method", "brecq"), ("bits", "W4A8"), ("preset", "fast"), ("seed", 1),
+        ("calib_fingerprint", "cal2"), ("labels", ("untrained",)), ("task", "dota"),
+    ]]
+    assert len(set(changed)) == len(changed) and record.key not in changed
+
+
+def test_record_validates_headline():
+    with pytest.raises(ValueError, match="mask_mIoU"):
+        _record(metric="mask_mIoU")
+
+
+def test_existing_rows_survive_new_puts(store):
+    first = [_record("minmax", f"W{b}A{b}", 30.0 + b) for b in (4, 6, 8)]
+    for record in first:
+        store.put(record)
+    store.put(_record("brecq", "W4A4", 35.0))
+    reopened = RunStore(store.path)
+    assert [r.key for r in reopened.records()] == [r.key for r in first] + [_record("brecq", "W4A4").key]
+    assert all(reopened.get(r.key) == r for r in first)
+
+
+def test_concurrent_stores_on_one_file(tmp_path):
+    path = tmp_path / STORE_FILENAME
+    a, b = RunStore(path), RunStore(path)
+    a.put(_record())
+    b.put(_record("minmax", "W8A8", 39.0))
+    assert {r.method for r in a.records()} == {"fp", "minmax"}
+
+    def writer(seed: int) -> None:
+        store = RunStore(path)
+        for i in range(10):
+            store.put(_record("minmax", "W4A4", float(i), seed=100 * seed + i))
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(RunStore(path).records()) == 2 + 40
+
+
+def test_corrupt_store_raises_data_error(tmp_path):
+    path = tmp_path / STORE_FILENAME
+    path.write_bytes(b"this is not an sqlite database, just some bytes " * 100)
+    with pytest.raises(DataError) as err:
+        RunStore(path)
+    assert str(path) in str(err.value) and "move it aside" in str(err.value)
+
+
+def test_store_of_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / STORE_FILENAME
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 7")
+    with pytest.raises(DataError, match="schema version 7"):
+        RunStore(path)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_leaderboard_rows_order_and_delta(store, tmp_path):
+    store.put(_record("minmax", "W8A8", 39.5))
+    store.put(_record("fp", "fp", 40.0))
+    store.put(_record("minmax", "W10A10", 39.75))
+    store.put(_record("brecq", "W4A4", 30.0))
+    store.put(_record("minmax", "W4A4", 10.0))
+    # a newer record of the same (model, method, bits, preset) with another seed wins
+    store.put(_record("minmax", "W4A4", 20.0, seed=1, created_at="2024-02-01T00:00:00+00:00"))
+    # an FP row of other prompts is not the reference of the gt-prompt rows
+    store.put(_record("fp", "fp", 10.0, prompts="det", model="sam_vit_b"))
+    store.put(_record("ptq4sam", "W4A4", 12.0, prompts="det", model="sam_vit_b"))
+    store.put(_record("minmax", "W4A4", 12.0, task="dota", metrics={"mAP50": 12.0}, metric="mAP50"))
+
+    written = write_leaderboards(store, tmp_path / "out")
+    assert sorted(p.name for p in written) == [
+        "leaderboard_coco.csv", "leaderboard_coco.md", "leaderboard_dota.csv", "leaderboard_dota.md"]
+    rows = _read_csv(tmp_path / "out" / "leaderboard_coco.csv")
+    assert list(rows[0]) == ["model", "method", "bits", "w_bits", "a_bits", "preset", "mask_AP", "mask_AP50",
+                             "delta_vs_fp", "calib_s", "eval_s", "images", "seed"]
+    assert [(r["model"], r["method"], r["bits"]) for r in rows] == [
+        ("sam_tiny", "fp", "fp"), ("sam_tiny", "brecq", "W4A4"), ("sam_tiny", "minmax", "W4A4"),
+        ("sam_tiny", "minmax", "W8A8"), ("sam_tiny", "minmax", "W10A10"),
+        ("sam_vit_b", "fp", "fp"), ("sam_vit_b", "ptq4sam", "W4A4"),
+    ]
+    assert [r["delta_vs_fp"] for r in rows] == ["0.0000", "-10.0000", "-20.0000", "-0.5000", "-0.2500",
+                                                "0.0000", "2.0000"]
+    assert rows[2]["seed"] == "1" and rows[2]["mask_AP"] == "20.0000" and rows[2]["mask_AP50"] == "30.0000"
+    assert rows[0]["w_bits"] == "" and rows[1]["w_bits"] == "4" and rows[1]["images"] == "5"
+    dota = _read_csv(tmp_path / "out" / "leaderboard_dota.csv")
+    assert len(dota) == 1 and dota[0]["delta_vs_fp"] == "" and dota[0]["mAP50"] == "12.0000"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)  # no temp files
+
+
+def test_leaderboard_labels_column_and_markdown(store, tmp_path):
+    store.put(_record())
+    store.put(_record("qdrop", "W4A4", 25.0, labels=("leaky-qdrop", "untrained")))
+    write_leaderboards(store, tmp_path, task="coco")
+    rows = _read_csv(tmp_path / "leaderboard_coco.csv")
+    assert [r["labels"] for r in rows] == ["", "leaky-qdrop,untrained"]
+    markdown = (tmp_path / "leaderboard_coco.md").read_text()
+    assert markdown.startswith("# Leaderboard: coco\n")
+    table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 4
+    cells = [cell.strip() for cell in table_lines[3].strip("|").split("|")]
+    assert cells[:3] == ["sam_tiny", "qdrop", "W4A4"] and "25.00" in cells and "-15.00" in cells
+    assert cells[-1] == "leaky-qdrop,untrained"
+    assert format_leaderboard(store, "coco").splitlines()[0] == "coco (headline: mask_AP)"
+    assert table_lines[3] in format_leaderboard(store)
+
+
+def test_leaderboard_rewrite_replaces_file(store, tmp_path):
+    store.put(_record())
+    write_leaderboards(store, tmp_path)
+    store.put(_record("minmax", "W8A8", 38.0))
+    write_leaderboards(store, tmp_path)
+    assert [r["method"] for r in _read_csv(tmp_path / "leaderboard_coco.csv")] == ["fp", "minmax"]
+
+
+def test_leaderboard_of_unknown_task(store):
+    store.put(_record())
+    with pytest.raises(DataError, match="'ade20k'.*coco"):
+        format_leaderboard(store, "ade20k")
+    with pytest.raises(DataError, match="no runs"):
+        format_leaderboard(RunStore(store.path.with_name("empty.sqlite")))
