@@ -11,7 +11,7 @@ Data: DataLoader workers draw endless scenes of the three demo families from
   (clutter `0` included) with at least `ADE_MIN_AREA` pixels, as the ADE20K task's box prompts.
 
 Each scene goes through SAM's own preprocessing: `ResizeLongestSide(input)` for the image,
-masks resized alike (bilinear, >= 0.5), then `Sam.preprocess` (normalise, pad) on the device.
+masks resized alike (pixel area, kept where covered >= 1/2), then `Sam.preprocess` (normalise, pad) on the device.
 Generated scenes enter a replay pool on the device (FIFO, `--pool` scenes); every step samples
 `--batch` scenes of the pool, and `--prompts` instances per scene with fresh prompts, so the GPU
 never waits for the CPU and each scene is reused with new prompts about (GPU rate / CPU rate)
@@ -87,7 +87,7 @@ EXACT_BOX_SHARE = 0.25
 FOCAL_WEIGHT, DICE_WEIGHT = 20.0, 1.0
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0
 MAX_CHECKPOINT_BYTES = 16_000_000
-_TRAIN_STREAM, _VAL_STREAM = 7, 8
+_TRAIN_STREAM, _VAL_STREAM, _SAMPLING_STREAM = 7, 8, 9
 
 
 @dataclass(frozen=True)
@@ -491,9 +491,11 @@ def mask_terms(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
 
 
 def compute_loss(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], batch: Batch, side: int
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SAM's loss: 20 focal + 1 dice per prompt (min over the 3 outputs for single points, the
-    single-mask output otherwise) averaged over prompts, plus the IoU head's MSE."""
+    single-mask output otherwise) averaged over prompts, plus the IoU head's MSE.
+
+    Returns the loss (scalar) and its parts (detached scalars, kept on the device: no sync)."""
     n_box, n_point = batch.boxes.shape[1], batch.points.shape[1]
     targets = {
         "box": batch.targets[:, :n_box],
@@ -513,8 +515,8 @@ def compute_loss(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], batch: B
         iou_errors.append(((iou_pred[:, channels].float() - iou) ** 2).flatten())
     mask_loss = torch.cat(mask_losses).mean()
     iou_loss = torch.cat(iou_errors).mean()
-    parts = {"focal": torch.cat(focal_sel).mean().item(), "dice": torch.cat(dice_sel).mean().item(),
-             "iou_mse": iou_loss.item()}
+    parts = {"focal": torch.cat(focal_sel).mean().detach(), "dice": torch.cat(dice_sel).mean().detach(),
+             "iou_mse": iou_loss.detach()}
     return mask_loss + iou_loss, parts
 
 
@@ -620,44 +622,41 @@ def train(config: TrainConfig) -> dict:
     """Train, validate, save; returns the final metrics (also written to log_dir/metrics.json)."""
     start = time.monotonic()
     budget_s = config.minutes * 60.0
+    train_s = max(1e-3, budget_s - config.reserve_s)
     device = torch.device(config.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(config.seed)
     config.log_dir.mkdir(parents=True, exist_ok=True)
-    model = build_sam_tiny(config.seed).to(device).train()
+    log.info("config: %s", {k: str(v) for k, v in asdict(config).items()})
+    model = build_sam_tiny(config.seed)
     side = model.image_encoder.img_size
-    feeder = SceneFeeder(config, side, pin=cuda)
+    feeder = SceneFeeder(config, side)  # forks the workers before the device is initialised
+    model = model.to(device).train()
     val_scenes = validation_scenes(config.seed, config.val_scenes, side)
     optimizer = make_optimizer(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 9]))
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, _SAMPLING_STREAM]))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     pool: deque[Scene] = deque(maxlen=config.pool)
     train_log = CsvLog(config.log_dir / "train_log.csv",
                        ["step", "elapsed_s", "lr", "loss", "focal", "dice", "iou_mse", "grad_norm",
-                        "steps_per_s", "scenes_seen", "pool"])
+                        "steps_per_s", "scenes_generated", "pool"])
     val_log = CsvLog(config.log_dir / "val_log.csv",
                      ["step", "elapsed_s"] + [f"miou_{name}" for name in FAMILIES] + ["miou_mean"])
-    sums: dict[str, float] = {}
-    scenes_seen, step, interval_start = 0, 0, time.monotonic()
+    sums: dict[str, torch.Tensor] = {}
+    scenes_generated, step, interval_steps, interval_start = 0, 0, 0, time.monotonic()
     val_metrics: dict[str, float] = {}
-    log.info("config: %s", {k: str(v) for k, v in asdict(config).items()})
     try:
         while step < config.max_steps:
             elapsed = time.monotonic() - start
-            if elapsed > budget_s - config.reserve_s:
+            if elapsed > train_s:
                 break
             fresh = feeder.drain(at_least=max(0, config.batch - len(pool)))
-            for scene in fresh:
-                pool.append(Scene(image=scene.image.to(device, non_blocking=True), hw=scene.hw,
-                                  masks=scene.masks.to(device, non_blocking=True),
-                                  boxes=scene.boxes.to(device, non_blocking=True), scale=scene.scale,
-                                  family=scene.family))
-            scenes_seen += len(fresh)
-            lr = learning_rate(config, step, max(step / config.max_steps, elapsed / budget_s))
+            pool.extend(scene_to(scene, device) for scene in fresh)
+            scenes_generated += len(fresh)
+            lr = learning_rate(config, step, max(step / config.max_steps, elapsed / train_s))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = make_batch(model, list(pool), config, rng, generator)
@@ -666,46 +665,57 @@ def train(config: TrainConfig) -> dict:
             loss, parts = compute_loss(outputs, batch, side)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             step += 1
-            for key, value in {"loss": loss.item(), "grad_norm": grad_norm, **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value
-            sums["n"] = sums.get("n", 0.0) + 1
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"loss is not finite at step {step}: {parts}")
+            interval_steps += 1
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                sums[key] = sums[key] + value if key in sums else value.clone()
             if step % config.log_every == 0 or step == config.max_steps:
+                means = {key: value.item() / interval_steps for key, value in sums.items()}
+                if not math.isfinite(means["loss"]):
+                    raise RuntimeError(f"the loss is not finite by step {step}: {means}")
                 now = time.monotonic()
-                n = sums.pop("n")
-                row = {"step": step, "elapsed_s": now - start, "lr": lr,
-                       **{key: value / n for key, value in sums.items()},
-                       "steps_per_s": n / (now - interval_start), "scenes_seen": scenes_seen, "pool": len(pool)}
+                row = {"step": step, "elapsed_s": now - start, "lr": lr, **means,
+                       "steps_per_s": interval_steps / (now - interval_start),
+                       "scenes_generated": scenes_generated, "pool": len(pool)}
                 train_log.write(row)
-                log.info("step %d  %.0fs  loss %.4f  focal %.4f  dice %.4f  iou_mse %.4f  %.1f steps/s  "
-                         "%d scenes", step, row["elapsed_s"], row["loss"], row["focal"], row["dice"],
-                         row["iou_mse"], row["steps_per_s"], scenes_seen)
-                sums, interval_start = {}, now
+                log.info("step %d  %.0fs  lr %.2e  loss %.4f  focal %.4f  dice %.4f  iou_mse %.4f  "
+                         "%.1f steps/s  %d scenes generated", step, row["elapsed_s"], lr, row["loss"],
+                         row["focal"], row["dice"], row["iou_mse"], row["steps_per_s"], scenes_generated)
+                sums, interval_steps, interval_start = {}, 0, now
             if config.val_every > 0 and step % config.val_every == 0:
+                val_start = time.monotonic()
                 val_metrics = validate(model, val_scenes, device)
                 val_log.write({"step": step, "elapsed_s": time.monotonic() - start, **val_metrics})
                 log.info("step %d validation: %s", step, {k: round(v, 2) for k, v in val_metrics.items()})
                 model.train()
-                interval_start += 0.0
+                interval_start += time.monotonic() - val_start  # steps/s counts training time only
     finally:
         feeder.close()
         train_log.close()
-    model.eval()
+    if sums:
+        means = {key: value.item() / interval_steps for key, value in sums.items()}
+        if not math.isfinite(means["loss"]):
+            raise RuntimeError(f"the loss is not finite by step {step}: {means}")
     if step == 0 or config.val_every <= 0 or step % config.val_every != 0:
         val_metrics = validate(model, val_scenes, device)
         val_log.write({"step": step, "elapsed_s": time.monotonic() - start, **val_metrics})
     val_log.close()
+    model.eval()
     sha256 = save_fp16(model, config.out)
-    metrics = {"steps": step, "elapsed_s": time.monotonic() - start, "scenes_generated": scenes_seen,
+    metrics = {"steps": step, "elapsed_s": time.monotonic() - start, "scenes_generated": scenes_generated,
                "checkpoint": str(config.out), "checkpoint_bytes": config.out.stat().st_size, "sha256": sha256,
                "validation": val_metrics, "config": {k: str(v) for k, v in asdict(config).items()}}
     (config.log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("final validation after %d steps: %s", step, {k: round(v, 2) for k, v in val_metrics.items()})
     return metrics
+
+
+def scene_to(scene: Scene, device: torch.device) -> Scene:
+    """The same scene with its tensors on `device`."""
+    return Scene(image=scene.image.to(device), hw=scene.hw, masks=scene.masks.to(device),
+                 boxes=scene.boxes.to(device), scale=scene.scale, family=scene.family)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
