@@ -44,6 +44,12 @@ def gt_results(split, image_ids=None):
 class OraclePredictor:
     """Returns the GT mask of the annotation whose box is the prompt, with predicted IoU 0.5."""
 
+    def prepare(self, image):
+        return image
+
+    def set_prepared(self, image):
+        self.set_image(image)
+
     def __init__(self, split):
         self.split = split
         self.images = []
@@ -64,6 +70,12 @@ class OraclePredictor:
 
 class BoxFillPredictor:
     """Each mask is its (rounded) box filled; predicted IoU 0.25."""
+
+    def prepare(self, image):
+        return image
+
+    def set_prepared(self, image):
+        self.set_image(image)
 
     def set_image(self, image):
         self.shape = image.shape[:2]

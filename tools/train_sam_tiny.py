@@ -77,6 +77,7 @@ log = logging.getLogger("train_sam_tiny")
 
 FAMILIES = ("coco", "dota", "ade")
 DOTA_CROPS = 4
+LOADER_BATCH = 4
 DOTA_MIN_AREA = 12
 ADE_MIN_AREA = MIN_COMPONENT_AREA
 MIN_INPUT_AREA = 4
@@ -248,18 +249,26 @@ def _collate(scenes: list[Scene]) -> list[Scene]:
 
 
 class SceneFeeder:
-    """Runs the DataLoader in a background thread; `drain()` returns the scenes ready so far."""
+    """Scenes from the DataLoader.
+
+    With workers, a background thread moves the loader's output into a queue and `drain()`
+    returns whatever is ready (the GPU never waits once the pool is full). Without workers
+    (CPU tests), `drain()` generates one loader batch per call in the calling thread, so the
+    run is deterministic.
+    """
 
     def __init__(self, config: TrainConfig, side: int) -> None:
-        loader = DataLoader(SceneStream(config.seed, side), batch_size=4, collate_fn=_collate,
+        loader = DataLoader(SceneStream(config.seed, side), batch_size=LOADER_BATCH, collate_fn=_collate,
                             num_workers=config.workers, worker_init_fn=_worker_init,
                             prefetch_factor=4 if config.workers > 0 else None)
         self._iterator = iter(loader)
         self._queue: queue.Queue[list[Scene]] = queue.Queue(maxsize=64)
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="scene-feeder", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if config.workers > 0:
+            self._thread = threading.Thread(target=self._run, name="scene-feeder", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -272,12 +281,16 @@ class SceneFeeder:
                         continue
                 if self._stop.is_set():
                     return
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread by drain()
             self._error = exc
 
     def drain(self, at_least: int = 0) -> list[Scene]:
-        """All scenes ready now; blocks until at least `at_least` scenes arrived."""
+        """The scenes ready now (at least `at_least`; without workers: one loader batch or more)."""
         scenes: list[Scene] = []
+        if self._thread is None:
+            while not scenes or len(scenes) < at_least:
+                scenes.extend(next(self._iterator))
+            return scenes
         while True:
             try:
                 scenes.extend(self._queue.get(block=len(scenes) < at_least, timeout=1.0))
@@ -288,8 +301,10 @@ class SceneFeeder:
                     return scenes
 
     def close(self) -> None:
+        """Stop the thread and the workers."""
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         del self._iterator
 
 
@@ -315,10 +330,13 @@ class Batch:
 
 
 def prompt_counts(prompts: int) -> tuple[int, int, int]:
-    """(boxes, single points, multi-point prompts) per scene for `prompts` prompts."""
-    n_box = max(1, round(prompts * BOX_SHARE))
-    n_point = min(prompts - n_box, max(0, round(prompts * POINT_SHARE)))
-    return n_box, n_point, prompts - n_box - n_point
+    """(boxes, single points, multi-point prompts) per scene: shares BOX_SHARE, POINT_SHARE and
+    the rest, at least one of each kind from 3 prompts on (16 -> 8, 6, 2)."""
+    if prompts < 1:
+        raise ValueError(f"--prompts must be at least 1, got {prompts}")
+    n_multi = max(1, round(prompts * (1 - BOX_SHARE - POINT_SHARE))) if prompts >= 3 else 0
+    n_point = max(1, round(prompts * POINT_SHARE)) if prompts >= 2 else 0
+    return prompts - n_point - n_multi, n_point, n_multi
 
 
 def jitter_boxes(boxes: torch.Tensor, scale: torch.Tensor, hw: torch.Tensor,

@@ -27,6 +27,7 @@ from scipy.optimize import minimize_scalar
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ptqbench.errors import PtqbenchError
 from ptqbench.quant import functional as qf
 
 AGQ_TAUS: tuple[int, ...] = (1, 2, 4)
@@ -51,7 +52,7 @@ def agq_error(attn: Tensor, value: Tensor, scale: float, tau: int, bits: int, p:
     a = attn.reshape(-1, attn.shape[-2], attn.shape[-1])
     v = value.reshape(-1, value.shape[-2], value.shape[-1])
     if a.shape[0] != v.shape[0] or a.shape[-1] != v.shape[-2]:
-        raise ValueError(f"attention map {tuple(attn.shape)} and values {tuple(value.shape)} do not multiply")
+        raise PtqbenchError(f"AGQ: attention map {tuple(attn.shape)} and values {tuple(value.shape)} do not multiply")
     s = torch.tensor(scale, dtype=a.dtype, device=a.device)
     step = max(1, _CHUNK_ELEMENTS // (a.shape[1] * a.shape[2]))
     total = 0.0

@@ -19,6 +19,8 @@ from scipy.signal import find_peaks
 from scipy.stats import gaussian_kde
 from torch import Tensor, nn
 
+from ptqbench.errors import PtqbenchError
+
 KDE_POINTS = 128
 PEAK_HEIGHT_RATIO = 0.01
 PEAK_DISTANCE = 32
@@ -64,7 +66,7 @@ def fold_channel_signs(attn: nn.Module, gamma: Tensor) -> None:
         if (quantizer is not None and quantizer.mode != "off") or getattr(proj, "frozen_weight", None) is not None:
             raise RuntimeError("the BIG sign fold must run before the weight quantizers are calibrated")
         if proj.weight.shape[0] != gamma.shape[0]:
-            raise ValueError(f"gamma has {gamma.shape[0]} channels, the projection {proj.weight.shape[0]}")
+            raise PtqbenchError(f"BIG: gamma has {gamma.shape[0]} channels, the projection {proj.weight.shape[0]}")
         signs = gamma.to(proj.weight.device, proj.weight.dtype)
         proj.weight.mul_(signs[:, None])
         if proj.bias is not None:

@@ -39,12 +39,24 @@ def affine_qparams(x_min: Tensor, x_max: Tensor, bits: int) -> tuple[Tensor, Ten
 def fake_quant_affine(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """x_hat = (clamp(round(x/s) + z, qmin, qmax) - z) * s, with STE through the rounding.
 
+    x/s is computed as x * (1/s) in fp32, the arithmetic of PyTorch's fused
+    `fake_quantize_per_tensor_affine` kernel, so the fused evaluation path
+    (`fake_quant_affine_fused`) gives bit-identical results.
     Gradients flow to x (straight through inside the clamp range) and to `scale` (LSQ-style).
     x: any shape; scale, zero_point broadcastable to x.
     """
     qmin, qmax = quant_range(bits)
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    q = torch.clamp(round_ste(x * (1.0 / scale)) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
+
+
+def fake_quant_affine_fused(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """Per-tensor `fake_quant_affine` in one fused kernel (no gradient to the scale).
+
+    x: any shape; scale and zero_point: 0-d tensors (zero_point holds an integer value).
+    """
+    qmin, qmax = quant_range(bits)
+    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), qmin, qmax)
 
 
 def fake_quant_log2(a: Tensor, scale: Tensor, tau: int, bits: int) -> Tensor:

@@ -24,7 +24,6 @@ too, so that a caller can construct every observer the same way.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Callable
 
@@ -35,8 +34,6 @@ from torch import Tensor
 from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.quant.functional import affine_qparams, fake_quant_affine, quant_range
 from ptqbench.registry import Registry
-
-log = logging.getLogger(__name__)
 
 OBSERVERS: Registry[Observer] = Registry("observer")
 
@@ -270,8 +267,8 @@ def grid_search_per_channel(rows: Tensor, bits: int, p: float, num_ranges: int =
     is the range (-z s, (qmax - z) s), from which `affine_qparams` recovers (s, z). The result is
     the grid's minimiser, the first one in (i, z) order on ties, as an exhaustive loop finds it.
 
-    Speed without giving up exactness: Q(x) = (clamp(round(x/s) + z, qmin, qmax) - z) s equals
-    clamp(round(x/s), qmin - z, qmax - z) s, so round(x/s) is computed once per range; and for a
+    Speed without giving up exactness: in Q(x) = (clamp(round(x/s) + z, qmin, qmax) - z) s,
+    round(x/s) is computed once per range and shared by all zero points; and for a
     fixed scale each element's error |clamp(k, -z, qmax - z) - x/s|^p (k = round(x/s) the nearest
     level) is a convex function of the integer z when p >= 1 (constant while k is inside, then
     |c - x/s|^p with c moving away from x/s one level per step), so the loss, a sum of such terms,
@@ -311,7 +308,7 @@ def _error_sum(
     qmin, qmax = quant_range(bits)
     z_low, z_high = z_range
     z = zero_points.clamp(z_low, z_high)[:, :, None]
-    x_hat = torch.clamp(levels[None], min=qmin - z, max=qmax - z).mul_(scale[None, :, None])
+    x_hat = (levels[None] + z).clamp_(qmin, qmax).sub_(z).mul_(scale[None, :, None])
     error = abs_pow_(x_hat.sub_(x[None]), p).sum(dim=2)
     return error.masked_fill((zero_points < z_low) | (zero_points > z_high), math.inf)
 
@@ -347,7 +344,6 @@ def _grid_search_block(
                 channels = channels[accept]
                 z[channels] += step
                 here[channels] = candidate[accept]
-
         better = here < best_error
         best_error = torch.where(better, here, best_error)
         best_min = torch.where(better, -z * scale, best_min)

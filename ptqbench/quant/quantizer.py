@@ -124,6 +124,8 @@ class FakeQuantizer(nn.Module):
 
     def quantize(self, x: Tensor) -> Tensor:
         """The fake-quantized tensor (every element), whatever the mode."""
+        if self.channel_axis is None and self.log2_tau is None and not isinstance(self.scale, nn.Parameter):
+            return qf.fake_quant_affine_fused(x, self.scale, self.zero_point, self.bits)
         scale = self._broadcast(self._learnable_scale(x), x)
         if self.log2_tau is not None:
             return qf.fake_quant_log2(x, scale, self.log2_tau, self.bits)

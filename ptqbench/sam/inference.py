@@ -7,10 +7,27 @@ the same `ResizeLongestSide` transform and the model's own `preprocess` / `postp
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
+
+
+@dataclass(frozen=True)
+class PromptedImage:
+    """One image to segment: `key` identifies it for the task, image uint8 RGB [H, W, 3],
+    boxes float [N, 4] xyxy in image pixels, `extra` anything the task wants back."""
+
+    key: Any
+    image: np.ndarray
+    boxes: np.ndarray
+    extra: Any = None
 
 
 class BoxPredictor:
@@ -32,15 +49,26 @@ class BoxPredictor:
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """uint8 RGB [H, W, 3] -> (normalised, padded input [1, 3, S, S], resized (h, w))."""
-        resized = self.transform.apply_image(image)
+        return self._model_input(self.transform.apply_image(image))
+
+    def _model_input(self, resized: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         return self.model.preprocess(x), (resized.shape[0], resized.shape[1])
+
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """The CPU part of `set_image` (thread-safe): (resized uint8 image, original (H, W))."""
+        return self.transform.apply_image(image), (image.shape[0], image.shape[1])
 
     @torch.no_grad()
     def set_image(self, image: np.ndarray) -> None:
         """Encode one uint8 RGB image [H, W, 3]; later `predict_boxes` calls reuse the embedding."""
-        x, self._input_hw = self.preprocess(image)
-        self._original_hw = (image.shape[0], image.shape[1])
+        self.set_prepared(self.prepare(image))
+
+    @torch.no_grad()
+    def set_prepared(self, prepared: tuple[np.ndarray, tuple[int, int]]) -> None:
+        """`set_image` for the output of `prepare`."""
+        resized, self._original_hw = prepared
+        x, self._input_hw = self._model_input(resized)
         self._features = self.model.image_encoder(x)
 
     @torch.no_grad()
@@ -78,3 +106,33 @@ class BoxPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
+
+
+def predict_stream(predictor: BoxPredictor, loaders: Sequence[Callable[[], PromptedImage]], *,
+                   workers: int = 4) -> Iterator[tuple[PromptedImage, np.ndarray, np.ndarray]]:
+    """Segment many images in order, reading and resizing the next ones in background threads.
+
+    loaders: one callable per image that reads it and its prompts (run in a worker thread,
+    followed by `predictor.prepare`). Yields (item, masks bool [N, H, W], iou float32 [N]) in the
+    order of `loaders`; the predictions are exactly `set_image(item.image)` + `predict_boxes(item.boxes)`.
+    """
+
+    def load_and_prepare(loader: Callable[[], PromptedImage]) -> tuple[PromptedImage, Any]:
+        item = loader()
+        return item, predictor.prepare(item.image)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque = deque()
+        queue = iter(loaders)
+        for loader in queue:
+            pending.append(pool.submit(load_and_prepare, loader))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            item, prepared = pending.popleft().result()
+            next_loader = next(queue, None)
+            if next_loader is not None:
+                pending.append(pool.submit(load_and_prepare, next_loader))
+            predictor.set_prepared(prepared)
+            masks, ious = predictor.predict_boxes(item.boxes)
+            yield item, masks, ious

@@ -33,7 +33,9 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
+from ptqbench.sam.inference import PromptedImage, predict_stream
 from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig
 from ptqbench.tasks.prompts import (Detections, as_id, is_number, load_json_file, read_coco_detections,
                                     xywh_to_xyxy)
@@ -406,20 +409,31 @@ class CocoTask:
         split = self._split(self.eval_split)
         lookup = self._prompt_lookup(split, self.prompts)
         image_ids = evaluation_image_ids(split, limit)
-        results: list[dict[str, Any]] = []
-        for image_id in tqdm(image_ids, desc=f"coco {split.name}", unit="img", disable=not progress):
+        loaders = []
+        for image_id in image_ids:
             detections = lookup(image_id)
-            if detections is None or len(detections) == 0:
-                continue
-            predictor.set_image(split.read_image(image_id))
-            masks, iou_pred = predictor.predict_boxes(detections.boxes)
-            scores = detections.scores * np.asarray(iou_pred, dtype=np.float64)
-            results.extend(mask_results(image_id, masks, detections.category_ids, scores))
+            if detections is not None and len(detections) > 0:
+                loaders.append(partial(_prompted_image, split, image_id, detections))
+        results: list[dict[str, Any]] = []
+        with ThreadPoolExecutor(max_workers=2) as encoder_pool:
+            pending = []
+            stream = predict_stream(predictor, loaders)
+            for item, masks, iou_pred in tqdm(stream, total=len(loaders), desc=f"coco {split.name}", unit="img",
+                                              disable=not progress):
+                detections = item.extra
+                scores = detections.scores * np.asarray(iou_pred, dtype=np.float64)
+                pending.append(encoder_pool.submit(mask_results, item.key, masks, detections.category_ids, scores))
+            for future in pending:
+                results.extend(future.result())
         write_results(results, Path(out_dir) / RESULTS_FILE)
         metrics = score_results(split.coco, results, image_ids)
         log.info("coco %s: %d images, %d masks, mask AP %.2f", split.name, len(image_ids), len(results),
                  metrics["mask_AP"])
         return metrics
+
+
+def _prompted_image(split: "CocoSplit", image_id: int, detections: Detections) -> PromptedImage:
+    return PromptedImage(key=image_id, image=split.read_image(image_id), boxes=detections.boxes, extra=detections)
 
 
 @TASKS.register("coco")

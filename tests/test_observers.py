@@ -1,0 +1,248 @@
+"""Range observers against hand-computed values and brute-force searches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptqbench.errors import ConfigError, PtqbenchError, UnknownNameError
+from ptqbench.quant.functional import affine_qparams, fake_quant_affine
+from ptqbench.quant.observers import (
+    AvgMinMaxObserver,
+    MinMaxObserver,
+    MSEObserver,
+    OMSEObserver,
+    PercentileObserver,
+    bounded_search_per_tensor,
+    grid_search_per_channel,
+    make_observer,
+    row_quantile,
+)
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def lp(x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int, p: float) -> torch.Tensor:
+    """mean |Q(x) - x|^p over the last dim, Q from affine_qparams(x_min, x_max) (per row when [C])."""
+    scale, zero_point = affine_qparams(x_min, x_max, bits)
+    if scale.dim() == 1:
+        scale, zero_point = scale[:, None], zero_point[:, None]
+    return (fake_quant_affine(x, scale, zero_point, bits) - x).abs().pow(p).mean(dim=-1)
+
+
+def test_minmax_two_updates() -> None:
+    observer = MinMaxObserver()
+    observer.update(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    observer.update(t(-1.0, 4.0, 2.0))
+    x_min, x_max = observer.compute_range(8)
+    assert x_min.shape == () and x_max.shape == ()
+    assert (x_min.item(), x_max.item()) == (-2.0, 4.0)
+
+
+def test_minmax_per_channel() -> None:
+    observer = MinMaxObserver(channel_axis=0)
+    observer.update(torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.5, 1.0]]))
+    observer.update(torch.tensor([[-3.0, 0.0, 0.0], [2.0, 2.0, 5.0]]))
+    x_min, x_max = observer.compute_range(4)
+    assert torch.equal(x_min, t(-3.0, 0.5)) and torch.equal(x_max, t(1.0, 5.0))
+    columns = MinMaxObserver(channel_axis=1)
+    columns.update(torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.5, 1.0]]))
+    x_min, x_max = columns.compute_range(4)
+    assert torch.equal(x_min, t(1.0, -2.0, 0.0)) and torch.equal(x_max, t(3.0, 0.5, 1.0))
+
+
+def test_avgminmax_two_updates() -> None:
+    observer = AvgMinMaxObserver()
+    observer.update(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))  # min -2, max 3
+    observer.update(t(-1.0, 4.0, 2.0))  # min -1, max 4
+    x_min, x_max = observer.compute_range(8)
+    assert (x_min.item(), x_max.item()) == (-1.5, 3.5)
+    per_channel = AvgMinMaxObserver(channel_axis=0)
+    per_channel.update(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    per_channel.update(torch.tensor([[0.0, 4.0], [-1.0, 1.0]]))
+    x_min, x_max = per_channel.compute_range(8)
+    assert torch.equal(x_min, t(-1.0, -0.25)) and torch.equal(x_max, t(2.5, 2.0))
+
+
+def test_reset_and_no_update() -> None:
+    observer = MinMaxObserver()
+    with pytest.raises(PtqbenchError, match="before any update"):
+        observer.compute_range(8)
+    observer.update(t(1.0, 2.0))
+    observer.reset()
+    observer.update(t(-1.0, 0.5))
+    assert tuple(v.item() for v in observer.compute_range(8)) == (-1.0, 0.5)
+    observer.reset()
+    with pytest.raises(PtqbenchError):
+        observer.compute_range(8)
+
+
+def test_update_is_detached() -> None:
+    x = t(-1.0, 3.0).requires_grad_()
+    observer = MinMaxObserver()
+    observer.update(x * 2)
+    x_min, x_max = observer.compute_range(8)
+    assert not x_min.requires_grad and not x_max.requires_grad
+    assert (x_min.item(), x_max.item()) == (-2.0, 6.0)
+
+
+def test_percentile_ema_two_updates() -> None:
+    observer = PercentileObserver(percentile=90.0, momentum=0.5)
+    observer.update(torch.arange(11.0))  # 10th / 90th percentiles of 0..10: 1, 9
+    assert tuple(v.item() for v in observer.compute_range(8)) == (1.0, 9.0)
+    observer.update(torch.arange(21.0))  # 2, 18; EMA: 1 + 0.5 (2 - 1), 9 + 0.5 (18 - 9)
+    assert tuple(v.item() for v in observer.compute_range(8)) == (1.5, 13.5)
+
+
+def test_percentile_interpolates_and_default_momentum() -> None:
+    observer = PercentileObserver(percentile=90.0)
+    observer.update(t(10.0, 0.0))  # positions 0.1 and 0.9 between 0 and 10
+    assert observer.compute_range(8)[1].item() == pytest.approx(9.0)
+    observer.update(t(0.0, 110.0))  # default momentum 0.01: 9 + 0.01 (99 - 9)
+    x_min, x_max = observer.compute_range(8)
+    assert x_max.item() == pytest.approx(9.9)
+    assert x_min.item() == pytest.approx(1.0 + 0.01 * (11.0 - 1.0))
+
+
+def test_percentile_default_matches_torch_quantile() -> None:
+    x = torch.randn(3, 50_000, generator=torch.Generator().manual_seed(1))
+    observer = PercentileObserver()
+    observer.update(x)
+    x_min, x_max = observer.compute_range(8)
+    assert x_max.item() == pytest.approx(torch.quantile(x.flatten(), 0.99999).item(), rel=1e-6)
+    assert x_min.item() == pytest.approx(torch.quantile(x.flatten(), 1e-5).item(), rel=1e-6)
+    per_channel = PercentileObserver(channel_axis=0)
+    per_channel.update(x)
+    x_min, x_max = per_channel.compute_range(8)
+    assert torch.allclose(x_max, torch.quantile(x, 0.99999, dim=1), rtol=1e-6)
+    assert torch.allclose(x_min, torch.quantile(x, 1e-5, dim=1), rtol=1e-6)
+
+
+def test_percentile_beyond_torch_quantile_size_limit() -> None:
+    n = 2**24 + 2  # torch.quantile refuses more than 2^24 elements
+    x = torch.arange(n, dtype=torch.float32).flip(0)
+    # position q (n - 1) in 0..n-1, linear interpolation between neighbours
+    assert row_quantile(x[None], 0.99999).item() == pytest.approx(0.99999 * (n - 1), rel=1e-7)
+    assert row_quantile(x[None], 1e-5).item() == pytest.approx(1e-5 * (n - 1), rel=1e-6)
+    assert row_quantile(x[None], 0.5).item() == pytest.approx(0.5 * (n - 1), rel=1e-7)
+
+
+def test_mse_per_tensor_clips_a_huge_outlier() -> None:
+    x = torch.randn(16_384, generator=torch.Generator().manual_seed(0))
+    x[123] = 40.0
+    observer = MSEObserver(bits=4)
+    observer.update(x)
+    x_min, x_max = observer.compute_range(4)
+    assert x_min.shape == ()
+    assert x_max.item() < 0.2 * 40.0  # far inside [min, max]
+    assert x_min.item() <= 0.0 <= x_max.item()
+    assert lp(x, x_min, x_max, 4, 2.4) < 0.5 * lp(x, x.min(), x.max(), 4, 2.4)
+
+
+def test_mse_per_tensor_averages_updates_and_lazy_matches_eager() -> None:
+    generator = torch.Generator().manual_seed(3)
+    updates = [torch.randn(2, 500, generator=generator) * scale + shift for scale, shift in ((1.0, 0.5), (3.0, -1.0))]
+    per_update = [bounded_search_per_tensor(x, 3, 2.4) for x in updates]
+    eager, lazy = MSEObserver(bits=3), MSEObserver()
+    for x in updates:
+        eager.update(x)
+        lazy.update(x)
+    updates[0].zero_()  # the lazy observer keeps its own copy
+    x_min, x_max = eager.compute_range(3)
+    assert x_min.item() == pytest.approx((per_update[0][0] + per_update[1][0]) / 2, rel=1e-6)
+    assert x_max.item() == pytest.approx((per_update[0][1] + per_update[1][1]) / 2, rel=1e-6)
+    lazy_min, lazy_max = lazy.compute_range(3)
+    assert torch.equal(x_min, lazy_min) and torch.equal(x_max, lazy_max)
+    with pytest.raises(ConfigError):
+        eager.compute_range(4)
+
+
+def brute_force_grid(rows: torch.Tensor, bits: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exhaustive 100 x zero-point loop of methods.md, one channel and candidate at a time."""
+    qmax = 2**bits - 1
+    if bool(rows.min() >= 0):
+        zero_points = [0]
+    elif bool(rows.max() <= 0):
+        zero_points = [qmax]
+    else:
+        zero_points = list(range(qmax + 1))
+    x_min, x_max = torch.zeros(rows.shape[0]), torch.zeros(rows.shape[0])
+    for c, x in enumerate(rows):
+        span = x.max().clamp(min=0) - x.min().clamp(max=0)
+        best = float("inf")
+        for i in range(1, 101):
+            scale = torch.clamp(span * (i / 100), min=1e-8) / qmax
+            for z in zero_points:
+                zero_point = torch.tensor(float(z))
+                loss = (fake_quant_affine(x, scale, zero_point, bits) - x).abs().pow(p).mean().item()
+                if loss < best:
+                    best, x_min[c], x_max[c] = loss, -zero_point * scale, (qmax - zero_point) * scale
+    return x_min, x_max
+
+
+@pytest.mark.parametrize("sign", [0, 1, -1])
+def test_mse_grid_equals_brute_force(sign: int) -> None:
+    generator = torch.Generator().manual_seed(7 + sign)
+    rows = torch.randn(3, 9, generator=generator) * t(0.5, 2.0, 1.0)[:, None] + t(0.3, -0.5, 0.0)[:, None]
+    if sign != 0:  # one-sided data: the 1-D search (z = 0 for >= 0 data, z = qmax for <= 0 data)
+        rows = sign * rows.abs()
+    x_min, x_max = grid_search_per_channel(rows, 3, 2.4)
+    expected_min, expected_max = brute_force_grid(rows, 3, 2.4)
+    assert torch.equal(x_min, expected_min) and torch.equal(x_max, expected_max)
+    if sign > 0:
+        assert bool((x_min == 0).all())
+    if sign < 0:
+        assert bool((x_max == 0).all())
+
+
+def test_mse_per_channel_beats_minmax() -> None:
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(16, 256, generator=generator) * 0.05
+    weight[::3, 7] = 0.6  # outliers in some channels
+    observer = make_observer("mse", channel_axis=0, bits=4)
+    observer.update(weight)
+    x_min, x_max = observer.compute_range(4)
+    assert x_min.shape == (16,)
+    mse_loss = lp(weight, x_min, x_max, 4, 2.4)
+    minmax_loss = lp(weight, weight.amin(dim=1), weight.amax(dim=1), 4, 2.4)
+    assert bool((mse_loss <= minmax_loss * (1 + 1e-5)).all())  # minmax is one of the grid's candidates
+    assert bool((mse_loss[::3] < 0.5 * minmax_loss[::3]).all())
+    # the proposed range maps back to a grid point: scale (x_max - x_min) / 15, integer zero point
+    scale, zero_point = affine_qparams(x_min, x_max, 4)
+    assert torch.allclose(zero_point * scale, -x_min, atol=1e-7)
+
+
+def test_omse_picks_the_hand_computed_grid_point() -> None:
+    # 1 bit, data [0, 6, 10]: candidates [0, h], h = 10 (1 - 0.01 i); levels {0, h}; 6 and 10 both
+    # map to h (6/h > 0.5 for every h <= 10), so the loss is (6 - h)^2 + (10 - h)^2: h = 8, i = 20
+    observer = OMSEObserver()
+    observer.update(t(0.0, 6.0, 10.0))
+    x_min, x_max = observer.compute_range(1)
+    assert x_min.item() == 0.0 and x_max.item() == pytest.approx(8.0)
+    observer.update(t(0.0, 12.0, 20.0))  # the same scaled by 2: (0, 16); averaged: (0, 12)
+    x_min, x_max = observer.compute_range(1)
+    assert x_min.item() == 0.0 and x_max.item() == pytest.approx(12.0)
+    per_channel = OMSEObserver(channel_axis=0, bits=1)
+    per_channel.update(torch.tensor([[0.0, 6.0, 10.0], [-10.0, -6.0, 0.0]]))  # mirrored: (-8, 0)
+    x_min, x_max = per_channel.compute_range(1)
+    assert torch.allclose(x_min, t(0.0, -8.0)) and torch.allclose(x_max, t(8.0, 0.0))
+
+
+def test_make_observer() -> None:
+    assert isinstance(make_observer("minmax"), MinMaxObserver)
+    assert isinstance(make_observer("avgminmax", channel_axis=0), AvgMinMaxObserver)
+    percentile = make_observer("percentile", percentile=99.9, momentum=0.1)
+    assert isinstance(percentile, PercentileObserver) and percentile.percentile == 99.9
+    mse = make_observer("mse", channel_axis=0, p=2.0, bits=4)
+    assert isinstance(mse, MSEObserver) and (mse.p, mse.channel_axis, mse.bits) == (2.0, 0, 4)
+    assert isinstance(make_observer("omse"), OMSEObserver)
+    with pytest.raises(UnknownNameError, match="avgminmax, minmax, mse, omse, percentile"):
+        make_observer("minmaxx")
+    with pytest.raises(ConfigError, match="minmax"):
+        make_observer("minmax", percentile=99.0)
+    with pytest.raises(ConfigError):
+        make_observer("mse", p=0.5)
+    with pytest.raises(ConfigError):
+        make_observer("percentile", percentile=120.0)
