@@ -189,12 +189,9 @@ class Harness:
         eval_s = time.perf_counter() - start
         record = RunRecord(
             **fields, w_bits=spec.w_bits if spec else None, a_bits=spec.a_bits if spec else None, metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
-            images=int(metrics.pop("images", 0)) if "images" in metrics else self._images(task),
+            images=task.eval_image_count(self.config.limit),
             peak_mem_mb=_peak_memory_mb(device), device=str(device), versions=self.versions,
             git_commit=self.git_commit, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self.store.put(record)
         write_leaderboards(self.store, self.out, task=task.name)
         log.info("%s %s %s: %s = %.2f", task.name, fields["method"], fields["bits"], task.metric, metrics[task.metric])
-
-    def _images(self, task: Task) -> int:
-        return int(getattr(task, "last_image_count", 0))

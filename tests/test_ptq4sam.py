@@ -109,7 +109,7 @@ def test_ptq4sam_l_is_ptq4sam_s_then_qdrop_with_tau_fixed_and_log2_scales_learne
     qdrop = pytest.importorskip("ptqbench.methods.qdrop")
     model = _micro_sam()
     qmodel = quantize_sam(model, 4, 4)
-    calib = _calib(64, 2)
+    calib = _calib(64, 1)
     seen, reconstruct = {}, qdrop.qdrop_reconstruct
 
     def recorder(qm, fp_model, calib_set, preset, seed, *, progress=True):

@@ -64,7 +64,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import MaskDecoder, Sam
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -77,7 +77,7 @@ log = logging.getLogger("train_sam_tiny")
 
 FAMILIES = ("coco", "dota", "ade")
 DOTA_CROPS = 4
-LOADER_BATCH = 4
+LOADER_BATCH = 8
 DOTA_MIN_AREA = 12
 ADE_MIN_AREA = MIN_COMPONENT_AREA
 MIN_INPUT_AREA = 4
@@ -244,8 +244,32 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _collate(scenes: list[Scene]) -> list[Scene]:
-    return scenes
+def collate_scenes(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    """Scenes -> one dict of tensors (pinned and moved to the device in a few copies):
+    images uint8 [n, S, S, 3], masks bool [sum K, S, S], boxes [sum K, 4], counts (K) [n],
+    hw [n, 2], scale [n], family [n]."""
+    return {
+        "images": torch.stack([scene.image for scene in scenes]),
+        "masks": torch.cat([scene.masks for scene in scenes]),
+        "boxes": torch.cat([scene.boxes for scene in scenes]),
+        "counts": torch.tensor([scene.masks.shape[0] for scene in scenes]),
+        "hw": torch.tensor([scene.hw for scene in scenes]),
+        "scale": torch.tensor([scene.scale for scene in scenes], dtype=torch.float32),
+        "family": torch.tensor([scene.family for scene in scenes]),
+    }
+
+
+def split_scenes(parts: dict[str, torch.Tensor], device: torch.device) -> list[Scene]:
+    """Undo `collate_scenes`, with the image, masks and boxes moved to `device` (asynchronously
+    when `parts` is pinned)."""
+    counts = parts["counts"].tolist()
+    images = parts["images"].to(device, non_blocking=True)
+    masks = parts["masks"].to(device, non_blocking=True).split(counts)
+    boxes = parts["boxes"].to(device, non_blocking=True).split(counts)
+    return [Scene(image=images[i], hw=(int(h), int(w)), masks=masks[i], boxes=boxes[i], scale=float(scale),
+                  family=int(family))
+            for i, ((h, w), scale, family) in enumerate(zip(parts["hw"].tolist(), parts["scale"].tolist(),
+                                                            parts["family"].tolist()))]
 
 
 class SceneFeeder:
@@ -257,12 +281,14 @@ class SceneFeeder:
     run is deterministic.
     """
 
-    def __init__(self, config: TrainConfig, side: int) -> None:
-        loader = DataLoader(SceneStream(config.seed, side), batch_size=LOADER_BATCH, collate_fn=_collate,
+    def __init__(self, config: TrainConfig, side: int, device: torch.device) -> None:
+        loader = DataLoader(SceneStream(config.seed, side), batch_size=LOADER_BATCH, collate_fn=collate_scenes,
                             num_workers=config.workers, worker_init_fn=_worker_init,
+                            pin_memory=device.type == "cuda",
                             prefetch_factor=4 if config.workers > 0 else None)
+        self.device = device
         self._iterator = iter(loader)
-        self._queue: queue.Queue[list[Scene]] = queue.Queue(maxsize=64)
+        self._queue: queue.Queue[dict[str, torch.Tensor]] = queue.Queue(maxsize=32)
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -285,15 +311,16 @@ class SceneFeeder:
             self._error = exc
 
     def drain(self, at_least: int = 0) -> list[Scene]:
-        """The scenes ready now (at least `at_least`; without workers: one loader batch or more)."""
+        """The scenes ready now, on the device (at least `at_least`; without workers: one loader
+        batch or more)."""
         scenes: list[Scene] = []
         if self._thread is None:
             while not scenes or len(scenes) < at_least:
-                scenes.extend(next(self._iterator))
+                scenes.extend(split_scenes(next(self._iterator), self.device))
             return scenes
         while True:
             try:
-                scenes.extend(self._queue.get(block=len(scenes) < at_least, timeout=1.0))
+                scenes.extend(split_scenes(self._queue.get(block=len(scenes) < at_least, timeout=1.0), self.device))
             except queue.Empty:
                 if self._error is not None:
                     raise RuntimeError("scene generation failed") from self._error
@@ -433,16 +460,31 @@ def sample_multi_points(masks: torch.Tensor, boxes: torch.Tensor, generator: tor
 # ----------------------------------------------------------------------------- model
 
 
+def embed_points(prompt_encoder: PromptEncoder, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`PromptEncoder` sparse embeddings of point prompts (no box: one padding point appended),
+    without its boolean-mask assignments (each one a device sync).
+
+    points: float [N, M, 2] (x, y) input-frame pixels; labels: int [N, M] of 0 and 1 only.
+    Returns [N, M + 1, C], equal to `prompt_encoder(points=(points, labels), boxes=None, masks=None)[0]`.
+    """
+    encoded = prompt_encoder.pe_layer.forward_with_coords(points + 0.5, prompt_encoder.input_image_size)
+    label_embedding = torch.where(labels[..., None] == 1, prompt_encoder.point_embeddings[1].weight,
+                                  prompt_encoder.point_embeddings[0].weight)
+    padding = prompt_encoder.not_a_point_embed.weight.expand(points.shape[0], 1, -1)
+    return torch.cat([encoded + label_embedding, padding], dim=1)
+
+
 def decode(decoder: MaskDecoder, embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
            dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`MaskDecoder.predict_masks` for prompts of different images in one call.
 
     embeddings: [N, C, h, w], the image embedding of each prompt's image (predict_masks takes
-    one image and repeats it); image_pe: [1, C, h, w]; sparse: [N, T, C]; dense: [N, C, h, w].
+    one image and repeats it); image_pe: [1, C, h, w]; sparse: [N, T, C]; dense: [N, C, h, w]
+    or broadcastable to it (the no-mask embedding [1, C, 1, 1]).
     Returns all mask logits [N, 4, 4h, 4w] and IoU predictions [N, 4] (before output selection).
     """
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens[None].expand(sparse.shape[0], -1, -1), sparse), dim=1)
+    tokens = torch.cat((output_tokens[None].expand(sparse.shape[0], -1, -1).to(sparse.dtype), sparse), dim=1)
     src = embeddings + dense
     pos_src = image_pe.expand(src.shape[0], -1, -1, -1)
     b, c, h, w = src.shape
@@ -457,33 +499,34 @@ def decode(decoder: MaskDecoder, embeddings: torch.Tensor, image_pe: torch.Tenso
     return masks, decoder.iou_prediction_head(iou_token_out)
 
 
-def forward(model: Sam, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Encode the images and decode all prompts.
+def forward(model: Sam, batch: Batch, autocast: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Encode the images and decode all prompts (bf16 autocast when `autocast`, except the
+    prompt and positional encodings, which stay float32 as at inference).
 
     Returns per prompt kind ("box", "point", "multi") (mask logits [N, 4, S/4, S/4], IoU [N, 4]),
     rows in scene-major order (scene 0's prompts first).
     """
-    embeddings = model.image_encoder(batch.images)
-    image_pe = model.prompt_encoder.get_dense_pe()
+    encoder = model.prompt_encoder
     b = batch.images.shape[0]
     n_box, n_point, n_multi = batch.boxes.shape[1], batch.points.shape[1], batch.multi_points.shape[1]
-    box_sparse, box_dense = model.prompt_encoder(points=None, boxes=batch.boxes.reshape(-1, 4), masks=None)
+    image_pe = encoder.get_dense_pe()
+    dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    box_sparse, _ = encoder(points=None, boxes=batch.boxes.reshape(-1, 4), masks=None)
     point_labels = torch.ones((b * n_point, 1), dtype=torch.long, device=batch.images.device)
-    point_sparse, point_dense = model.prompt_encoder(points=(batch.points.reshape(-1, 1, 2), point_labels),
-                                                     boxes=None, masks=None)
+    point_sparse = embed_points(encoder, batch.points.reshape(-1, 1, 2), point_labels)
+    multi_sparse = embed_points(encoder, batch.multi_points.reshape(-1, MULTI_POINTS, 2),
+                                batch.multi_labels.reshape(-1, MULTI_POINTS))
     image_index = torch.arange(b, device=batch.images.device)
-    # Boxes and single points both give 2 sparse tokens: one decoder call.
-    sparse = torch.cat([box_sparse, point_sparse])
-    dense = torch.cat([box_dense, point_dense])
-    index = torch.cat([image_index.repeat_interleave(n_box), image_index.repeat_interleave(n_point)])
-    masks, iou = decode(model.mask_decoder, embeddings[index], image_pe, sparse, dense)
-    out = {"box": (masks[: b * n_box], iou[: b * n_box]), "point": (masks[b * n_box:], iou[b * n_box:])}
-    if n_multi:
-        multi_sparse, multi_dense = model.prompt_encoder(
-            points=(batch.multi_points.reshape(-1, MULTI_POINTS, 2), batch.multi_labels.reshape(-1, MULTI_POINTS)),
-            boxes=None, masks=None)
-        out["multi"] = decode(model.mask_decoder, embeddings[image_index.repeat_interleave(n_multi)], image_pe,
-                              multi_sparse, multi_dense)
+    with torch.autocast(batch.images.device.type, dtype=torch.bfloat16, enabled=autocast):
+        embeddings = model.image_encoder(batch.images)
+        # Boxes and single points both give 2 sparse tokens: one decoder call.
+        index = torch.cat([image_index.repeat_interleave(n_box), image_index.repeat_interleave(n_point)])
+        masks, iou = decode(model.mask_decoder, embeddings[index], image_pe, torch.cat([box_sparse, point_sparse]),
+                            dense)
+        out = {"box": (masks[: b * n_box], iou[: b * n_box]), "point": (masks[b * n_box:], iou[b * n_box:])}
+        if n_multi:
+            out["multi"] = decode(model.mask_decoder, embeddings[image_index.repeat_interleave(n_multi)], image_pe,
+                                  multi_sparse, dense)
     return out
 
 
@@ -536,6 +579,18 @@ def compute_loss(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], batch: B
     parts = {"focal": torch.cat(focal_sel).mean().detach(), "dice": torch.cat(dice_sel).mean().detach(),
              "iou_mse": iou_loss.detach()}
     return mask_loss + iou_loss, parts
+
+
+def train_step(model: Sam, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float, autocast: bool
+               ) -> dict[str, torch.Tensor]:
+    """One optimisation step; returns the loss, its parts and the gradient norm (device scalars)."""
+    outputs = forward(model, batch, autocast)
+    loss, parts = compute_loss(outputs, batch, batch.images.shape[-1])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return {"loss": loss.detach(), **parts}
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
@@ -650,11 +705,10 @@ def train(config: TrainConfig) -> dict:
     log.info("config: %s", {k: str(v) for k, v in asdict(config).items()})
     model = build_sam_tiny(config.seed)
     side = model.image_encoder.img_size
-    feeder = SceneFeeder(config, side)  # forks the workers before the device is initialised
+    feeder = SceneFeeder(config, side, device)  # forks the workers before the device is initialised
     model = model.to(device).train()
     val_scenes = validation_scenes(config.seed, config.val_scenes, side)
     optimizer = make_optimizer(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, _SAMPLING_STREAM]))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     pool: deque[Scene] = deque(maxlen=config.pool)
@@ -672,22 +726,16 @@ def train(config: TrainConfig) -> dict:
             if elapsed > train_s:
                 break
             fresh = feeder.drain(at_least=max(0, config.batch - len(pool)))
-            pool.extend(scene_to(scene, device) for scene in fresh)
+            pool.extend(fresh)
             scenes_generated += len(fresh)
             lr = learning_rate(config, step, max(step / config.max_steps, elapsed / train_s))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = make_batch(model, list(pool), config, rng, generator)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                outputs = forward(model, batch)
-            loss, parts = compute_loss(outputs, batch, side)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
+            parts = train_step(model, optimizer, batch, config.grad_clip, autocast=cuda)
             step += 1
             interval_steps += 1
-            for key, value in {"loss": loss.detach(), **parts}.items():
+            for key, value in parts.items():
                 sums[key] = sums[key] + value if key in sums else value.clone()
             if step % config.log_every == 0 or step == config.max_steps:
                 means = {key: value.item() / interval_steps for key, value in sums.items()}
@@ -728,12 +776,6 @@ def train(config: TrainConfig) -> dict:
     (config.log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("final validation after %d steps: %s", step, {k: round(v, 2) for k, v in val_metrics.items()})
     return metrics
-
-
-def scene_to(scene: Scene, device: torch.device) -> Scene:
-    """The same scene with its tensors on `device`."""
-    return Scene(image=scene.image.to(device), hw=scene.hw, masks=scene.masks.to(device),
-                 boxes=scene.boxes.to(device), scale=scene.scale, family=scene.family)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -10,8 +10,9 @@ Implemented (methods.md, section 2):
 - `AvgMinMaxObserver`: the mean over updates of each update's min and of its max (PTQ4SAM).
 - `PercentileObserver`: FQ-ViT's observer; per update the (100 - P)th / Pth percentiles, combined
   across updates by an exponential moving average.
-- `MSEObserver`: the range minimising `mean(|Q(x) - x|^p)`; per channel an exhaustive grid over
-  (range, zero point), per tensor a nested bounded scalar search; per-update results averaged.
+- `MSEObserver`: the range minimising `mean(|Q(x) - x|^p)`; per channel the minimiser of the
+  100-ranges x every-zero-point grid, per tensor a nested bounded scalar search; per-update
+  results averaged.
 - `OMSEObserver`: FQ-ViT's grid of 90 shrunken min / max ranges under plain L2, per update,
   averaged over updates.
 

@@ -215,17 +215,44 @@ def _check_only_qk_sites(qmodel: nn.Module, searched: set[str]) -> None:
                             f"during the search); set already: {(busy + frozen)[:5]}")
 
 
-class _DecoderProbe:
-    """Reads module inputs of one model's decoder run on the search image (encoder run once)."""
+class _Arguments:
+    """The call arguments of the decoder attentions of one model on the search image.
+
+    The encoder runs once; each `capture` runs the decoder up to the attention asked for. An
+    attention's map depends only on its inputs (fixed while it is searched) and its own
+    quantizers, so each candidate re-runs just that attention (`attention_read`).
+    """
 
     def __init__(self, model: Sam, sample: CalibrationSample) -> None:
         self.model = model
         self.boxes = sample.boxes
         self.embedding = model.image_encoder(sample.image)
 
-    def read(self, path: str) -> Tensor:
-        """The first argument of module `path` (e.g. a quantizer: its input) in this decoder run."""
-        return read_input(self.model, path, lambda model: decode(model, self.embedding, self.boxes))
+    def capture(self, path: str) -> tuple[tuple, dict]:
+        """(args, kwargs) of the call of module `path` in a decoder run (detached)."""
+        found: list[tuple[tuple, dict]] = []
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            found.append((tuple(a.detach() for a in args), {k: v.detach() for k, v in kwargs.items()}))
+            raise _Reached
+
+        handle = self.model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            decode(self.model, self.embedding, self.boxes)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        if not found:
+            raise RuntimeError(f"the decoder never called {path}")
+        return found[0]
+
+
+def attention_read(attention: nn.Module, arguments: tuple[tuple, dict], path: str) -> Tensor:
+    """The input of `attention`'s submodule `path` (e.g. "softmax_quantizer": the map A) when the
+    attention runs on `arguments`; the attention stops there."""
+    args, kwargs = arguments
+    return read_input(attention, path, lambda module: module(*args, **kwargs))
 
 
 @torch.no_grad()
@@ -246,10 +273,11 @@ def pcc_search(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: Pc
         raise ConfigError(f"PCC sites {missing[:3]} do not exist in the model")
     _check_only_qk_sites(qmodel, {name for names in site_names.values() for name in names})
     reference = quantize_sam(fp_model, 8, 8)
-    ref_probe = _DecoderProbe(reference, sample)
-    maps = {path: ref_probe.read(f"{path}.softmax_quantizer") for path in attentions}
-    del reference, ref_probe
-    probe = _DecoderProbe(qmodel, sample)
+    ref_arguments = _Arguments(reference, sample)
+    maps = {path: attention_read(reference.get_submodule(path), ref_arguments.capture(path), "softmax_quantizer")
+            for path in attentions}
+    del reference, ref_arguments
+    arguments = _Arguments(qmodel, sample)
     chosen: dict[str, ClipChoice] = {}
     results: list[PccChoice] = []
     total = config.passes * sum(len(names) for names in site_names.values())
@@ -261,11 +289,13 @@ def pcc_search(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: Pc
         for path, names in site_names.items():
             for name in names:
                 sites[name].mode = "off"
-            def distance(path: str = path) -> float:
-                return focus_distance(maps[path], probe.read(f"{path}.softmax_quantizer"), config.theta)
+            attention, inputs = attentions[path], arguments.capture(path)
 
-            for name in names:
-                activation = probe.read(f"{name}_quantizer")
+            def distance(attention: nn.Module = attention, inputs: tuple = inputs, path: str = path) -> float:
+                return focus_distance(maps[path], attention_read(attention, inputs, "softmax_quantizer"), config.theta)
+
+            for site, name in zip(config.sites, names):
+                activation = attention_read(attention, inputs, f"{site}_quantizer")
                 choice = search_clip(sites[name], activation, distance, config.percentiles)
                 chosen[name] = choice
                 results.append(PccChoice(name, pass_index, choice))

@@ -346,6 +346,9 @@ class Ade20kTask:
             log.warning("ADE20K calibration: only %d of %d requested images", len(items), n)
         return items
 
+    def eval_image_count(self, limit: int | None) -> int:
+        return len(self.samples[:limit])
+
     def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
         """Predict every evaluation image, write `<out_dir>/ade20k_pred/<stem>.png`, score them.

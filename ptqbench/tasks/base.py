@@ -65,6 +65,9 @@ class Task(Protocol):
     def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
         """The first `n` calibration images in file order with their box prompts."""
 
+    def eval_image_count(self, limit: int | None) -> int:
+        """How many evaluation images `evaluate(limit=limit)` scores."""
+
     def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
         """Run the protocol on the evaluation split; write artefacts under out_dir."""

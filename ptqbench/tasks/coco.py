@@ -402,6 +402,9 @@ class CocoTask:
                         split.name, len(items), len(items), n)
         return items
 
+    def eval_image_count(self, limit: int | None) -> int:
+        return len(evaluation_image_ids(self._split(self.eval_split), limit))
+
     def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
         """Segment every prompt box of the evaluation images, write

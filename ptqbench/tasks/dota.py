@@ -473,6 +473,9 @@ class DotaTask:
                         self.calib_split, len(result), n)
         return result
 
+    def eval_image_count(self, limit: int | None) -> int:
+        return len(self._items(EVAL_SPLIT)[:limit])
+
     def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
         """Predict rotated boxes for the val images, write Task1 files, score them (percent)."""

@@ -1,0 +1,94 @@
+"""End-to-end CLI behaviour: a small grid on demo-layout data, resume, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from ptqbench.cli import main
+from ptqbench.tasks.synthetic import DemoSizes, ensure_demo_data
+
+SMALL = DemoSizes(coco_val=3, coco_train=2, dota_val=1, dota_train=1, ade_val=2, ade_train=2)
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory) -> Path:
+    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", SMALL)
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_grid_writes_leaderboard_and_resumes(small_demo, tmp_path, caplog):
+    args = ["run", "--data-root", str(small_demo), "--tasks", "coco", "--methods", "minmax,percentile",
+            "--bits", "8,w4a8", "--calib-size", "2", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(args) == 0
+    rows = _rows(tmp_path / "leaderboard_coco.csv")
+    assert [(r["method"], r["bits"]) for r in rows] == [
+        ("fp", "fp"), ("minmax", "W4A8"), ("minmax", "W8A8"), ("percentile", "W4A8"), ("percentile", "W8A8")]
+    assert rows[1]["w_bits"] == "4" and rows[1]["a_bits"] == "8"
+    assert all(r["preset"] == "fast" for r in rows[1:])
+    assert all(r["images"] == "3" for r in rows)
+    assert "untrained" in rows[0]["labels"]
+    assert (tmp_path / "leaderboard_coco.md").read_text().count("| sam_tiny") == 5
+    created = [r[0] for r in sqlite3.connect(tmp_path / "ptqbench.sqlite").execute("SELECT created_at FROM runs")]
+
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="ptqbench")
+    assert main(args) == 0
+    assert sum("already in the store" in m for m in caplog.messages) == 4
+    again = [r[0] for r in sqlite3.connect(tmp_path / "ptqbench.sqlite").execute("SELECT created_at FROM runs")]
+    assert again == created
+
+    assert main(args[:-4] + ["--calib-size", "2", "--out", str(tmp_path), "--methods", "minmax", "--bits", "9x"]) == 2
+    assert len(_rows(tmp_path / "leaderboard_coco.csv")) == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--methods", "minmx"], "unknown method 'minmx'. Did you mean 'minmax'?"),
+    (["run", "--tasks", "coc"], "unknown task 'coc'. Did you mean 'coco'?"),
+    (["run", "--model", "sam_vit_q"], "unknown model 'sam_vit_q'"),
+    (["run", "--bits", "1"], "bit width 1 in '1' is outside 2..16"),
+    (["run", "--bits", "w4a17"], "outside 2..16"),
+    (["run", "--bits", "four"], "cannot read bit width 'four'"),
+    (["run", "--data-root", "/nonexistent/ptqbench"], "data root /nonexistent/ptqbench does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ptqbench: error: ") and message in err
+    assert "\n" not in err
+
+
+def test_corrupt_checkpoint_is_rejected(small_demo, tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    code = main(["run", "--checkpoint", str(bad), "--data-root", str(small_demo), "--tasks", "coco",
+                 "--out", str(tmp_path)])
+    assert code == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_list_and_leaderboard(small_demo, tmp_path, capsys):
+    assert main(["list", "methods"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"fp", "minmax", "percentile", "mse", "omse"} <= set(listed)
+    assert main(["leaderboard", "--out", str(tmp_path)]) == 2
+    assert "no results store" in capsys.readouterr().err
+
+
+def test_config_file_is_read_and_flags_override(small_demo, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data_root: {small_demo}\ntasks: [coco]\nmethods: minmax\nbits: [8]\ncalib-size: 1\n"
+                      f"limit: 1\nout: {tmp_path / 'out'}\n")
+    assert main(["run", "--config", str(config), "--bits", "6", "--device", "cpu"]) == 0
+    rows = _rows(tmp_path / "out" / "leaderboard_coco.csv")
+    assert [(r["method"], r["bits"], r["images"]) for r in rows] == [("fp", "fp", "1"), ("minmax", "W6A6", "1")]
+    config.write_text("methods: [minmax]\nbogus_option: 1\n")
+    assert main(["run", "--config", str(config)]) == 2
