@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     from ptqbench import harness
     from ptqbench.config import RunConfig, load_config_file, parse_bits, split_names
+    from ptqbench.distributed import DistributedContext
 
     values = load_config_file(args.config) if args.config else {}
     overrides = dict(
@@ -99,7 +100,13 @@ def _run(args: argparse.Namespace) -> None:
                  config.model, run.data_root, run.preset)
     elif config.preset is None:
         log.info("preset %s (default for %s)", run.preset, config.model)
-    harness.Harness(run).execute()
+    dist = DistributedContext.from_env(run.device)
+    try:
+        if dist.is_distributed:
+            log.info("data-parallel run: %d processes, rank 0 on %s", dist.world_size, dist.device)
+        harness.Harness(run, dist=dist).execute()
+    finally:
+        dist.destroy()
     log.info("leaderboards written to %s", Path(config.out).resolve())
 
 
@@ -154,9 +161,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ptqbench.distributed import launched_rank
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    rank = launched_rank()
+    if rank == 0:
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     import ptqbench.methods  # noqa: F401  (registers the built-in methods)
     import ptqbench.tasks  # noqa: F401  (registers the built-in tasks)
 

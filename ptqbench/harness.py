@@ -3,6 +3,13 @@
 Every finished cell is one record in the SQLite store and the leaderboards are regenerated
 after each cell, so an interrupted run loses at most the cell in progress; re-running skips
 finished cells (resume).
+
+Under torchrun (see `ptqbench.distributed`) every rank builds the model and the tasks; rank 0
+decides what to skip, calibrates and seals each cell and sends the sealed model to the other
+ranks; every rank predicts its shard of the evaluation images; rank 0 gathers the per-image
+results in image order, scores them and alone writes the store, the leaderboards and the
+artefacts. The metrics equal those of one process computing with the same kernels (on the
+CPU: the same number of threads per process, as matmul results depend on it).
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from segment_anything.modeling import Sam
 
 from ptqbench.config import BitSpec, RunConfig
+from ptqbench.distributed import DistributedContext
 from ptqbench.errors import ConfigError
 from ptqbench.methods.base import METHODS
+from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
 from ptqbench.results import RunRecord, RunStore, write_leaderboards
 from ptqbench.sam.calibration import CalibrationSet, build_calibration_set
@@ -107,20 +117,29 @@ def _peak_memory_mb(device: torch.device) -> float | None:
 
 
 class Harness:
-    """Runs one resolved configuration against the store under `config.out`."""
+    """Runs one resolved configuration against the store under `config.out`.
 
-    def __init__(self, run: ResolvedRun, *, progress: bool = True) -> None:
+    dist: this process's place in a torchrun job (default: one process on `run.device`); only
+    its main rank opens the store and shows progress bars.
+    """
+
+    def __init__(self, run: ResolvedRun, *, progress: bool = True, dist: DistributedContext | None = None) -> None:
         self.run = run
         self.config = run.config
-        self.progress = progress
+        self.dist = dist if dist is not None else DistributedContext(device=run.device)
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
         self.out = Path(self.config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.store = RunStore(self.out / "ptqbench.sqlite")
+        self.store: RunStore | None = None
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.store = RunStore(self.out / "ptqbench.sqlite")
         self.versions = _versions()
         self.git_commit = _git_commit()
 
     def execute(self) -> None:
-        loaded = load_model(self.config.model, self.config.checkpoint)
+        loaded = self.dist.main_first(lambda: load_model(self.config.model, self.config.checkpoint,
+                                                         progress=self.progress))
         labels = () if loaded.trained else ("untrained",)
         if not loaded.trained:
             log.warning("model %s is untrained (seeded random weights): its scores say nothing about a method",
@@ -146,7 +165,8 @@ class Harness:
             seed=self.config.seed, calib_fingerprint=calib_fingerprint, labels=labels)
 
     def _run_task(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...]) -> None:
-        fp_fields = self._record(loaded, task, "fp", None, "-", labels)
+        main = self.dist.is_main
+        fp_fields = self._record(loaded, task, "fp", None, "-", labels) if main else None
         if not self._finished(fp_fields):
             self._evaluate_cell(task, loaded.model, fp_fields, None, calib_s=0.0)
         calib: CalibrationSet | None = None
@@ -155,42 +175,85 @@ class Harness:
             if method_name == "fp":
                 continue
             for spec in self.config.bits:
-                if calib is None:
-                    items = task.calibration_items(self.config.calib_size, self.config.seed)
-                    calib = build_calibration_set(loaded.model, items, self.run.device)
-                fields = self._record(loaded, task, method_name, spec, calib.fingerprint, labels)
+                fields = None
+                if main:
+                    if calib is None:
+                        items = task.calibration_items(self.config.calib_size, self.config.seed)
+                        calib = build_calibration_set(loaded.model, items, self.device)
+                    fields = self._record(loaded, task, method_name, spec, calib.fingerprint, labels)
                 if self._finished(fields):
                     log.info("skipping %s %s %s: already in the store", task.name, method_name, spec.label)
                     continue
-                log.info("calibrating %s %s (%s preset, %d images)", method_name, spec.label, self.run.preset, len(calib))
-                qmodel = quantize_sam(loaded.model, spec.w_bits, spec.a_bits).to(self.run.device)
-                fp_model = loaded.model.to(self.run.device)
-                torch.manual_seed(self.config.seed)
-                start = time.perf_counter()
-                METHODS.get(method_name)().calibrate(qmodel, fp_model, calib, spec, self.run.preset, self.config.seed)
-                seal_for_evaluation(qmodel)
-                calib_s = time.perf_counter() - start
+                qmodel, calib_s = self._calibrated(loaded, method_name, spec, calib)
                 self._evaluate_cell(task, qmodel, fields, spec, calib_s=calib_s)
                 del qmodel
 
-    def _finished(self, fields: dict) -> bool:
-        return self.config.resume and self.store.has(RunStore.cell_key(**fields))
+    def _finished(self, fields: dict | None) -> bool:
+        """Whether resume skips this cell; decided on the main rank (the only one with the
+        store and the cell's fields) and sent to every rank."""
+        finished = self.dist.is_main and self.config.resume and self.store.has(RunStore.cell_key(**fields))
+        return self.dist.broadcast_from_main(finished)
 
-    def _evaluate_cell(self, task: Task, model, fields: dict, spec: BitSpec | None, *, calib_s: float) -> None:
-        device = self.run.device
+    def _calibrated(self, loaded: LoadedModel, method_name: str, spec: BitSpec,
+                    calib: CalibrationSet | None) -> tuple[Sam, float]:
+        """The sealed quantized model of one cell and its calibration seconds.
+
+        The main rank calibrates and seals; with several ranks it broadcasts the sealed state
+        (state_dict and per-quantizer attributes), which each other rank loads into its own
+        twin of the FP model. Other ranks report 0 calibration seconds (they do not record).
+        """
+        qmodel = quantize_sam(loaded.model, spec.w_bits, spec.a_bits).to(self.device)
+        calib_s = 0.0
+        if self.dist.is_main:
+            log.info("calibrating %s %s (%s preset, %d images)", method_name, spec.label, self.run.preset, len(calib))
+            fp_model = loaded.model.to(self.device)
+            torch.manual_seed(self.config.seed)
+            start = time.perf_counter()
+            METHODS.get(method_name)().calibrate(qmodel, fp_model, calib, spec, self.run.preset, self.config.seed)
+            seal_for_evaluation(qmodel)
+            calib_s = time.perf_counter() - start
+        if self.dist.is_distributed:
+            state = self.dist.broadcast_from_main(sealed_state(qmodel) if self.dist.is_main else None)
+            if not self.dist.is_main:
+                load_sealed_state(qmodel, state)
+        return qmodel, calib_s
+
+    def _evaluate(self, task: Task, model: Sam, cell_dir: Path) -> dict[str, float] | None:
+        """The task's metrics on the main rank (None on the others).
+
+        Each rank predicts its shard of the evaluation images; the main rank gathers the
+        per-image results, puts them in image order and scores them (writing under cell_dir).
+        With one process this is exactly `task.evaluate`.
+        """
+        limit = self.config.limit
+        indices = self.dist.shard(range(task.eval_image_count(limit)))
+        predictions = task.predict(BoxPredictor(model, self.device), indices, self.progress)
+        gathered = self.dist.gather_to_main(list(zip(indices, predictions)))
+        if not self.dist.is_main:
+            return None
+        ordered = [prediction for _, prediction in sorted(gathered, key=lambda pair: pair[0])]
+        return task.score(ordered, limit, cell_dir)
+
+    def _evaluate_cell(self, task: Task, model: Sam, fields: dict | None, spec: BitSpec | None, *,
+                       calib_s: float) -> None:
+        device = self.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        cell_dir = self.out / "runs" / f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
-        cell_dir.mkdir(parents=True, exist_ok=True)
+        cell_dir = None
+        if self.dist.is_main:
+            cell_dir = self.out / "runs" / f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
+            cell_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.config.seed)
         start = time.perf_counter()
-        metrics = task.evaluate(BoxPredictor(model, device), limit=self.config.limit, progress=self.progress,
-                                out_dir=cell_dir)
+        metrics = self._evaluate(task, model, cell_dir)
         eval_s = time.perf_counter() - start
+        if not self.dist.is_main:
+            return
         record = RunRecord(
             **fields, w_bits=spec.w_bits if spec else None, a_bits=spec.a_bits if spec else None, metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
             images=task.eval_image_count(self.config.limit),
-            peak_mem_mb=_peak_memory_mb(device), device=str(device), versions=self.versions,
+            peak_mem_mb=_peak_memory_mb(device), versions=self.versions,
+            device=str(device) if not self.dist.is_distributed else f"{device.type} x{self.dist.world_size}",
             git_commit=self.git_commit, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         self.store.put(record)
         write_leaderboards(self.store, self.out, task=task.name)

@@ -11,7 +11,8 @@ Data: DataLoader workers draw endless scenes of the three demo families from
   (clutter `0` included) with at least `ADE_MIN_AREA` pixels, as the ADE20K task's box prompts.
 
 Each scene goes through SAM's own preprocessing: `ResizeLongestSide(input)` for the image,
-masks resized alike (pixel area, kept where covered >= 1/2), then `Sam.preprocess` (normalise, pad) on the device.
+masks resized alike (pixel area, kept where covered >= 1/2), then `Sam.preprocess` (normalise,
+pad) on the device.
 Generated scenes enter a replay pool on the device (FIFO, `--pool` scenes); every step samples
 `--batch` scenes of the pool, and `--prompts` instances per scene with fresh prompts, so the GPU
 never waits for the CPU and each scene is reused with new prompts about (GPU rate / CPU rate)
@@ -68,6 +69,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ptqbench.errors import ConfigError
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import build_sam_tiny
 from ptqbench.tasks.ade20k import MIN_COMPONENT_AREA
@@ -100,20 +102,20 @@ class TrainConfig:
     device: str = "cuda"
     minutes: float = 8.0
     max_steps: int = 12000
-    batch: int = 32
+    batch: int = 64
     prompts: int = 16
     workers: int = 12
     pool: int = 2048
-    lr: float = 8e-4
+    lr: float = 1e-3
     min_lr_ratio: float = 0.02
     weight_decay: float = 0.1
-    warmup_steps: int = 300
+    warmup_steps: int = 250
     grad_clip: float = 1.0
     seed: int = 0
     val_scenes: int = 16
     val_every: int = 500
     log_every: int = 50
-    reserve_s: float = 20.0
+    reserve_s: float = 15.0
 
 
 @dataclass
@@ -205,15 +207,18 @@ def to_input_frame(image: np.ndarray, masks: np.ndarray, side: int, family: int)
                  boxes=torch.from_numpy(mask_boxes(padded_masks)), scale=h / image.shape[0], family=family)
 
 
-def generate_scenes(rng: np.random.Generator, family: int, side: int) -> list[Scene]:
-    """The training scenes of one draw of `family` (DOTA gives several crops of one aerial scene)."""
+def family_instances(rng: np.random.Generator, family: int, side: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One draw of FAMILIES[family] at the original size: [(image, masks)] (DOTA: several crops)."""
     if FAMILIES[family] == "coco":
-        raw = coco_instances(rng)
-    elif FAMILIES[family] == "dota":
-        raw = dota_instances(rng, side)
-    else:
-        raw = ade_instances(rng)
-    scenes = [to_input_frame(image, masks, side, family) for image, masks in raw]
+        return coco_instances(rng)
+    if FAMILIES[family] == "dota":
+        return dota_instances(rng, side)
+    return ade_instances(rng)
+
+
+def generate_scenes(rng: np.random.Generator, family: int, side: int) -> list[Scene]:
+    """The training scenes of one draw of `family`, in the model input frame."""
+    scenes = [to_input_frame(image, masks, side, family) for image, masks in family_instances(rng, family, side)]
     return [scene for scene in scenes if scene is not None]
 
 
@@ -282,12 +287,13 @@ class SceneFeeder:
     """
 
     def __init__(self, config: TrainConfig, side: int, device: torch.device) -> None:
-        loader = DataLoader(SceneStream(config.seed, side), batch_size=LOADER_BATCH, collate_fn=collate_scenes,
+        loader = DataLoader(SceneStream(config.seed, side), batch_size=min(LOADER_BATCH, config.batch),
+                            collate_fn=collate_scenes,
                             num_workers=config.workers, worker_init_fn=_worker_init,
                             pin_memory=device.type == "cuda",
                             prefetch_factor=4 if config.workers > 0 else None)
         self.device = device
-        self._iterator = iter(loader)
+        self._iterator: Iterator[dict[str, torch.Tensor]] | None = iter(loader)
         self._queue: queue.Queue[dict[str, torch.Tensor]] = queue.Queue(maxsize=32)
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -320,7 +326,8 @@ class SceneFeeder:
             return scenes
         while True:
             try:
-                scenes.extend(split_scenes(self._queue.get(block=len(scenes) < at_least, timeout=1.0), self.device))
+                parts = self._queue.get(block=len(scenes) < at_least, timeout=1.0)
+                scenes.extend(split_scenes(parts, self.device))
             except queue.Empty:
                 if self._error is not None:
                     raise RuntimeError("scene generation failed") from self._error
@@ -328,11 +335,12 @@ class SceneFeeder:
                     return scenes
 
     def close(self) -> None:
-        """Stop the thread and the workers."""
+        """Stop the thread and the workers (dropping the loader's iterator shuts them down);
+        calling it again does nothing."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        del self._iterator
+        self._iterator = None
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -360,7 +368,7 @@ def prompt_counts(prompts: int) -> tuple[int, int, int]:
     """(boxes, single points, multi-point prompts) per scene: shares BOX_SHARE, POINT_SHARE and
     the rest, at least one of each kind from 3 prompts on (16 -> 8, 6, 2)."""
     if prompts < 1:
-        raise ValueError(f"--prompts must be at least 1, got {prompts}")
+        raise ConfigError(f"--prompts must be at least 1, got {prompts}")
     n_multi = max(1, round(prompts * (1 - BOX_SHARE - POINT_SHARE))) if prompts >= 3 else 0
     n_point = max(1, round(prompts * POINT_SHARE)) if prompts >= 2 else 0
     return prompts - n_point - n_multi, n_point, n_multi
@@ -397,40 +405,44 @@ def sample_pixels(weights: torch.Tensor, count: int, generator: torch.Generator)
     return torch.stack([index % side, index // side], dim=-1).float()
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on `device` without a device sync (through pinned memory on CUDA;
+    a plain copy from pageable memory waits for the device to finish its queued work)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def make_batch(model: Sam, pool: list[Scene], config: TrainConfig, rng: np.random.Generator,
                generator: torch.Generator) -> Batch:
-    """Sample `config.batch` scenes of the pool and `config.prompts` prompts for each."""
+    """Sample `config.batch` scenes of the pool and `config.prompts` prompts for each: distinct
+    instances while the scene has enough, then repeats (with other prompts)."""
     device = model.pixel_mean.device
-    n_box, n_point, n_multi = prompt_counts(config.prompts)
-    chosen = [pool[i] for i in rng.integers(0, len(pool), config.batch)]
-    images, targets, tight, scales, sizes = [], [], [], [], []
+    b, p = config.batch, config.prompts
+    n_box, n_point, n_multi = prompt_counts(p)
+    chosen = [pool[i] for i in rng.integers(0, len(pool), b)]
+    orders = []
     for scene in chosen:
         k = scene.masks.shape[0]
-        order = rng.permutation(k)[: config.prompts]
-        if k < config.prompts:
-            order = np.concatenate([order, rng.integers(0, k, config.prompts - k)])
-        index = torch.from_numpy(order).to(device)
-        h, w = scene.hw
-        image = scene.image[:h, :w].permute(2, 0, 1)[None].float()
-        images.append(model.preprocess(image))
-        targets.append(scene.masks[index])
-        tight.append(scene.boxes[index])
-        scales.append(scene.scale)
-        sizes.append(scene.hw)
-    b, p = config.batch, config.prompts
-    targets_t = torch.stack(targets)
-    tight_t = torch.stack(tight)
-    scale_t = torch.tensor(scales, device=device).repeat_interleave(n_box)
-    hw_t = torch.tensor(sizes, device=device).repeat_interleave(n_box, dim=0)
-    boxes = jitter_boxes(tight_t[:, :n_box].reshape(-1, 4), scale_t, hw_t, generator).view(b, n_box, 4)
-    point_masks = targets_t[:, n_box:n_box + n_point].reshape(-1, *targets_t.shape[2:])
+        order = rng.permutation(k)[:p]
+        orders.append(np.concatenate([order, rng.integers(0, k, p - len(order))]))
+    index = to_device(np.stack(orders), device)
+    scale = to_device(np.array([scene.scale for scene in chosen], dtype=np.float32), device)
+    hw = to_device(np.array([scene.hw for scene in chosen], dtype=np.int64), device)
+    images = torch.cat([model.preprocess(scene.image[:scene.hw[0], :scene.hw[1]].permute(2, 0, 1)[None].float())
+                        for scene in chosen])
+    targets = torch.stack([scene.masks[index[i]] for i, scene in enumerate(chosen)])
+    tight = torch.stack([scene.boxes[index[i]] for i, scene in enumerate(chosen)])
+    boxes = jitter_boxes(tight[:, :n_box].reshape(-1, 4), scale.repeat_interleave(n_box),
+                         hw.repeat_interleave(n_box, dim=0), generator).view(b, n_box, 4)
+    point_masks = targets[:, n_box:n_box + n_point].flatten(0, 1)
     points = sample_pixels(point_masks, 1, generator).view(b, n_point, 2)
-    multi_masks = targets_t[:, n_box + n_point:].reshape(-1, *targets_t.shape[2:])
-    multi_points, multi_labels = sample_multi_points(multi_masks, tight_t[:, n_box + n_point:].reshape(-1, 4),
-                                                     generator)
-    return Batch(images=torch.cat(images), targets=targets_t, boxes=boxes, points=points,
-                 multi_points=multi_points.view(b, p - n_box - n_point, MULTI_POINTS, 2),
-                 multi_labels=multi_labels.view(b, p - n_box - n_point, MULTI_POINTS))
+    multi_points, multi_labels = sample_multi_points(targets[:, n_box + n_point:].flatten(0, 1),
+                                                     tight[:, n_box + n_point:].reshape(-1, 4), generator)
+    return Batch(images=images, targets=targets, boxes=boxes, points=points,
+                 multi_points=multi_points.view(b, n_multi, MULTI_POINTS, 2),
+                 multi_labels=multi_labels.view(b, n_multi, MULTI_POINTS))
 
 
 def sample_multi_points(masks: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator
@@ -492,8 +504,8 @@ def decode(decoder: MaskDecoder, embeddings: torch.Tensor, image_pe: torch.Tenso
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1:1 + decoder.num_mask_tokens, :]
     upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
-                           dim=1)
+    hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :])
+                            for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
     b, c, h, w = upscaled.shape
     masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
     return masks, decoder.iou_prediction_head(iou_token_out)
@@ -521,12 +533,12 @@ def forward(model: Sam, batch: Batch, autocast: bool) -> dict[str, tuple[torch.T
         embeddings = model.image_encoder(batch.images)
         # Boxes and single points both give 2 sparse tokens: one decoder call.
         index = torch.cat([image_index.repeat_interleave(n_box), image_index.repeat_interleave(n_point)])
-        masks, iou = decode(model.mask_decoder, embeddings[index], image_pe, torch.cat([box_sparse, point_sparse]),
-                            dense)
+        masks, iou = decode(model.mask_decoder, embeddings[index], image_pe,
+                            torch.cat([box_sparse, point_sparse]), dense)
         out = {"box": (masks[: b * n_box], iou[: b * n_box]), "point": (masks[b * n_box:], iou[b * n_box:])}
         if n_multi:
-            out["multi"] = decode(model.mask_decoder, embeddings[image_index.repeat_interleave(n_multi)], image_pe,
-                                  multi_sparse, dense)
+            multi_index = image_index.repeat_interleave(n_multi)
+            out["multi"] = decode(model.mask_decoder, embeddings[multi_index], image_pe, multi_sparse, dense)
     return out
 
 
@@ -584,8 +596,7 @@ def compute_loss(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], batch: B
 def train_step(model: Sam, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float, autocast: bool
                ) -> dict[str, torch.Tensor]:
     """One optimisation step; returns the loss, its parts and the gradient norm (device scalars)."""
-    outputs = forward(model, batch, autocast)
-    loss, parts = compute_loss(outputs, batch, batch.images.shape[-1])
+    loss, parts = compute_loss(forward(model, batch, autocast), batch, batch.images.shape[-1])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -601,11 +612,13 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
 
 
 def make_optimizer(model: Sam, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and kernels only (not biases, norms or embeddings' 1-D terms)."""
+    """AdamW (fused on CUDA); weight decay on the parameters of 2+ dimensions only (weights,
+    kernels, embeddings), none on biases and norm scales."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -625,17 +638,12 @@ class ValScene:
 def validation_scenes(seed: int, per_family: int, side: int) -> list[ValScene]:
     """`per_family` held-out scenes of each family from their own seeded streams."""
     scenes = []
-    for family, name in enumerate(FAMILIES):
+    for family in range(len(FAMILIES)):
         rng = np.random.default_rng(np.random.SeedSequence([seed, _VAL_STREAM, family]))
         found: list[ValScene] = []
         while len(found) < per_family:
-            if name == "coco":
-                raw = coco_instances(rng)
-            elif name == "dota":
-                raw = dota_instances(rng, side)
-            else:
-                raw = ade_instances(rng)
-            found.extend(ValScene(image, masks, mask_boxes(masks), family) for image, masks in raw)
+            found.extend(ValScene(image, masks, mask_boxes(masks), family)
+                         for image, masks in family_instances(rng, family, side))
         scenes.extend(found[:per_family])
     return scenes
 
@@ -668,7 +676,8 @@ def save_fp16(model: Sam, path: Path) -> str:
     torch.save(state, path)
     size = path.stat().st_size
     if size > MAX_CHECKPOINT_BYTES:
-        raise RuntimeError(f"{path} is {size} bytes, over the {MAX_CHECKPOINT_BYTES} allowed for a packaged checkpoint")
+        raise RuntimeError(f"{path} is {size} bytes, over the {MAX_CHECKPOINT_BYTES} allowed for a "
+                           f"packaged checkpoint")
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -680,8 +689,9 @@ class CsvLog:
         self._writer = csv.DictWriter(self._file, fieldnames=fields)
         self._writer.writeheader()
 
-    def write(self, row: dict[str, float]) -> None:
-        self._writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
+    def write(self, row: dict[str, float | int]) -> None:
+        self._writer.writerow({key: f"{value:.6g}" if isinstance(value, float) else value
+                               for key, value in row.items()})
         self._file.flush()
 
     def close(self) -> None:
@@ -691,16 +701,21 @@ class CsvLog:
 # ----------------------------------------------------------------------------- main
 
 
+def interval_means(sums: dict[str, torch.Tensor], steps: int, step: int) -> dict[str, float]:
+    """Means of the summed step values over `steps` steps (one device sync); raises when the
+    loss is not finite."""
+    means = {key: value.item() / steps for key, value in sums.items()}
+    if not math.isfinite(means["loss"]):
+        raise RuntimeError(f"the loss is not finite by step {step}: {means}")
+    return means
+
+
 def train(config: TrainConfig) -> dict:
     """Train, validate, save; returns the final metrics (also written to log_dir/metrics.json)."""
     start = time.monotonic()
-    budget_s = config.minutes * 60.0
-    train_s = max(1e-3, budget_s - config.reserve_s)
+    train_s = max(1e-3, config.minutes * 60.0 - config.reserve_s)
     device = torch.device(config.device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     config.log_dir.mkdir(parents=True, exist_ok=True)
     log.info("config: %s", {k: str(v) for k, v in asdict(config).items()})
     model = build_sam_tiny(config.seed)
@@ -721,28 +736,24 @@ def train(config: TrainConfig) -> dict:
     scenes_generated, step, interval_steps, interval_start = 0, 0, 0, time.monotonic()
     val_metrics: dict[str, float] = {}
     try:
-        while step < config.max_steps:
-            elapsed = time.monotonic() - start
-            if elapsed > train_s:
-                break
+        while step < config.max_steps and time.monotonic() - start < train_s:
             fresh = feeder.drain(at_least=max(0, config.batch - len(pool)))
             pool.extend(fresh)
             scenes_generated += len(fresh)
-            lr = learning_rate(config, step, max(step / config.max_steps, elapsed / train_s))
+            progress = max(step / config.max_steps, (time.monotonic() - start) / train_s)
+            lr = learning_rate(config, step, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = make_batch(model, list(pool), config, rng, generator)
-            parts = train_step(model, optimizer, batch, config.grad_clip, autocast=cuda)
+            parts = train_step(model, optimizer, make_batch(model, list(pool), config, rng, generator),
+                               config.grad_clip, autocast=cuda)
             step += 1
             interval_steps += 1
             for key, value in parts.items():
                 sums[key] = sums[key] + value if key in sums else value.clone()
-            if step % config.log_every == 0 or step == config.max_steps:
-                means = {key: value.item() / interval_steps for key, value in sums.items()}
-                if not math.isfinite(means["loss"]):
-                    raise RuntimeError(f"the loss is not finite by step {step}: {means}")
+            if step % config.log_every == 0:
                 now = time.monotonic()
-                row = {"step": step, "elapsed_s": now - start, "lr": lr, **means,
+                row = {"step": step, "elapsed_s": now - start, "lr": lr,
+                       **interval_means(sums, interval_steps, step),
                        "steps_per_s": interval_steps / (now - interval_start),
                        "scenes_generated": scenes_generated, "pool": len(pool)}
                 train_log.write(row)
@@ -757,17 +768,16 @@ def train(config: TrainConfig) -> dict:
                 log.info("step %d validation: %s", step, {k: round(v, 2) for k, v in val_metrics.items()})
                 model.train()
                 interval_start += time.monotonic() - val_start  # steps/s counts training time only
+        feeder.close()
+        if sums:
+            interval_means(sums, interval_steps, step)
+        if step == 0 or config.val_every <= 0 or step % config.val_every != 0:
+            val_metrics = validate(model, val_scenes, device)
+            val_log.write({"step": step, "elapsed_s": time.monotonic() - start, **val_metrics})
     finally:
         feeder.close()
         train_log.close()
-    if sums:
-        means = {key: value.item() / interval_steps for key, value in sums.items()}
-        if not math.isfinite(means["loss"]):
-            raise RuntimeError(f"the loss is not finite by step {step}: {means}")
-    if step == 0 or config.val_every <= 0 or step % config.val_every != 0:
-        val_metrics = validate(model, val_scenes, device)
-        val_log.write({"step": step, "elapsed_s": time.monotonic() - start, **val_metrics})
-    val_log.close()
+        val_log.close()
     model.eval()
     sha256 = save_fp16(model, config.out)
     metrics = {"steps": step, "elapsed_s": time.monotonic() - start, "scenes_generated": scenes_generated,
@@ -778,18 +788,38 @@ def train(config: TrainConfig) -> dict:
     return metrics
 
 
+FLAG_HELP = {
+    "device": "torch device: cuda (bf16 autocast) or cpu",
+    "minutes": "wall-time budget of the whole run; training stops reserve_s before it, then validates and saves",
+    "max_steps": "step cap; the cosine schedule ends at this step or at the time budget, whichever comes first",
+    "batch": "scenes per step",
+    "prompts": "prompts per scene (half boxes, 3/8 single points, 1/8 three points)",
+    "workers": "DataLoader worker processes generating scenes (0: generate in the training loop)",
+    "pool": "scenes kept on the device for replay",
+    "lr": "peak AdamW learning rate",
+    "min_lr_ratio": "final learning rate / peak",
+    "weight_decay": "AdamW weight decay on weights (not on biases and norms)",
+    "warmup_steps": "linear warm-up steps",
+    "grad_clip": "gradient norm clip",
+    "seed": "seed of the init, the data streams, the sampling and the validation scenes",
+    "val_scenes": "held-out validation scenes per family",
+    "val_every": "validate every N steps (0: only at the end)",
+    "log_every": "write a train_log.csv row every N steps",
+    "reserve_s": "seconds of the budget kept for the final validation and saving",
+}
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The command line -> TrainConfig (defaults: TrainConfig's)."""
     defaults = TrainConfig(out=Path(), log_dir=Path())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the fp16 state dict")
-    parser.add_argument("--log-dir", type=Path, required=True, help="folder for train_log.csv, val_log.csv, metrics.json")
-    for field in ("device", "minutes", "max_steps", "batch", "prompts", "workers", "pool", "lr", "min_lr_ratio",
-                  "weight_decay", "warmup_steps", "grad_clip", "seed", "val_scenes", "val_every", "log_every",
-                  "reserve_s"):
+    parser.add_argument("--log-dir", type=Path, required=True,
+                        help="folder for train_log.csv, val_log.csv and metrics.json")
+    for field, text in FLAG_HELP.items():
         value = getattr(defaults, field)
         parser.add_argument("--" + field.replace("_", "-"), type=type(value), default=value,
-                            help=f"default {value}")
+                            help=f"{text} (default {value})")
     args = parser.parse_args(argv)
     return TrainConfig(**vars(args))
 

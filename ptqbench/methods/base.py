@@ -70,10 +70,17 @@ class RangeSettingMethod:
     weight_observer = "minmax"
     activation_observer = "minmax"
 
-    def activation_observer_for(self, site: str, bits: int) -> Observer:
-        return make_observer(self.activation_observer, bits=bits)
+    def weight_observer_options(self, preset: str) -> dict:
+        """Extra options of the weight observer under `preset` (none by default)."""
+        return {}
+
+    def activation_observer_options(self, preset: str) -> dict:
+        """Extra options of the activation observer under `preset` (none by default)."""
+        return {}
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
                   preset: str, seed: int) -> None:
-        set_weight_ranges(qmodel, self.weight_observer)
-        observe_activations(qmodel, calib, self.activation_observer_for)
+        options = self.activation_observer_options(preset)
+        set_weight_ranges(qmodel, self.weight_observer, **self.weight_observer_options(preset))
+        observe_activations(qmodel, calib,
+                            lambda site, bits: make_observer(self.activation_observer, bits=bits, **options))

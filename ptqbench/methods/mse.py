@@ -5,13 +5,28 @@ from __future__ import annotations
 from ptqbench.methods.base import METHODS, RangeSettingMethod
 
 
+FAST_SEARCH_ITERATIONS = 6
+FAST_WEIGHT_RANGES = 20
+
+
 @METHODS.register("mse")
 class Mse(RangeSettingMethod):
-    """Weights: per-channel 2-D grid search. Activations: per-tensor bounded search, averaged over images."""
+    """Weights: per-channel 2-D grid search. Activations: per-tensor bounded search, averaged over images.
+
+    The `fast` preset cuts the iteration counts: each of the two nested bounded searches stops
+    after FAST_SEARCH_ITERATIONS iterations (scipy's default cap is 500; they usually stop after
+    ~25 on the tolerance) and the weight grid has FAST_WEIGHT_RANGES ranges instead of 100.
+    """
 
     name = "mse"
     weight_observer = "mse"
     activation_observer = "mse"
+
+    def weight_observer_options(self, preset: str) -> dict:
+        return {"num_ranges": FAST_WEIGHT_RANGES} if preset == "fast" else {}
+
+    def activation_observer_options(self, preset: str) -> dict:
+        return {"max_iter": FAST_SEARCH_ITERATIONS} if preset == "fast" else {}
 
 
 @METHODS.register("omse")

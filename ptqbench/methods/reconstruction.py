@@ -62,7 +62,8 @@ class ReconstructionSettings:
     max_prompts: at most this many box prompts per calibration image (a seeded random subset,
         the same for every unit); None keeps them all.
     forward: (model, sample) -> anything; the whole-model forward that reaches the hook points.
-    log_every: steps between updates of the progress bar's running loss (each one syncs the device).
+    log_every: steps between updates of the progress bar's running loss (each one syncs the
+        device); at most a tenth of a unit's steps, so the first and last windows differ.
     """
 
     cache: Placement = "auto"
@@ -131,10 +132,12 @@ def _modules_under(model: nn.Module, paths: Sequence[str], kind: type) -> list:
 
 
 class _LearnablePieces:
-    """The trainable state of one unit inside the quantized model, installed and removed.
+    """The trainable state of one unit inside the quantized model.
 
-    `install` swaps in AdaRound quantizers, makes scales learnable and sets the drop; `finish`
-    hard-rounds and writes back the weights, freezes the scales and resets quantize_prob to 1.
+    Construction swaps in AdaRound quantizers, makes the activation scales learnable and sets
+    the drop (weights without AdaRound are frozen for the unit's duration: they do not change);
+    `finish` hard-rounds and writes back the weights, freezes the scales and resets
+    quantize_prob to 1 with no generator.
     """
 
     def __init__(self, qmodel: nn.Module, unit: Unit, generator: torch.Generator) -> None:
@@ -262,8 +265,9 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, fp_model: nn.Module, samples
     start = time.perf_counter()
     try:
         if pieces.trainable and unit.config.iterations > 0:
+            window = max(1, min(settings.log_every, unit.config.iterations // 10))
             first_loss, last_loss = _train(unit, qmodel.get_submodule(unit.root), cache, pieces, seed_u,
-                                           generator, max(settings.log_every, 1), progress)
+                                           generator, window, progress)
         else:
             log.info("unit %s has nothing to train; skipped", unit.name)
     finally:

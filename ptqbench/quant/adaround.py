@@ -61,7 +61,7 @@ class AdaRoundQuantizer(nn.Module):
             shape[base.channel_axis] = -1
         self.register_buffer("scale", base.scale.detach().reshape(shape).clone())
         self.register_buffer("zero_point", base.zero_point.detach().reshape(shape).clone())
-        scaled = weight.detach() / self.scale
+        scaled = weight.detach() * (1.0 / self.scale)  # x * (1/s), as functional.fake_quant_affine
         self.register_buffer("w_floor", torch.floor(scaled))
         self.v = nn.Parameter(inverse_rectified_sigmoid(scaled - self.w_floor))
         self.hard = False
@@ -96,7 +96,7 @@ class AdaRoundQuantizer(nn.Module):
 
     def flipped_fraction(self, weight: Tensor) -> float:
         """Share of elements whose hard rounding differs from round-half-up of W/s (a diagnostic)."""
-        nearest_up = (weight.detach() / self.scale - self.w_floor >= 0.5).to(self.w_floor.dtype)
+        nearest_up = (weight.detach() * (1.0 / self.scale) - self.w_floor >= 0.5).to(self.w_floor.dtype)
         return float((self.hard_offsets() != nearest_up).float().mean())
 
     def extra_repr(self) -> str:

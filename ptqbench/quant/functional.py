@@ -7,6 +7,8 @@ input (e.g. shape [C, 1] for a [C, K] weight); per-tensor parameters are 0-d ten
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -57,6 +59,43 @@ def fake_quant_affine_fused(x: Tensor, scale: Tensor, zero_point: Tensor, bits: 
     """
     qmin, qmax = quant_range(bits)
     return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), qmin, qmax)
+
+
+class _LsqFakeQuant(torch.autograd.Function):
+    """Per-tensor fused fake quant whose backward gives LSQ's gradients, without host syncs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                grad_factor: float) -> Tensor:
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.grid = (qmin, qmax, grad_factor)
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1).to(torch.int32),
+                                                     qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, scale, zero_point = ctx.saved_tensors
+        qmin, qmax, grad_factor = ctx.grid
+        scaled = x * (1.0 / scale)
+        rounded = torch.round(scaled)
+        level = rounded + zero_point
+        inside = (level >= qmin) & (level <= qmax)
+        d_scale = torch.where(inside, rounded - scaled, torch.clamp(level, qmin, qmax) - zero_point)
+        grad_scale = (grad * d_scale).sum().reshape(scale.shape) * grad_factor
+        return grad * inside, grad_scale, None, None, None, None
+
+
+def fake_quant_affine_lsq(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """Per-tensor `fake_quant_affine` (same forward, one fused kernel) with LSQ's gradients.
+
+    x gets the straight-through gradient where round(x/s) + z lies on the grid, 0 elsewhere; the
+    scale gets `sum(grad * (round(x/s) - x/s))` inside and `sum(grad * (clamp(level) - z))`
+    outside, times LSQ's gradient scale 1/sqrt(numel * qmax). No gradient to the zero point.
+    Nothing is read back to the host (the reconstruction hot path stays asynchronous).
+    x: any shape; scale (> 0) and zero_point: 0-d tensors.
+    """
+    qmin, qmax = quant_range(bits)
+    return _LsqFakeQuant.apply(x, scale, zero_point, qmin, qmax, 1.0 / math.sqrt(x.numel() * qmax))
 
 
 def fake_quant_log2(a: Tensor, scale: Tensor, tau: int, bits: int) -> Tensor:

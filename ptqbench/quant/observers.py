@@ -33,7 +33,7 @@ from scipy.optimize import minimize_scalar
 from torch import Tensor
 
 from ptqbench.errors import ConfigError, PtqbenchError
-from ptqbench.quant.functional import affine_qparams, fake_quant_affine, quant_range
+from ptqbench.quant.functional import affine_qparams, fake_quant_affine, fake_quant_affine_fused, quant_range
 from ptqbench.registry import Registry
 
 OBSERVERS: Registry[Observer] = Registry("observer")
@@ -352,15 +352,19 @@ def _grid_search_block(
     return best_min, best_max
 
 
-def _bounded_minimize(fn: Callable[[float], float], lo: float, hi: float, xatol: float) -> tuple[float, float]:
-    """(argmin, min) of fn on [lo, hi] by scipy's bounded Brent search; a point interval is evaluated."""
+def _bounded_minimize(fn: Callable[[float], float], lo: float, hi: float, xatol: float,
+                      max_iter: int | None = None) -> tuple[float, float]:
+    """(argmin, min) of fn on [lo, hi] by scipy's bounded Brent search; a point interval is evaluated.
+
+    max_iter: scipy's iteration cap (None = scipy's default, 500)."""
     if hi - lo <= xatol:
         return lo, fn(lo)
-    result = minimize_scalar(fn, bounds=(lo, hi), method="bounded", options={"xatol": xatol})
+    options = {"xatol": xatol} if max_iter is None else {"xatol": xatol, "maxiter": max_iter}
+    result = minimize_scalar(fn, bounds=(lo, hi), method="bounded", options=options)
     return float(result.x), float(result.fun)
 
 
-def bounded_search_per_tensor(x: Tensor, bits: int, p: float) -> tuple[float, float]:
+def bounded_search_per_tensor(x: Tensor, bits: int, p: float, max_iter: int | None = None) -> tuple[float, float]:
     """The per-tensor range minimising mean(|Q(x) - x|^p) by a nested bounded scalar search.
 
     x: any shape, on any device (every loss evaluation runs there; only a scalar comes back).
@@ -370,9 +374,10 @@ def bounded_search_per_tensor(x: Tensor, bits: int, p: float) -> tuple[float, fl
     by a bounded search over lo in [max(m, -r), min(0, M - r)]: the positions where [lo, lo + r]
     contains 0 (as every affine grid does) and lies within [m, M] (a grid reaching past the data
     on one side only wastes levels that could cover the other side). Then the best lo for the
-    chosen r. Q = `fake_quant_affine` with `affine_qparams(lo, lo + r)`. Both searches use an
+    chosen r. Q = `fake_quant_affine` (its fused kernel) with `affine_qparams(lo, lo + r)`. Both searches use an
     absolute tolerance of 1e-5 (M - m), i.e. relative to the data range (scipy's default 1e-5
-    absolute tolerance means nothing for ranges far from 1). Returns (lo, lo + r).
+    absolute tolerance means nothing for ranges far from 1). `max_iter` caps the iterations of
+    each search (the `fast` preset's cut; None = scipy's default). Returns (lo, lo + r).
     """
     x = x.detach().float()
     x_min, x_max = (float(v) for v in torch.aminmax(x))
@@ -384,12 +389,12 @@ def bounded_search_per_tensor(x: Tensor, bits: int, p: float) -> tuple[float, fl
 
     def loss(lo: float, r: float) -> float:
         scale, zero_point = affine_qparams(torch.tensor(lo), torch.tensor(lo + r), bits)
-        return float(lp_loss(fake_quant_affine(x, scale, zero_point, bits), x, p))
+        return float(lp_loss(fake_quant_affine_fused(x, scale, zero_point, bits), x, p))
 
     def best_shift(r: float) -> tuple[float, float]:
-        return _bounded_minimize(lambda lo: loss(lo, r), max(low, -r), min(0.0, high - r), xatol)
+        return _bounded_minimize(lambda lo: loss(lo, r), max(low, -r), min(0.0, high - r), xatol, max_iter)
 
-    r_best, _ = _bounded_minimize(lambda r: best_shift(r)[1], min(0.1, 0.01 * width), width, xatol)
+    r_best, _ = _bounded_minimize(lambda r: best_shift(r)[1], min(0.1, 0.01 * width), width, xatol, max_iter)
     lo_best, _ = best_shift(r_best)
     return lo_best, lo_best + r_best
 
@@ -403,16 +408,19 @@ class MSEObserver(SearchObserver):
     The per-update ranges are averaged over updates.
     """
 
-    def __init__(self, channel_axis: int | None = None, bits: int | None = None, p: float = 2.4) -> None:
+    def __init__(self, channel_axis: int | None = None, bits: int | None = None, p: float = 2.4,
+                 max_iter: int | None = None, num_ranges: int = MSE_NUM_RANGES) -> None:
         if not p >= 1:
             raise ConfigError(f"MSEObserver: p must be >= 1 (the searches rely on a convex loss), got {p}")
         self.p = p
+        self.max_iter = max_iter
+        self.num_ranges = num_ranges
         super().__init__(channel_axis, bits)
 
     def _search(self, rows: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         if self.channel_axis is not None:
-            return grid_search_per_channel(rows, bits, self.p)
-        lo, hi = bounded_search_per_tensor(rows, bits, self.p)
+            return grid_search_per_channel(rows, bits, self.p, self.num_ranges)
+        lo, hi = bounded_search_per_tensor(rows, bits, self.p, self.max_iter)
         return torch.tensor([lo], device=rows.device), torch.tensor([hi], device=rows.device)
 
 

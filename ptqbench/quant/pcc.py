@@ -140,18 +140,23 @@ def search_clip(quantizer: FakeQuantizer, activation: Tensor, distance: Callable
 @dataclass(frozen=True)
 class PccConfig:
     """theta: the focus threshold; percentiles: the candidate clips; passes: how many times the
-    whole search runs (the reference: 2); sites: the QK sites of each attention in search order."""
+    whole search runs (the reference: 2); sites: the QK sites of each attention in search order;
+    max_prompts: search with at most the first this many box prompts of the search image (None:
+    all of them, as the reference)."""
 
     theta: float = DEFAULT_THETA
     percentiles: tuple[float, ...] = PCC_PERCENTILES
     passes: int = 2
     sites: tuple[str, ...] = QK_SITES
+    max_prompts: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.theta < 1.0:
             raise ConfigError(f"PCC theta must lie in (0, 1), got {self.theta}")
         if self.passes < 1 or not self.percentiles or not self.sites:
             raise ConfigError("PCC needs at least one pass, one percentile and one site")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"PCC max_prompts must be at least 1, got {self.max_prompts}")
 
 
 @dataclass(frozen=True)
@@ -223,17 +228,24 @@ class _Arguments:
     quantizers, so each candidate re-runs just that attention (`attention_read`).
     """
 
-    def __init__(self, model: Sam, sample: CalibrationSample) -> None:
+    def __init__(self, model: Sam, sample: CalibrationSample, max_prompts: int | None) -> None:
         self.model = model
-        self.boxes = sample.boxes
+        self.boxes = sample.boxes if max_prompts is None else sample.boxes[:max_prompts]
         self.embedding = model.image_encoder(sample.image)
 
     def capture(self, path: str) -> tuple[tuple, dict]:
-        """(args, kwargs) of the call of module `path` in a decoder run (detached)."""
+        """(args, kwargs) of the call of attention `path` in a decoder run (detached).
+
+        The values `v` are cut to their first token: every read stops at or before the softmax,
+        which does not depend on them, so projecting all of them would be wasted work.
+        """
         found: list[tuple[tuple, dict]] = []
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            found.append((tuple(a.detach() for a in args), {k: v.detach() for k, v in kwargs.items()}))
+            kwargs = {k: v.detach() for k, v in kwargs.items()}
+            if "v" in kwargs:
+                kwargs["v"] = kwargs["v"][:, :1]
+            found.append((tuple(a.detach() for a in args), kwargs))
             raise _Reached
 
         handle = self.model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
@@ -273,11 +285,11 @@ def pcc_search(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: Pc
         raise ConfigError(f"PCC sites {missing[:3]} do not exist in the model")
     _check_only_qk_sites(qmodel, {name for names in site_names.values() for name in names})
     reference = quantize_sam(fp_model, 8, 8)
-    ref_arguments = _Arguments(reference, sample)
+    ref_arguments = _Arguments(reference, sample, config.max_prompts)
     maps = {path: attention_read(reference.get_submodule(path), ref_arguments.capture(path), "softmax_quantizer")
             for path in attentions}
     del reference, ref_arguments
-    arguments = _Arguments(qmodel, sample)
+    arguments = _Arguments(qmodel, sample, config.max_prompts)
     chosen: dict[str, ClipChoice] = {}
     results: list[PccChoice] = []
     total = config.passes * sum(len(names) for names in site_names.values())

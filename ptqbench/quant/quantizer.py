@@ -124,7 +124,9 @@ class FakeQuantizer(nn.Module):
 
     def quantize(self, x: Tensor) -> Tensor:
         """The fake-quantized tensor (every element), whatever the mode."""
-        if self.channel_axis is None and self.log2_tau is None and not isinstance(self.scale, nn.Parameter):
+        if self.channel_axis is None and self.log2_tau is None:
+            if isinstance(self.scale, nn.Parameter):
+                return qf.fake_quant_affine_lsq(x, self.scale.abs().clamp(min=1e-8), self.zero_point, self.bits)
             return qf.fake_quant_affine_fused(x, self.scale, self.zero_point, self.bits)
         scale = self._broadcast(self._learnable_scale(x), x)
         if self.log2_tau is not None:

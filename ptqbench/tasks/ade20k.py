@@ -30,8 +30,10 @@ scored by `ade20k_metric.score_prediction_folder`, the code of `ptqbench evaluat
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -51,7 +53,7 @@ from ptqbench.tasks.ade20k_metric import (
     read_label_png,
     score_prediction_folder,
 )
-from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig
+from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count
 
 if TYPE_CHECKING:
     from ptqbench.sam.inference import BoxPredictor
@@ -86,6 +88,14 @@ class AdeSample:
     stem: str
     image_path: Path
     annotation_path: Path
+
+
+@dataclass(frozen=True)
+class AdePrediction:
+    """The prediction of one image: uint8 label map (0..149, 255 = none) as PNG file bytes."""
+
+    stem: str
+    png: bytes
 
 
 def list_samples(data_root: Path, split: str) -> list[AdeSample]:
@@ -349,21 +359,17 @@ class Ade20kTask:
     def eval_image_count(self, limit: int | None) -> int:
         return len(self.samples[:limit])
 
-    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
-                 out_dir: Path) -> dict[str, float]:
-        """Predict every evaluation image, write `<out_dir>/ade20k_pred/<stem>.png`, score them.
-
-        limit: evaluate only the first `limit` images (sorted by name). Returns
-        {"mIoU", "aAcc", "mAcc"} in percent.
-        """
+    def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False
+                ) -> list[AdePrediction]:
+        """The predicted label maps of the evaluation images at `indices` (positions in the
+        name-sorted split), PNG-encoded; one `AdePrediction` per index, in order."""
         from PIL import Image
 
-        samples = self.samples if limit is None else self.samples[:limit]
-        pred_dir = Path(out_dir) / PRED_DIRNAME
-        pred_dir.mkdir(parents=True, exist_ok=True)
         generator = self._mask_generator(predictor) if self.mode == "ssa" else None
         start = time.perf_counter()
-        for sample in tqdm(samples, desc=f"ade20k {self.mode}", disable=not progress):
+        results = []
+        for index in tqdm(indices, desc=f"ade20k {self.mode}", disable=not progress):
+            sample = self.samples[index]
             image, label = read_sample(sample)
             if generator is None:
                 prediction = self._predict_gt(predictor, image, label)
@@ -371,11 +377,34 @@ class Ade20kTask:
                 prior = read_prior(self.prior_dir / f"{sample.stem}.png", image.shape[:2])
                 masks = automatic_masks(generator, image)
                 prediction = vote_with_prior(masks, prior)
-            Image.fromarray(prediction).save(pred_dir / f"{sample.stem}.png")
-        log.info("ADE20K %s mode: %d images in %.1f s", self.mode, len(samples),
-                 time.perf_counter() - start)
-        return score_prediction_folder(pred_dir, self.config.data_root, self.split,
-                                       limit=len(samples))
+            png = io.BytesIO()
+            Image.fromarray(prediction).save(png, format="PNG")
+            results.append(AdePrediction(stem=sample.stem, png=png.getvalue()))
+        log.info("ADE20K %s mode: %d images in %.1f s", self.mode, len(results), time.perf_counter() - start)
+        return results
+
+    def score(self, results: Sequence[AdePrediction], limit: int | None, out_dir: Path) -> dict[str, float]:
+        """Write `<out_dir>/ade20k_pred/<stem>.png` and score the first `limit` images (sorted
+        by name). Returns {"mIoU", "aAcc", "mAcc"} in percent."""
+        samples = self.samples if limit is None else self.samples[:limit]
+        check_result_count(self.name, results, len(samples))
+        if [result.stem for result in results] != [sample.stem for sample in samples]:
+            raise ValueError("ade20k: the per-image results are not in evaluation order")
+        pred_dir = Path(out_dir) / PRED_DIRNAME
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        for result in results:
+            (pred_dir / f"{result.stem}.png").write_bytes(result.png)
+        return score_prediction_folder(pred_dir, self.config.data_root, self.split, limit=len(samples))
+
+    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
+                 out_dir: Path) -> dict[str, float]:
+        """Predict every evaluation image, write `<out_dir>/ade20k_pred/<stem>.png`, score them.
+
+        limit: evaluate only the first `limit` images (sorted by name). Returns
+        {"mIoU", "aAcc", "mAcc"} in percent.
+        """
+        indices = range(self.eval_image_count(limit))
+        return self.score(self.predict(predictor, indices, progress), limit, out_dir)
 
     @staticmethod
     def _predict_gt(predictor: "BoxPredictor", image: np.ndarray, label: np.ndarray) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -68,9 +69,30 @@ class Task(Protocol):
     def eval_image_count(self, limit: int | None) -> int:
         """How many evaluation images `evaluate(limit=limit)` scores."""
 
+    def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False) -> list[Any]:
+        """Phase 1 of `evaluate`: the per-image results of the evaluation images at `indices`.
+
+        indices: positions in the task's evaluation order (0 <= i < eval_image_count(None)).
+        Returns one picklable result per index, in the order of `indices`; writes nothing.
+        Images are independent, so data-parallel ranks can each predict a shard of them.
+        """
+
+    def score(self, results: Sequence[Any], limit: int | None, out_dir: Path) -> dict[str, float]:
+        """Phase 2 of `evaluate`: the metrics of the per-image results of the first
+        `eval_image_count(limit)` images (in evaluation order); writes artefacts under out_dir."""
+
     def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
-        """Run the protocol on the evaluation split; write artefacts under out_dir."""
+        """Run the protocol on the evaluation split; write artefacts under out_dir.
+
+        Equals `score(predict(predictor, range(eval_image_count(limit)), progress), limit, out_dir)`.
+        """
+
+
+def check_result_count(task: str, results: Sequence[Any], expected: int) -> None:
+    """`score` gets exactly one result per evaluated image (ValueError otherwise)."""
+    if len(results) != expected:
+        raise ValueError(f"{task}: score got {len(results)} per-image results for {expected} evaluation images")
 
 
 TASKS: Registry[Task] = Registry("task")

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.sam.inference import PromptedImage, predict_stream
-from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig
+from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count
 from ptqbench.tasks.prompts import (Detections, as_id, is_number, load_json_file, read_coco_detections,
                                     xywh_to_xyxy)
 
@@ -304,6 +304,14 @@ def _hash_file(digest: Any, path: Path) -> None:
             digest.update(block)
 
 
+@dataclass
+class CocoImageResult:
+    """The predictions of one evaluation image: its COCO segm results entries (`mask_results`)."""
+
+    image_id: int
+    entries: list[dict[str, Any]]
+
+
 class CocoTask:
     """The `coco` task (see the module docstring for the protocol)."""
 
@@ -405,38 +413,59 @@ class CocoTask:
     def eval_image_count(self, limit: int | None) -> int:
         return len(evaluation_image_ids(self._split(self.eval_split), limit))
 
-    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
-                 out_dir: Path) -> dict[str, float]:
-        """Segment every prompt box of the evaluation images, write
-        `out_dir/coco_segm_results.json` and return the METRICS (percentages)."""
+    def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False
+                ) -> list[CocoImageResult]:
+        """Segment every prompt box of the evaluation images at `indices` (positions in the
+        id-sorted split); one `CocoImageResult` per index, in order (no entries for an image
+        without prompts). Images are read and resized ahead in threads (`predict_stream`) and
+        masks RLE-encoded in threads while the model runs."""
         split = self._split(self.eval_split)
         lookup = self._prompt_lookup(split, self.prompts)
-        image_ids = evaluation_image_ids(split, limit)
+        image_ids = evaluation_image_ids(split, None)
+        results = [CocoImageResult(image_id=image_ids[index], entries=[]) for index in indices]
         loaders = []
-        for image_id in image_ids:
-            detections = lookup(image_id)
+        for position, result in enumerate(results):
+            detections = lookup(result.image_id)
             if detections is not None and len(detections) > 0:
-                loaders.append(partial(_prompted_image, split, image_id, detections))
-        results: list[dict[str, Any]] = []
+                loaders.append(partial(_prompted_image, split, result.image_id, detections, position))
         with ThreadPoolExecutor(max_workers=2) as encoder_pool:
-            pending = []
+            pending = {}
             stream = predict_stream(predictor, loaders)
             for item, masks, iou_pred in tqdm(stream, total=len(loaders), desc=f"coco {split.name}", unit="img",
                                               disable=not progress):
                 detections = item.extra
                 scores = detections.scores * np.asarray(iou_pred, dtype=np.float64)
-                pending.append(encoder_pool.submit(mask_results, item.key, masks, detections.category_ids, scores))
-            for future in pending:
-                results.extend(future.result())
-        write_results(results, Path(out_dir) / RESULTS_FILE)
-        metrics = score_results(split.coco, results, image_ids)
-        log.info("coco %s: %d images, %d masks, mask AP %.2f", split.name, len(image_ids), len(results),
+                pending[item.key] = encoder_pool.submit(mask_results, results[item.key].image_id, masks,
+                                                        detections.category_ids, scores)
+            for position, future in pending.items():
+                results[position].entries.extend(future.result())
+        return results
+
+    def score(self, results: Sequence[CocoImageResult], limit: int | None, out_dir: Path) -> dict[str, float]:
+        """Write `out_dir/coco_segm_results.json` (every entry, in image order) and return the
+        METRICS (percentages) over the first `limit` images by id."""
+        split = self._split(self.eval_split)
+        image_ids = evaluation_image_ids(split, limit)
+        check_result_count(self.name, results, len(image_ids))
+        if [result.image_id for result in results] != image_ids:
+            raise ValueError("coco: the per-image results are not in evaluation order")
+        entries = [entry for result in results for entry in result.entries]
+        write_results(entries, Path(out_dir) / RESULTS_FILE)
+        metrics = score_results(split.coco, entries, image_ids)
+        log.info("coco %s: %d images, %d masks, mask AP %.2f", split.name, len(image_ids), len(entries),
                  metrics["mask_AP"])
         return metrics
 
+    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
+                 out_dir: Path) -> dict[str, float]:
+        """Segment every prompt box of the evaluation images, write
+        `out_dir/coco_segm_results.json` and return the METRICS (percentages)."""
+        indices = range(self.eval_image_count(limit))
+        return self.score(self.predict(predictor, indices, progress), limit, out_dir)
 
-def _prompted_image(split: "CocoSplit", image_id: int, detections: Detections) -> PromptedImage:
-    return PromptedImage(key=image_id, image=split.read_image(image_id), boxes=detections.boxes, extra=detections)
+
+def _prompted_image(split: "CocoSplit", image_id: int, detections: Detections, position: int) -> PromptedImage:
+    return PromptedImage(key=position, image=split.read_image(image_id), boxes=detections.boxes, extra=detections)
 
 
 @TASKS.register("coco")

@@ -48,7 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
-from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig
+from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count
 from ptqbench.tasks.dota_eval import (
     DOTA_CLASSES,
     METRIC_KEYS,
@@ -116,6 +116,15 @@ class RotatedBoxes:
     polygons: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+
+
+@dataclass(frozen=True)
+class DotaImageResult:
+    """The detections of one val image: {class: Task1 lines} and the empty masks it dropped."""
+
+    image: str
+    lines: dict[str, list[str]]
+    empty_masks: int
 
 
 def window_starts(length: int, window: int, step: int) -> list[int]:
@@ -476,28 +485,48 @@ class DotaTask:
     def eval_image_count(self, limit: int | None) -> int:
         return len(self._items(EVAL_SPLIT)[:limit])
 
-    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
-                 out_dir: Path) -> dict[str, float]:
-        """Predict rotated boxes for the val images, write Task1 files, score them (percent)."""
+    def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False
+                ) -> list[DotaImageResult]:
+        """Rotated boxes (after per-class NMS) of the val images at `indices` (positions in the
+        name-sorted split), as Task1 lines; one `DotaImageResult` per index, in order."""
         all_items = self._items(EVAL_SPLIT)
         detector = self._prompt_source(self.prompt_dir, all_items)
-        items = all_items if limit is None else all_items[:limit]
-        labels = read_split_labels(items)
-        lines: dict[str, list[str]] = {}
-        dropped = 0
-        for item in tqdm(items, desc="dota", unit="image", disable=not progress):
+        results = []
+        for index in tqdm(indices, desc="dota", unit="image", disable=not progress):
+            item = all_items[index]
             image = read_rgb(item.image_path)
             height, width = image.shape[:2]
-            prompts = self._image_prompts(detector, item, labels[item.name], width, height)
+            labels = read_dota_labels(item.label_path) if detector is None else None
+            prompts = self._image_prompts(detector, item, labels, width, height)
             boxes, empty = predict_rotated_boxes(predictor, image, prompts, self.window, self.gap)
-            dropped += empty
-            for name, class_lines in task1_lines(item.name, nms_per_class(boxes)).items():
+            results.append(DotaImageResult(image=item.name, lines=task1_lines(item.name, nms_per_class(boxes)),
+                                           empty_masks=empty))
+        return results
+
+    def score(self, results: Sequence[DotaImageResult], limit: int | None, out_dir: Path) -> dict[str, float]:
+        """Write `out_dir/dota_task1/Task1_<class>.txt` (lines in image order) and score them
+        against the first `limit` val images (percent)."""
+        items = self._items(EVAL_SPLIT)[:limit]
+        check_result_count(self.name, results, len(items))
+        if [result.image for result in results] != [item.name for item in items]:
+            raise ValueError("dota: the per-image results are not in evaluation order")
+        labels = read_split_labels(items)
+        lines: dict[str, list[str]] = {}
+        for result in results:
+            for name, class_lines in result.lines.items():
                 lines.setdefault(name, []).extend(class_lines)
+        dropped = sum(result.empty_masks for result in results)
         if dropped:
             log.info("dota: %d empty masks gave no detection", dropped)
         det_dir = Path(out_dir) / TASK1_FOLDER
         write_task1(det_dir, lines)
         return evaluate_task1(labels, read_task1_folder(det_dir, labels))
+
+    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
+                 out_dir: Path) -> dict[str, float]:
+        """Predict rotated boxes for the val images, write Task1 files, score them (percent)."""
+        indices = range(self.eval_image_count(limit))
+        return self.score(self.predict(predictor, indices, progress), limit, out_dir)
 
 
 @TASKS.register("dota")

@@ -1,0 +1,117 @@
+"""Reconstruction speed: steps per second of each SAM unit type, and the projected paper-preset time.
+
+For each model (random weights; segment_anything's builders with checkpoint=None), W4A4 with
+min/max ranges, one representative unit of each type is reconstructed with the QDrop settings
+(AdaRound + LSQ + drop 0.5: the heaviest step of brecq / qdrop / ptq4sam), after a short warm-up.
+Per type it prints ms per step, steps/s, peak device memory of the step, and where the cache
+lived; per model the projected wall time of the paper preset (20,000 steps for every unit, plus
+capturing 32 calibration images per unit, scaled from the measured capture).
+
+    python benchmarks/recon_speed.py --models sam_vit_b,sam_vit_l,sam_vit_h --iters 50
+    python benchmarks/recon_speed.py --models sam_tiny --iters 10 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import replace
+
+import torch
+from segment_anything.modeling import Sam
+from tabulate import tabulate
+
+from ptqbench.methods.base import observe_activations, set_weight_ranges
+from ptqbench.methods.qdrop import PAPER_ITERATIONS, qdrop_config
+from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
+from ptqbench.quant.observers import make_observer
+from ptqbench.quant.unit import Unit
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
+from ptqbench.sam.models import build_sam_official, build_sam_tiny
+from ptqbench.sam.quantized import quantize_sam
+from ptqbench.sam.units import sam_units
+
+PAPER_CALIBRATION_IMAGES = 32
+WARMUP_STEPS = 5
+
+
+def build(name: str) -> Sam:
+    return build_sam_tiny() if name == "sam_tiny" else build_sam_official(name.removeprefix("sam_"))
+
+
+def random_calibration(size: int, images: int, boxes: int, device: torch.device) -> CalibrationSet:
+    """Random normalised images [1, 3, size, size] and `boxes` random boxes each."""
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(images):
+        corner = torch.rand(boxes, 2, generator=generator) * size * 0.6
+        extent = size * (0.05 + 0.3 * torch.rand(boxes, 2, generator=generator))
+        samples.append(CalibrationSample(torch.randn(1, 3, size, size, generator=generator).to(device),
+                                         torch.cat([corner, corner + extent], 1).to(device)))
+    return CalibrationSet(samples=tuple(samples), fingerprint="random")
+
+
+def unit_type(model: Sam, unit: Unit) -> str:
+    """A unit's kind: encoder attention (window / global), encoder MLP, neck, or the decoder sub-block."""
+    parts = unit.name.split(".")
+    if parts[0] == "image_encoder" and parts[1] == "blocks":
+        if parts[3] == "mlp":
+            return "encoder mlp"
+        window = model.image_encoder.blocks[int(parts[2])].window_size
+        return f"encoder attn ({'window' if window else 'global'})"
+    if parts[0] == "image_encoder":
+        return "neck"
+    return f"decoder {parts[-1]}"
+
+
+def bench_model(name: str, iterations: int, images: int, boxes: int, device: torch.device,
+                settings: ReconstructionSettings) -> tuple[list[list], float]:
+    fp = build(name).to(device)
+    qmodel = quantize_sam(fp, 4, 4).to(device)
+    calib = random_calibration(fp.image_encoder.img_size, images, boxes, device)
+    set_weight_ranges(qmodel, "minmax")
+    observe_activations(qmodel, calib, lambda site, bits: make_observer("minmax", bits=bits), progress=False)
+    units = sam_units(qmodel, qdrop_config("paper"))
+    counts = Counter(unit_type(qmodel, unit) for unit in units)
+    representatives: dict[str, Unit] = {}
+    for unit in units:
+        representatives.setdefault(unit_type(qmodel, unit), unit)
+    rows, projected_s = [], 0.0
+    for kind, unit in representatives.items():
+        reconstruct([replace(unit, config=replace(unit.config, iterations=WARMUP_STEPS))], qmodel, fp, calib,
+                    settings, progress=False)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timed = replace(unit, config=replace(unit.config, iterations=iterations))
+        (report,) = reconstruct([timed], qmodel, fp, calib, settings, progress=False)
+        step_s = report.train_s / iterations
+        capture_s = report.capture_s * PAPER_CALIBRATION_IMAGES / images
+        projected_s += counts[kind] * (PAPER_ITERATIONS * step_s + capture_s)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        rows.append([name, kind, counts[kind], f"{1000 * step_s:.2f}", f"{1 / step_s:.1f}", f"{peak:.1f}",
+                     "device" if report.cache_on_device else "pinned CPU", f"{capture_s:.1f}"])
+    return rows, projected_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sam_vit_b", help="comma-separated: sam_tiny, sam_vit_b, sam_vit_l, sam_vit_h")
+    parser.add_argument("--iters", type=int, default=50, help="timed steps per unit type")
+    parser.add_argument("--images", type=int, default=4, help="calibration images (random) to capture")
+    parser.add_argument("--boxes", type=int, default=8, help="box prompts per image")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cache", default="auto", choices=("auto", "device", "cpu"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    settings = ReconstructionSettings(cache=args.cache)
+    totals = []
+    for name in args.models.split(","):
+        rows, projected_s = bench_model(name.strip(), args.iters, args.images, args.boxes, device, settings)
+        totals.append([name, f"{projected_s / 3600:.1f} h"])
+        print(tabulate(rows, headers=["model", "unit type", "units", "ms/step", "steps/s", "peak GiB",
+                                      "cache", "capture s (32 img)"]), end="\n\n", flush=True)
+    print(tabulate(totals, headers=["model", f"projected paper preset ({PAPER_ITERATIONS} steps/unit)"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""SAQ-SAM calibration time: every step of `saqsam` timed, PAR projected to its preset's iterations.
+
+The model has random weights (segment_anything's builder with checkpoint=None, or sam_tiny's
+seeded init); the calibration set is random: `--images` normalised images at the model's input
+size with `--boxes` random box prompts each. The steps run exactly as `saqsam` runs them (BIG,
+PCC, weight ranges, AGQ, activation ranges, PAR), each timed once. PAR trains every unit for only
+`--iterations` steps; its projected time per unit is the measured capture time plus the measured
+training time scaled to the preset's iterations (an upper bound: the measured steps include the
+warm-up). The total is compared with a target (15 minutes by default).
+
+    python benchmarks/saqsam_speed.py                                   # sam_vit_b, paper, GPU
+    python benchmarks/saqsam_speed.py --model sam_tiny --device cpu --preset fast --iterations 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+from segment_anything.modeling import Sam
+from tabulate import tabulate
+
+from ptqbench.config import BitSpec
+from ptqbench.methods.par import frozen_reference, par_settings, par_units, with_iterations
+from ptqbench.methods.saqsam import SaqSam
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
+from ptqbench.sam.models import build_sam_official, build_sam_tiny
+from ptqbench.sam.quantized import quantize_sam
+
+
+def build(name: str) -> Sam:
+    return build_sam_tiny() if name == "sam_tiny" else build_sam_official(name.removeprefix("sam_"))
+
+
+def random_calibration(size: int, images: int, boxes: int, device: torch.device) -> CalibrationSet:
+    """Random normalised images [1, 3, size, size] with `boxes` random boxes [boxes, 4] each."""
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(images):
+        corner = torch.rand(boxes, 2, generator=generator) * size * 0.6
+        extent = size * (0.05 + 0.3 * torch.rand(boxes, 2, generator=generator))
+        samples.append(CalibrationSample(torch.randn(1, 3, size, size, generator=generator).to(device),
+                                         torch.cat([corner, corner + extent], 1).to(device)))
+    return CalibrationSet(samples=tuple(samples), fingerprint="random")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sam_vit_b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="paper", choices=("paper", "fast"))
+    parser.add_argument("--bits", default="4")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--boxes", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=20, help="PAR steps measured per unit")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--target-minutes", type=float, default=15.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    spec = BitSpec.parse(args.bits)
+
+    fp_model = build(args.model).to(device)
+    qmodel = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(device)
+    calib = random_calibration(fp_model.image_encoder.img_size, args.images, args.boxes, device)
+    target = par_settings(args.preset)
+    method = SaqSam(par=with_iterations(target, args.iterations), progress=False)
+
+    rows, total_s = [], 0.0
+    reports = []
+    for name, step in method.steps(qmodel, fp_model, calib, spec, args.preset, seed=0):
+        synchronize(device)
+        start = time.perf_counter()
+        result = step()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        if name == "PAR":
+            reports = result
+            continue
+        rows.append([name, "", f"{elapsed:.1f}", f"{elapsed:.1f}"])
+        total_s += elapsed
+
+    names = [unit.name for unit in par_units(qmodel, frozen_reference(fp_model), target)]
+    preset_iterations = {unit.name: unit.config.iterations for unit in par_units(qmodel, fp_model, target)}
+    for report in reports:
+        steps = preset_iterations[report.name]
+        per_step = report.train_s / max(report.iterations, 1)
+        projected = report.capture_s + per_step * steps
+        rows.append([f"PAR {report.name}", f"{1000 * per_step:.1f} ms/step x {steps}",
+                     f"{report.capture_s + report.train_s:.1f}", f"{projected:.1f}"])
+        total_s += projected
+    assert names == [r.name for r in reports]
+
+    peak = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"saqsam on {args.model} ({spec.label}, {args.preset} preset), {args.images} images x {args.boxes} boxes, "
+          f"{device_name}{peak}")
+    print(tabulate(rows, headers=["step", "PAR rate", "measured s", "projected s"], tablefmt="github"))
+    verdict = "within" if total_s <= 60 * args.target_minutes else "OVER"
+    print(f"projected total: {total_s / 60:.1f} min ({verdict} the {args.target_minutes:g}-minute target)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Prompt-Aware Reconstruction (PAR, SAQ-SAM, methods.md section 5) on the shared reconstruction engine.
+
+PAR is a QDrop-style reconstruction (AdaRound weights + LSQ activation scales + drop 0.5, via
+`ptqbench.methods.reconstruction.reconstruct`) with its own units and losses:
+
+- encoder stages: one unit per stage, the blocks up to and including each global-attention block
+  (SAM-B: 4 stages of 3 blocks; sam_tiny: 2 of 3). The loss is prompt-aware: the stage output
+  goes through the FP neck and the FP mask-decoder TwoWayTransformer with the calibration image's
+  prompt tokens and dense PE, and the image tokens that come out (the transformer's "keys"
+  output, [N, HW, 256]) are compared: `mean over prompts and tokens of sum over channels
+  (T_hat - T)^2`. Layer skipping: the later stages never run while stage k trains (not even
+  while its inputs are captured: the capture forward encodes the prompts first and stops at the
+  stage's first block), the stage-k token grid goes straight into the FP neck and decoder;
+- the neck: plain output MSE;
+- each two-way decoder layer: `beta * (0.01 * ||queries error||^2 + ||keys error||^2)
+  + alpha * ||error of the transformer's final token output||^2`, the final tokens obtained by
+  running the rest of the FP transformer (later layers, final token-to-image attention and its
+  norm) on the layer's output; targets from the FP decoder fed the quantized image embedding;
+- the final token-to-image attention: plain output MSE.
+
+Sequential targets (as the reference): each reconstructed encoder stage and then the
+reconstructed neck are copied into the FP reference, so stage k + 1 is trained against the FP
+stage run on the quantized prefix, and the decoder targets are the FP decoder fed the quantized
+image embedding. The reference is a private copy: the caller's FP model is never changed.
+Every module of the reference is frozen (no gradient reaches the FP neck or decoder).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+from segment_anything.modeling import MaskDecoder, Sam
+from segment_anything.modeling.transformer import TwoWayTransformer
+from torch import Tensor, nn
+
+from ptqbench.methods.reconstruction import ReconstructionSettings, UnitReport, preset_value, reconstruct
+from ptqbench.quant.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
+from ptqbench.sam.units import ENCODER_BLOCKS, TRANSFORMER, decoder_units, final_token_to_image, first_argument, \
+    layer_arguments, neck_unit
+
+
+@dataclass(frozen=True)
+class ParSettings:
+    """PAR's hyperparameters (defaults: the reference's, i.e. the `paper` preset).
+
+    *_iterations: optimisation steps per encoder stage, for the neck, per decoder layer and for
+    the final token-to-image attention. max_prompts: at most this many random box prompts per
+    calibration image (seeded; the same subset for every unit). scale_lr: Adam on the LSQ scales
+    (cosine to 0); weight_lr: Adam on AdaRound's V; reg_lambda: the AdaRound regulariser's weight
+    (0 in the reference: disabled); quantize_prob: QDrop's p. alpha, beta, query_weight: the
+    decoder-layer loss `beta * (query_weight * q_err + k_err) + alpha * final_err`.
+    """
+
+    stage_iterations: int = 2_000
+    neck_iterations: int = 2_000
+    decoder_iterations: int = 2_000
+    final_iterations: int = 10_000
+    max_prompts: int | None = 16
+    scale_lr: float = 2e-3
+    weight_lr: float = 1e-3
+    reg_lambda: float = 0.0
+    quantize_prob: float = 0.5
+    alpha: float = 1.0
+    beta: float = 1.0
+    query_weight: float = 0.01
+
+    def unit_config(self, iterations: int) -> UnitConfig:
+        """The engine settings of one PAR unit trained for `iterations` steps."""
+        return UnitConfig(iterations=iterations, adaround=True, learn_scales=True, weight_lr=self.weight_lr,
+                          scale_lr=self.scale_lr, reg_lambda=self.reg_lambda, quantize_prob=self.quantize_prob)
+
+
+PAPER_SETTINGS = ParSettings()
+FAST_SETTINGS = ParSettings(stage_iterations=100, neck_iterations=100, decoder_iterations=100, final_iterations=500)
+
+
+def par_settings(preset: str) -> ParSettings:
+    """The `paper` settings (2,000 steps per stage, neck and decoder layer, 10,000 for the final
+    attention) or the `fast` ones (1/20 of them)."""
+    return preset_value(preset, PAPER_SETTINGS, FAST_SETTINGS)
+
+
+def encoder_stages(model: Sam) -> list[tuple[int, ...]]:
+    """Block indices of each encoder stage: the blocks up to and including each global-attention
+    block (window size 0); trailing windowed blocks, if any, form a last stage."""
+    stages: list[tuple[int, ...]] = []
+    current: list[int] = []
+    for index, block in enumerate(model.image_encoder.blocks):
+        current.append(index)
+        if block.window_size == 0:
+            stages.append(tuple(current))
+            current = []
+    if current:
+        stages.append(tuple(current))
+    return stages
+
+
+def prompt_first_forward(model: Sam, sample: CalibrationSample) -> tuple[Tensor, Tensor]:
+    """`sam_forward` with the prompt encoder run before the image encoder (same outputs).
+
+    Capture hooks on the prompt encoder then fire before the encoder runs, so a unit that reads
+    the prompts and an encoder stage's input stops the forward at that stage (layer skipping).
+    """
+    sparse, dense = model.prompt_encoder(points=None, boxes=sample.boxes, masks=None)
+    embedding = model.image_encoder(sample.image)
+    return model.mask_decoder(image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
+                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                              multimask_output=False)
+
+
+def prompt_embeddings(args: tuple, kwargs: dict, output: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    """The prompt encoder's output: sparse [N, 2, 256] (box corners) and dense [N, 256, h, w]."""
+    return {"sparse": output[0], "dense": output[1]}
+
+
+class _TransformerDone(Exception):
+    """Ends a mask-decoder forward once its transformer has run."""
+
+
+def transformer_keys(decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, sparse: Tensor,
+                     dense: Tensor) -> Tensor:
+    """The image tokens ("keys" output, [N, HW, 256]) of the decoder's TwoWayTransformer.
+
+    embedding: image embedding [1, 256, h, w]; image_pe [1, 256, h, w]; sparse [N, T, 256] and
+    dense [N, 256, h, w] prompt embeddings. The decoder's own forward builds the tokens and the
+    per-prompt image; it stops right after the transformer. The autograd graph is kept.
+    """
+    found: list[Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> None:
+        found.append(output[1])
+        raise _TransformerDone
+
+    handle = decoder.transformer.register_forward_hook(keep)
+    try:
+        decoder(image_embeddings=embedding, image_pe=image_pe, sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense, multimask_output=False)
+    except _TransformerDone:
+        pass
+    finally:
+        handle.remove()
+    return found[0]
+
+
+def transformer_tail(transformer: TwoWayTransformer, start: int, queries: Tensor, keys: Tensor,
+                     query_pe: Tensor, key_pe: Tensor) -> Tensor:
+    """The final token output [N, T, 256] of `transformer` from the input of layer `start` on:
+    layers start.., then the final token-to-image attention and its norm (as TwoWayTransformer)."""
+    for layer in transformer.layers[start:]:
+        queries, keys = layer(queries=queries, keys=keys, query_pe=query_pe, key_pe=key_pe)
+    return final_token_to_image(transformer, queries, keys, query_pe, key_pe)
+
+
+def squared_error(output: Tensor, target: Tensor) -> Tensor:
+    """(output - target)^2 summed over the last (channel) dim, mean over the rest."""
+    return (output - target).square().sum(dim=-1).mean()
+
+
+def par_decoder_loss(alpha: float = 1.0, beta: float = 1.0, query_weight: float = 0.01) -> LossFn:
+    """PAR's decoder-layer loss on outputs (queries, keys, final tokens) and their targets:
+    `beta * (query_weight * err(queries) + err(keys)) + alpha * err(final tokens)`."""
+
+    def loss(output: Output, target: Output, extras: Tensors) -> Tensor:
+        (queries, keys, tokens), (t_queries, t_keys, t_tokens) = output, target
+        return (beta * (query_weight * squared_error(queries, t_queries) + squared_error(keys, t_keys))
+                + alpha * squared_error(tokens, t_tokens))
+
+    return loss
+
+
+def stage_unit(reference: Sam, stage: tuple[int, ...], image_pe: Tensor, config: UnitConfig) -> Unit:
+    """The PAR unit of one encoder stage (block indices `stage`), trained through the FP neck and
+    FP decoder transformer of `reference`; output and target: image tokens [N, HW, 256]."""
+
+    def run(blocks: nn.ModuleList, inputs: Tensors) -> Tensor:
+        x = inputs["x"]
+        for index in stage:
+            x = blocks[index](x)
+        embedding = reference.image_encoder.neck(x.permute(0, 3, 1, 2))
+        return transformer_keys(reference.mask_decoder, embedding, image_pe, inputs["sparse"], inputs["dense"])
+
+    return Unit(
+        name=f"{ENCODER_BLOCKS}.{stage[0]}-{stage[-1]}", root=ENCODER_BLOCKS,
+        trained=tuple(f"{ENCODER_BLOCKS}.{index}" for index in stage),
+        inputs=(HookPoint("prompt_encoder", "post", prompt_embeddings),
+                HookPoint(f"{ENCODER_BLOCKS}.{stage[0]}", "pre", first_argument("x"))),
+        run=run, loss=lp_error(-1), config=config, shared_inputs=frozenset({"sparse", "dense"}))
+
+
+def decoder_layer_unit(reference: Sam, index: int, loss: LossFn, config: UnitConfig) -> Unit:
+    """The PAR unit of two-way layer `index`: output (queries [N, T, C], keys [N, HW, C], final
+    tokens [N, T, C]), the final tokens from the rest of `reference`'s FP transformer."""
+
+    def run(layer: nn.Module, inputs: Tensors) -> tuple[Tensor, Tensor, Tensor]:
+        query_pe, key_pe = inputs["query_pe"], inputs["key_pe"]
+        queries, keys = layer(queries=inputs["queries"], keys=inputs["keys"], query_pe=query_pe, key_pe=key_pe)
+        tail = transformer_tail(reference.mask_decoder.transformer, index + 1, queries, keys, query_pe, key_pe)
+        return queries, keys, tail
+
+    path = f"{TRANSFORMER}.layers.{index}"
+    return Unit(name=path, root=path, trained=(path,),
+                inputs=(HookPoint(path, "pre", layer_arguments("queries", "keys", "query_pe", "key_pe")),),
+                run=run, loss=loss, config=config, shared_inputs=frozenset({"query_pe", "key_pe"}))
+
+
+def frozen_reference(fp_model: Sam) -> Sam:
+    """A private copy of the FP model with every parameter frozen (eval mode)."""
+    reference = copy.deepcopy(fp_model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def par_units(qmodel: Sam, reference: Sam, settings: ParSettings = PAPER_SETTINGS) -> list[Unit]:
+    """PAR's units in order: encoder stages, neck, decoder layers, final token-to-image attention.
+
+    reference: the frozen FP reference (`frozen_reference`) whose neck and decoder the stage and
+    decoder-layer losses run through.
+    """
+    with torch.no_grad():
+        image_pe = reference.prompt_encoder.get_dense_pe()
+    stage_config = settings.unit_config(settings.stage_iterations)
+    units = [stage_unit(reference, stage, image_pe, stage_config) for stage in encoder_stages(qmodel)]
+    units.append(neck_unit(settings.unit_config(settings.neck_iterations)))
+    decoder_loss = par_decoder_loss(settings.alpha, settings.beta, settings.query_weight)
+    decoder_config = settings.unit_config(settings.decoder_iterations)
+    units += [decoder_layer_unit(reference, index, decoder_loss, decoder_config)
+              for index in range(len(qmodel.mask_decoder.transformer.layers))]
+    units.append(decoder_units(qmodel, settings.unit_config(settings.final_iterations))[-1])
+    return units
+
+
+class CopyIntoReference:
+    """`on_unit_done` callback: once a unit whose name is in `unit_names` is reconstructed, its
+    trained modules (quantizers, hard-rounded weights) are copied into `reference` in place of
+    the FP ones, frozen (sequential targets)."""
+
+    def __init__(self, qmodel: Sam, reference: Sam, unit_names: set[str]) -> None:
+        self.qmodel = qmodel
+        self.reference = reference
+        self.unit_names = set(unit_names)
+
+    def __call__(self, unit: Unit, report: UnitReport) -> None:
+        if unit.name not in self.unit_names:
+            return
+        for path in unit.trained:
+            module = copy.deepcopy(self.qmodel.get_submodule(path))
+            module.requires_grad_(False)
+            self.reference.set_submodule(path, module)
+
+
+def par_reconstruct(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, settings: ParSettings = PAPER_SETTINGS,
+                    seed: int = 0, *, progress: bool = True) -> list[UnitReport]:
+    """Run PAR on `qmodel` (every site already set, e.g. by PCC and the statistics step).
+
+    Encoder stages and the neck are copied into a frozen copy of `fp_model` once reconstructed
+    (sequential targets); `fp_model` itself is not changed. Returns the engine's unit reports.
+    """
+    reference = frozen_reference(fp_model)
+    units = par_units(qmodel, reference, settings)
+    encoder_side = {unit.name for unit in units if not unit.name.startswith(TRANSFORMER)}
+    engine = ReconstructionSettings(max_prompts=settings.max_prompts, forward=prompt_first_forward)
+    return reconstruct(units, qmodel, reference, calib, engine, seed, progress,
+                       on_unit_done=CopyIntoReference(qmodel, reference, encoder_side))
+
+
+def with_iterations(settings: ParSettings, iterations: int) -> ParSettings:
+    """The same settings with every unit trained for `iterations` steps (timing runs, tests)."""
+    return replace(settings, stage_iterations=iterations, neck_iterations=iterations,
+                   decoder_iterations=iterations, final_iterations=iterations)
