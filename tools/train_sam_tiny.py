@@ -13,6 +13,7 @@ Data: DataLoader workers draw endless scenes of the three demo families from
 Each scene goes through SAM's own preprocessing: `ResizeLongestSide(input)` for the image,
 masks resized alike (pixel area, kept where covered >= 1/2), then `Sam.preprocess` (normalise,
 pad) on the device.
+
 Generated scenes enter a replay pool on the device (FIFO, `--pool` scenes); every step samples
 `--batch` scenes of the pool, and `--prompts` instances per scene with fresh prompts, so the GPU
 never waits for the CPU and each scene is reused with new prompts about (GPU rate / CPU rate)
@@ -29,7 +30,13 @@ Loss: 20 * focal + dice per mask (on the low-res logits upsampled to the input s
 `Sam.postprocess_masks` does first), plus the MSE between the IoU head and the actual IoU of
 each predicted mask (all produced outputs). AdamW, linear warm-up, cosine decay over the
 training progress (the larger of steps / `--max-steps` and time / budget, so the schedule
-ends when the time budget does), gradient clipping, bf16 autocast on the GPU.
+ends when the time budget does), gradient clipping, bf16 autocast on the GPU (the prompt and
+positional encodings stay float32, as at inference).
+
+Two pieces re-express segment_anything code for batching, each tested equal to the original:
+`decode` (`MaskDecoder.predict_masks` for prompts of many images in one call; the original
+takes one image) and `embed_points` (the prompt encoder's point embedding without its
+boolean-mask assignments, which would each stall the GPU queue).
 
 Logs into `--log-dir`: `train_log.csv` (step, time, lr, losses, throughput), `val_log.csv`
 (box-prompted mIoU per family on held-out generated scenes, through `BoxPredictor`: the
@@ -41,9 +48,9 @@ Seeded: the init, the data stream of every worker, the replay and prompt samplin
 validation scenes derive from `--seed`; with workers the mix of fresh and replayed scenes
 depends on timing, so two runs are not bit-identical.
 
-Usage (see tools/README.md):
-    PYTHONPATH=. python tools/train_sam_tiny.py --out ptqbench/data/sam_tiny.pt \
-        --log-dir $OUT --minutes 8 --device cuda
+Usage (see tools/README.md; the weights then go to ptqbench/data/sam_tiny.pt):
+    PYTHONPATH=. python3 tools/train_sam_tiny.py --out $OUT/sam_tiny.pt --log-dir $OUT \
+        --minutes 8 --device cuda
 """
 
 from __future__ import annotations

@@ -62,27 +62,28 @@ def fake_quant_affine_fused(x: Tensor, scale: Tensor, zero_point: Tensor, bits: 
 
 
 class _LsqFakeQuant(torch.autograd.Function):
-    """Per-tensor fused fake quant whose backward gives LSQ's gradients, without host syncs."""
+    """Per-tensor fused fake quant whose backward gives LSQ's gradients, without host syncs.
+
+    The fused kernel also returns the on-grid mask (round(x/s) + z within [qmin, qmax]). Inside,
+    d x_hat / ds = round(x/s) - x/s = (x_hat - x)/s; outside, x_hat/s = clamp(level) - z; so the
+    scale gradient is sum(grad * (x_hat - x * mask)) / s.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
                 grad_factor: float) -> Tensor:
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.grid = (qmin, qmax, grad_factor)
-        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1).to(torch.int32),
-                                                     qmin, qmax)
+        enabled = torch.ones(1, dtype=torch.long, device=x.device)
+        x_hat, mask = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), enabled, qmin, qmax)
+        ctx.save_for_backward(x, x_hat, mask, scale)
+        ctx.grad_factor = grad_factor
+        return x_hat
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, scale, zero_point = ctx.saved_tensors
-        qmin, qmax, grad_factor = ctx.grid
-        scaled = x * (1.0 / scale)
-        rounded = torch.round(scaled)
-        level = rounded + zero_point
-        inside = (level >= qmin) & (level <= qmax)
-        d_scale = torch.where(inside, rounded - scaled, torch.clamp(level, qmin, qmax) - zero_point)
-        grad_scale = (grad * d_scale).sum().reshape(scale.shape) * grad_factor
-        return grad * inside, grad_scale, None, None, None, None
+        x, x_hat, mask, scale = ctx.saved_tensors
+        grad_scale = (grad * (x_hat - x * mask)).sum() * (ctx.grad_factor / scale)
+        return grad * mask, grad_scale.reshape(scale.shape), None, None, None, None
 
 
 def fake_quant_affine_lsq(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:

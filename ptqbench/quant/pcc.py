@@ -284,7 +284,7 @@ def pcc_search(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: Pc
     if missing:
         raise ConfigError(f"PCC sites {missing[:3]} do not exist in the model")
     _check_only_qk_sites(qmodel, {name for names in site_names.values() for name in names})
-    reference = quantize_sam(fp_model, 8, 8)
+    reference = quantize_sam(fp_model, 8, 8)  # every site off: bit-exact FP, with a readable softmax input
     ref_arguments = _Arguments(reference, sample, config.max_prompts)
     maps = {path: attention_read(reference.get_submodule(path), ref_arguments.capture(path), "softmax_quantizer")
             for path in attentions}

@@ -1,0 +1,124 @@
+"""Perceptual-Consistency Clipping: focus masks and IoU, candidates, the greedy clip search, the SAM search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything.modeling.transformer import Attention
+
+from ptqbench.errors import PtqbenchError
+from ptqbench.quant.observers import make_observer
+from ptqbench.quant.pcc import (PCC_PERCENTILES, PccConfig, attention_read, decoder_attentions, focus_distance,
+                                focus_iou, focus_masks, pcc_search, percentile_candidates, search_clip)
+from ptqbench.quant.sites import quantizer_sites
+from ptqbench.sam.calibration import CalibrationSample
+from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
+
+
+def test_focus_masks_keep_keys_above_theta_times_the_row_max():
+    attn = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.7, 0.1]])
+    assert focus_masks(attn).tolist() == [[1, 1, 0, 0], [0, 0, 1, 0]]
+    assert focus_masks(attn, theta=0.2).tolist() == [[1, 1, 1, 1], [0, 0, 1, 0]]
+
+
+def test_focus_iou_is_one_for_identical_maps_and_drops_when_a_key_changes():
+    generator = torch.Generator().manual_seed(0)
+    attn = torch.softmax(torch.randn(3, 2, 5, 9, generator=generator), dim=-1)
+    iou = focus_iou(attn, attn.clone())
+    assert iou.shape == (3, 2)
+    assert torch.allclose(iou, torch.ones(3, 2), atol=1e-5)
+    assert focus_distance(attn, attn.clone()) == pytest.approx(0.0, abs=1e-5)
+
+    ref = torch.tensor([[[[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.7, 0.1]]]])  # [1 prompt, 1 head, 2 queries, 4 keys]
+    hat = ref.clone()
+    hat[0, 0, 0, 2] = 0.35  # key 2 of query 0 enters the focus: masks {0,1},{2} vs {0,1,2},{2}
+    assert focus_iou(ref, hat).item() == pytest.approx(3 / (4 + 1e-6))
+    assert focus_distance(ref, hat) == pytest.approx(1 - 3 / (4 + 1e-6))
+
+
+def test_percentile_candidates_match_numpy_quantile():
+    assert len(PCC_PERCENTILES) == 29 and PCC_PERCENTILES[0] == 0.85 and PCC_PERCENTILES[-1] == 0.99999
+    x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(1))
+    candidates = percentile_candidates(x)
+    assert len(candidates) == 29
+    values = x.flatten().double().numpy()
+    for p, (lo, hi) in zip(PCC_PERCENTILES, candidates):
+        assert lo.item() == pytest.approx(np.quantile(values, 1 - p), abs=1e-5)
+        assert hi.item() == pytest.approx(np.quantile(values, p), abs=1e-5)
+
+
+def _attention_with_outliers() -> tuple[QuantDecoderAttention, tuple[tuple, dict], torch.Tensor]:
+    """A decoder cross-attention (256 -> 128, 8 heads) whose key input carries 100x outliers in two
+    channels that k_proj nearly ignores (as SAM's massive activations): they dominate the range of
+    the k_proj input but not the attention's focus."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        attention = QuantDecoderAttention.from_float(Attention(256, 8, downsample_rate=2), 4, 4).eval()
+    q = torch.randn(2, 7, 256, generator=generator)
+    k = torch.randn(2, 64, 256, generator=generator)
+    k[..., 3] = 100.0
+    k[..., 77] = -100.0
+    with torch.no_grad():
+        attention.k_proj.weight[:, [3, 77]] *= 1e-3
+    return attention, ((), {"q": q, "k": k, "v": k}), k
+
+
+def test_pcc_clips_far_inside_outliers_and_beats_the_mse_range():
+    attention, arguments, keys = _attention_with_outliers()
+    reference = attention_read(attention, arguments, "softmax_quantizer")
+    site = attention.k_proj.input_quantizer
+
+    def distance() -> float:
+        return focus_distance(reference, attention_read(attention, arguments, "softmax_quantizer"))
+
+    choice = search_clip(site, keys, distance)
+    assert site.mode == "quantize"
+    assert choice.distance == min(choice.distances)
+    assert max(abs(choice.x_min), abs(choice.x_max)) < 0.1 * keys.abs().max().item()  # > 10x clipping
+    assert distance() == pytest.approx(choice.distance)
+
+    observer = make_observer("mse", bits=4)
+    observer.update(keys)
+    site.set_range(*observer.compute_range(4))
+    assert distance() > choice.distance
+
+
+def _sample(size: int = 256, boxes: int = 3) -> CalibrationSample:
+    generator = torch.Generator().manual_seed(3)
+    corner = torch.rand(boxes, 2, generator=generator) * size * 0.5
+    return CalibrationSample(torch.randn(1, 3, size, size, generator=generator),
+                             torch.cat([corner, corner + size * 0.3], dim=1))
+
+
+def test_pcc_search_on_sam_greedy_order_two_passes_and_frozen_ranges(sam_tiny):
+    qmodel = quantize_sam(sam_tiny, 4, 4)
+    config = PccConfig(percentiles=(0.9, 0.99, 0.99999))
+    choices = pcc_search(qmodel, sam_tiny, _sample(), config, progress=False)
+    attentions = list(decoder_attentions(qmodel))
+    assert len(attentions) == 7
+    order = [f"{path}.{site}" for path in attentions for site in ("q_proj.input", "k_proj.input", "q", "k")]
+    assert [c.site for c in choices] == order + order
+    assert [c.pass_index for c in choices] == [0] * 28 + [1] * 28
+    first, second = choices[:28], choices[28:]
+    # The first attention has nothing upstream: both passes see the same model.
+    assert [c.choice.distances for c in first[:4]] == [c.choice.distances for c in second[:4]]
+    # Later attentions see their upstream attentions clipped in the second pass only.
+    assert any(a.choice.distances != b.choice.distances for a, b in zip(first[4:], second[4:]))
+    sites = quantizer_sites(qmodel)
+    for c in second:
+        quantizer = sites[c.site]
+        assert quantizer.mode == "quantize"
+        lo, hi = torch.tensor(c.choice.x_min), torch.tensor(c.choice.x_max)
+        expected_scale = (torch.clamp(hi, min=0) - torch.clamp(lo, max=0)) / 15
+        assert quantizer.scale.item() == pytest.approx(expected_scale.item(), rel=1e-6)
+    assert all(q.mode == "off" for name, q in sites.items() if name not in set(order))
+
+
+def test_pcc_search_refuses_a_model_with_other_sites_set(sam_tiny):
+    qmodel = quantize_sam(sam_tiny, 4, 4)
+    qmodel.mask_decoder.transformer.layers[0].self_attn.softmax_quantizer.set_range(torch.tensor(0.0),
+                                                                                   torch.tensor(1.0))
+    with pytest.raises(PtqbenchError, match="softmax"):
+        pcc_search(qmodel, sam_tiny, _sample(), PccConfig(percentiles=(0.99,)), progress=False)

@@ -1,0 +1,91 @@
+"""`saqsam-s` and `saqsam` end to end on sam_tiny: registration, step order, PCC hand-off, sealing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptqbench.config import BitSpec
+from ptqbench.methods.base import METHODS
+from ptqbench.methods.par import FAST_SETTINGS, with_iterations
+from ptqbench.methods.saqsam import SaqSam, SaqSamS, pcc_config
+from ptqbench.quant.pcc import PccConfig, decoder_attentions
+from ptqbench.quant.quantizer import FakeQuantizer
+from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
+from ptqbench.sam.quantized import quantize_sam
+
+QUICK_PCC = PccConfig(percentiles=(0.9, 0.99, 0.999), max_prompts=2)
+
+
+def _calibration(images: int = 2, boxes: int = 3, size: int = 256) -> CalibrationSet:
+    generator = torch.Generator().manual_seed(7)
+    samples = []
+    for _ in range(images):
+        corner = torch.rand(boxes, 2, generator=generator) * size * 0.5
+        samples.append(CalibrationSample(torch.randn(1, 3, size, size, generator=generator),
+                                         torch.cat([corner, corner + size * 0.3], dim=1)))
+    return CalibrationSet(tuple(samples), "test")
+
+
+def _qk_sites(qmodel) -> dict[str, FakeQuantizer]:
+    sites = quantizer_sites(qmodel)
+    return {f"{path}.{site}": sites[f"{path}.{site}"] for path in decoder_attentions(qmodel)
+            for site in ("q_proj.input", "k_proj.input", "q", "k")}
+
+
+def test_registered_with_the_papers_names():
+    assert isinstance(METHODS.get("saqsam-s")(), SaqSamS) and not isinstance(METHODS.get("saqsam-s")(), SaqSam)
+    assert isinstance(METHODS.get("saqsam")(), SaqSam)
+    assert pcc_config("paper") == PccConfig() and pcc_config("fast").max_prompts == 4
+
+
+def test_saqsam_keeps_pcc_ranges_then_trains_from_them_and_seals_deterministically(sam_tiny):
+    calib = _calibration()
+    qmodel = quantize_sam(sam_tiny, 4, 4)
+    method = SaqSam(pcc=QUICK_PCC, par=with_iterations(FAST_SETTINGS, 3), progress=False)
+    steps = method.steps(qmodel, sam_tiny, calib, BitSpec(4, 4), "fast", 0)
+    assert [name for name, _ in steps] == ["BIG", "PCC", "weights", "AGQ", "activations", "PAR"]
+    results = {name: step() for name, step in steps[:-1]}
+
+    # saqsam-s ends here: the statistics step left the PCC ranges of the last pass alone.
+    pcc_ranges = {c.site: c.choice for c in results["PCC"] if c.pass_index == 1}
+    for name, quantizer in _qk_sites(qmodel).items():
+        expected = (max(pcc_ranges[name].x_max, 0.0) - min(pcc_ranges[name].x_min, 0.0)) / 15
+        assert quantizer.scale.item() == pytest.approx(expected, rel=1e-6)
+    sites = quantizer_sites(qmodel)
+    assert all(q.mode == "quantize" and q.observer is None for q in sites.values())
+    assert all(q.log2_tau is not None for name, q in sites.items() if name.endswith(".softmax"))
+
+    pcc_qparams = {name: (q.scale.clone(), q.zero_point.clone()) for name, q in _qk_sites(qmodel).items()}
+    reports = steps[-1][1]()
+    assert len(reports) == 6 and all(r.iterations == 3 for r in reports)
+    changed = 0
+    for name, quantizer in _qk_sites(qmodel).items():
+        scale, zero_point = pcc_qparams[name]
+        assert torch.equal(quantizer.zero_point, zero_point)  # LSQ keeps PCC's zero point ...
+        changed += not torch.equal(quantizer.scale, scale)  # ... and trains the scale it started from
+    assert changed >= 20
+
+    seal_for_evaluation(qmodel)
+    assert all(q.quantize_prob == 1.0 and q.mode == "quantize" for q in quantizer_sites(qmodel).values())
+    sample = calib.samples[0]
+    with torch.no_grad():
+        first = sam_forward(qmodel, sample.image, sample.boxes)
+        second = sam_forward(qmodel, sample.image, sample.boxes)
+        fp = sam_forward(sam_tiny, sample.image, sample.boxes)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], fp[0])
+
+
+def test_saqsam_s_has_no_reconstruction_step(sam_tiny):
+    steps = SaqSamS(pcc=QUICK_PCC).steps(quantize_sam(sam_tiny, 4, 4), sam_tiny, _calibration(), BitSpec(4, 4),
+                                        "fast", 0)
+    assert [name for name, _ in steps] == ["BIG", "PCC", "weights", "AGQ", "activations"]
+
+
+def test_search_image_must_exist(sam_tiny):
+    from ptqbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="search image 5"):
+        SaqSamS(search_image=5).steps(quantize_sam(sam_tiny, 4, 4), sam_tiny, _calibration(), BitSpec(4, 4), "fast", 0)
