@@ -247,3 +247,13 @@ def test_make_observer() -> None:
         make_observer("mse", p=0.5)
     with pytest.raises(ConfigError):
         make_observer("percentile", percentile=120.0)
+
+
+def test_strided_sample_keeps_extremes_and_caps_size():
+    from ptqbench.quant.observers import strided_sample
+
+    x = torch.arange(100_000, dtype=torch.float32).roll(777)
+    sample = strided_sample(x, 1000)
+    assert sample.numel() <= 1002
+    assert sample.min() == 0 and sample.max() == 99_999
+    assert strided_sample(x, None) is x and strided_sample(x, 10**6) is x

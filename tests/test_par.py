@@ -85,13 +85,13 @@ def test_layer_skipping_never_runs_later_stages(sam_tiny):
         for index, block in enumerate(model.image_encoder.blocks):
             block.register_forward_hook(counter(f"{name}.block{index}"))
         model.image_encoder.neck.register_forward_hook(counter(f"{name}.neck"))
-        model.mask_decoder.transformer.register_forward_hook(counter(f"{name}.transformer"))
+        model.mask_decoder.transformer.layers[1].register_forward_hook(counter(f"{name}.layer1"))
     reconstruct([stage], qmodel, reference, calib, engine_settings(settings), seed=0, progress=False)
     assert all(calls.get(f"{name}.block{index}", 0) == 0 for name in ("q", "ref") for index in (3, 4, 5))
     assert calls["q.block0"] == calls["q.block2"] == 3  # the training steps only: capture stops before block 0
     assert calls["ref.block0"] == len(calib)  # the FP targets
-    assert calls["ref.neck"] == calls["ref.transformer"] == len(calib) + 3  # FP neck and decoder: targets + steps
-    assert "q.neck" not in calls and "q.transformer" not in calls
+    assert calls["ref.neck"] == calls["ref.layer1"] == len(calib) + 3  # FP neck and decoder: targets + steps
+    assert "q.neck" not in calls and "q.layer1" not in calls
 
 
 def _stage_scales(qmodel, stage: tuple[int, ...]) -> dict[str, torch.nn.Parameter]:
@@ -170,3 +170,20 @@ def test_par_reconstruct_copies_encoder_units_into_its_reference_and_leaves_fp_m
     assert not any(p.requires_grad for p in reference.parameters())
     assert reference.mask_decoder.transformer.layers[0] is not qmodel.mask_decoder.transformer.layers[0]
     assert type(reference.mask_decoder.transformer.layers[0].self_attn).__name__ == "Attention"
+
+
+def test_transformer_keys_are_the_transformer_outputs(sam_tiny):
+    from ptqbench.methods.par import transformer_keys
+
+    decoder = sam_tiny.mask_decoder
+    sample = _calibration(images=1).samples[0]
+    with torch.no_grad():
+        embedding = sam_tiny.image_encoder(sample.image)
+        sparse, dense = sam_tiny.prompt_encoder(points=None, boxes=sample.boxes, masks=None)
+        image_pe = sam_tiny.prompt_encoder.get_dense_pe()
+        src = torch.repeat_interleave(embedding, 3, dim=0) + dense
+        tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])[None].expand(3, -1, -1)
+        _, expected = decoder.transformer(src, torch.repeat_interleave(image_pe, 3, dim=0),
+                                          torch.cat([tokens, sparse], dim=1))
+        keys = transformer_keys(decoder, embedding, image_pe, sparse, dense)
+    assert torch.equal(keys, expected)

@@ -7,6 +7,7 @@ from ptqbench.methods.base import METHODS, RangeSettingMethod
 
 FAST_SEARCH_ITERATIONS = 6
 FAST_WEIGHT_RANGES = 20
+FAST_SEARCH_ELEMENTS = 2**16
 
 
 @METHODS.register("mse")
@@ -15,7 +16,9 @@ class Mse(RangeSettingMethod):
 
     The `fast` preset cuts the iteration counts: each of the two nested bounded searches stops
     after FAST_SEARCH_ITERATIONS iterations (scipy's default cap is 500; they usually stop after
-    ~25 on the tolerance) and the weight grid has FAST_WEIGHT_RANGES ranges instead of 100.
+    ~25 on the tolerance), each activation search scores candidates on a strided sample of at
+    most FAST_SEARCH_ELEMENTS elements (plus the tensor's min and max), and the weight grid has
+    FAST_WEIGHT_RANGES ranges instead of 100. The `paper` preset is the exact search.
     """
 
     name = "mse"
@@ -26,7 +29,9 @@ class Mse(RangeSettingMethod):
         return {"num_ranges": FAST_WEIGHT_RANGES} if preset == "fast" else {}
 
     def activation_observer_options(self, preset: str) -> dict:
-        return {"max_iter": FAST_SEARCH_ITERATIONS} if preset == "fast" else {}
+        if preset != "fast":
+            return {}
+        return {"max_iter": FAST_SEARCH_ITERATIONS, "max_elements": FAST_SEARCH_ELEMENTS}
 
 
 @METHODS.register("omse")

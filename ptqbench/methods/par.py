@@ -118,8 +118,8 @@ def prompt_embeddings(args: tuple, kwargs: dict, output: tuple[Tensor, Tensor]) 
     return {"sparse": output[0], "dense": output[1]}
 
 
-class _TransformerDone(Exception):
-    """Ends a mask-decoder forward once its transformer has run."""
+class _KeysReady(Exception):
+    """Ends a mask-decoder forward once the transformer's image tokens exist."""
 
 
 def transformer_keys(decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, sparse: Tensor,
@@ -128,19 +128,20 @@ def transformer_keys(decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, 
 
     embedding: image embedding [1, 256, h, w]; image_pe [1, 256, h, w]; sparse [N, T, 256] and
     dense [N, 256, h, w] prompt embeddings. The decoder's own forward builds the tokens and the
-    per-prompt image; it stops right after the transformer. The autograd graph is kept.
+    per-prompt image; it stops after the last two-way layer, whose keys the transformer returns
+    unchanged (its final attention updates the tokens only). The autograd graph is kept.
     """
     found: list[Tensor] = []
 
     def keep(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> None:
         found.append(output[1])
-        raise _TransformerDone
+        raise _KeysReady
 
-    handle = decoder.transformer.register_forward_hook(keep)
+    handle = decoder.transformer.layers[-1].register_forward_hook(keep)
     try:
         decoder(image_embeddings=embedding, image_pe=image_pe, sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense, multimask_output=False)
-    except _TransformerDone:
+    except _KeysReady:
         pass
     finally:
         handle.remove()

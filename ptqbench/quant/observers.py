@@ -364,6 +364,17 @@ def _bounded_minimize(fn: Callable[[float], float], lo: float, hi: float, xatol:
     return float(result.x), float(result.fun)
 
 
+def strided_sample(x: Tensor, max_elements: int | None) -> Tensor:
+    """x itself when it has at most `max_elements` elements (or no cap is set), else a
+    deterministic strided subset of about `max_elements` elements plus x's min and max
+    (so the searched interval is the full tensor's). Returns a 1-D tensor or x."""
+    if max_elements is None or x.numel() <= max_elements:
+        return x
+    flat = x.reshape(-1)
+    stride = -(-flat.numel() // max_elements)
+    return torch.cat([flat[::stride], torch.stack([flat.min(), flat.max()])])
+
+
 def bounded_search_per_tensor(x: Tensor, bits: int, p: float, max_iter: int | None = None) -> tuple[float, float]:
     """The per-tensor range minimising mean(|Q(x) - x|^p) by a nested bounded scalar search.
 
@@ -409,18 +420,20 @@ class MSEObserver(SearchObserver):
     """
 
     def __init__(self, channel_axis: int | None = None, bits: int | None = None, p: float = 2.4,
-                 max_iter: int | None = None, num_ranges: int = MSE_NUM_RANGES) -> None:
+                 max_iter: int | None = None, num_ranges: int = MSE_NUM_RANGES,
+                 max_elements: int | None = None) -> None:
         if not p >= 1:
             raise ConfigError(f"MSEObserver: p must be >= 1 (the searches rely on a convex loss), got {p}")
         self.p = p
         self.max_iter = max_iter
         self.num_ranges = num_ranges
+        self.max_elements = max_elements
         super().__init__(channel_axis, bits)
 
     def _search(self, rows: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         if self.channel_axis is not None:
             return grid_search_per_channel(rows, bits, self.p, self.num_ranges)
-        lo, hi = bounded_search_per_tensor(rows, bits, self.p, self.max_iter)
+        lo, hi = bounded_search_per_tensor(strided_sample(rows, self.max_elements), bits, self.p, self.max_iter)
         return torch.tensor([lo], device=rows.device), torch.tensor([hi], device=rows.device)
 
 

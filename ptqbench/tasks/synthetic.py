@@ -123,7 +123,7 @@ class DemoSizes:
     coco_train: int = 8
     dota_val: int = 4
     dota_train: int = 2
-    ade_val: int = 16
+    ade_val: int = 8
     ade_train: int = 8
 
     def __post_init__(self) -> None:
