@@ -81,7 +81,7 @@ FAST_SETTINGS = ParSettings(stage_iterations=20, neck_iterations=20, decoder_ite
 def par_settings(preset: str) -> ParSettings:
     """The `paper` settings (2,000 steps per stage, neck and decoder layer, 10,000 for the final
     attention, at most 16 prompts per image) or the `fast` ones (1/100 of the steps, at most 4
-    prompts per image: PAR on sam_tiny with 32 images takes about half a minute on two CPU cores)."""
+    prompts per image: PAR on sam_tiny with 32 images takes under a minute on one CPU core)."""
     return preset_value(preset, PAPER_SETTINGS, FAST_SETTINGS)
 
 
