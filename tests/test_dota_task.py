@@ -253,3 +253,17 @@ def test_evaluate_with_sam_tiny_box_predictor(tmp_path: Path) -> None:
     assert tuple(result) == METRIC_KEYS
     assert all(0.0 <= value <= 100.0 + 1e-9 for value in result.values())
     assert len(list((tmp_path / "out" / "dota_task1").glob("Task1_*.txt"))) == 15
+
+
+def test_real_slice_run_calibrates_on_val_when_train_is_absent(tmp_path, caplog):
+    from ptqbench.cli import main
+
+    realdata = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+    if not (realdata / "DOTA").is_dir():
+        pytest.skip("../shared/realdata is absent")
+    code = main(["run", "--model", "sam_tiny", "--tasks", "dota", "--data-root", str(realdata), "--methods", "minmax",
+                 "--bits", "8", "--calib-size", "2", "--limit", "1", "--out", str(tmp_path), "--device", "cpu"])
+    assert code == 0
+    assert any("calibrating on the val images" in m for m in caplog.messages)
+    rows = (tmp_path / "leaderboard_dota.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[2].startswith("sam_tiny,minmax,W8A8")

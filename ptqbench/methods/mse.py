@@ -10,6 +10,15 @@ FAST_WEIGHT_RANGES = 20
 FAST_SEARCH_ELEMENTS = 2**16
 
 
+def mse_observer_options(preset: str, *, weights: bool) -> dict:
+    """Options of the MSE observer under `preset`: none for `paper`, the iteration cuts for `fast`."""
+    if preset != "fast":
+        return {}
+    if weights:
+        return {"num_ranges": FAST_WEIGHT_RANGES}
+    return {"max_iter": FAST_SEARCH_ITERATIONS, "max_elements": FAST_SEARCH_ELEMENTS}
+
+
 @METHODS.register("mse")
 class Mse(RangeSettingMethod):
     """Weights: per-channel 2-D grid search. Activations: per-tensor bounded search, averaged over images.
@@ -26,12 +35,10 @@ class Mse(RangeSettingMethod):
     activation_observer = "mse"
 
     def weight_observer_options(self, preset: str) -> dict:
-        return {"num_ranges": FAST_WEIGHT_RANGES} if preset == "fast" else {}
+        return mse_observer_options(preset, weights=True)
 
     def activation_observer_options(self, preset: str) -> dict:
-        if preset != "fast":
-            return {}
-        return {"max_iter": FAST_SEARCH_ITERATIONS, "max_elements": FAST_SEARCH_ELEMENTS}
+        return mse_observer_options(preset, weights=False)
 
 
 @METHODS.register("omse")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from segment_anything.modeling import Sam
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS, observe_activations, set_weight_ranges
+from ptqbench.methods.mse import FAST_SEARCH_ITERATIONS, mse_observer_options
 from ptqbench.quant.agq import AGQ_P, AGQ_TAUS, AgqCapture, AgqResult
 from ptqbench.quant.big import channel_signs, fold_channel_signs, is_bimodal
 from ptqbench.quant.observers import Observer, make_observer
@@ -87,15 +90,16 @@ def softmax_attentions(qmodel: Sam) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def apply_agq(qmodel: Sam, calib: CalibrationSet, *, taus: tuple[int, ...] = AGQ_TAUS, p: float = AGQ_P,
-              progress: bool = True) -> dict[str, AgqResult]:
+              max_iter: int | None = None, progress: bool = True) -> dict[str, AgqResult]:
     """AGQ: search tau and scale of every softmax site over the calibration set, then set the log2 grids.
 
     One forward per calibration image with `qmodel` as it is (sites already set quantize, the
     others are FP); each attention map is searched when it is produced and then released.
     Returns attention path -> search result; the site `<path>.softmax` is left quantizing.
+    max_iter caps each bounded search (the `fast` preset's cut; None = scipy's default).
     """
     attentions = softmax_attentions(qmodel)
-    with AgqCapture(attentions, taus, p) as capture:
+    with AgqCapture(attentions, taus, p, max_iter) as capture:
         for sample in tqdm(calib.samples, desc="AGQ softmax search", disable=not progress, leave=False):
             sam_forward(qmodel, sample.image, sample.boxes)
     results = capture.results()
@@ -121,23 +125,34 @@ class Ptq4SamS:
     def __init__(self, *, big: bool = True, agq: bool = True, p: float = AGQ_P, progress: bool = True) -> None:
         self.big, self.agq, self.p, self.progress = big, agq, p, progress
 
-    def activation_observer_for(self, site: str, bits: int) -> Observer:
+    def activation_observer_for(self, site: str, bits: int, preset: str = "paper") -> Observer:
         """AvgMinMax; with BIG on, the averaged-MSE observer for the k sites of every decoder attention.
 
         `bits` lets the MSE observer search each image as it comes (no copy of every update).
         """
         if self.big and fnmatch.fnmatchcase(site, DECODER_KEY_SITES):
-            return make_observer(self.key_observer_with_big, bits=bits)
+            return make_observer(self.key_observer_with_big, bits=bits,
+                                 **mse_observer_options(preset, weights=False))
         return make_observer(self.activation_observer, bits=bits)
+
+    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet, preset: str) -> list[tuple[str, Callable[[], object]]]:
+        """The weight, AGQ and activation steps (after BIG), with the `fast` preset's search cuts."""
+        steps = [("weights", lambda: set_weight_ranges(qmodel, self.weight_observer,
+                                                       **mse_observer_options(preset, weights=True)))]
+        if self.agq:
+            max_iter = FAST_SEARCH_ITERATIONS if preset == "fast" else None
+            steps.append(("AGQ", lambda: apply_agq(qmodel, calib, p=self.p, max_iter=max_iter,
+                                                   progress=self.progress)))
+        steps.append(("activations", lambda: observe_activations(
+            qmodel, calib, partial(self.activation_observer_for, preset=preset), progress=self.progress)))
+        return steps
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
                   preset: str, seed: int) -> None:
         if self.big:
             apply_big(qmodel, fp_model, calib)
-        set_weight_ranges(qmodel, self.weight_observer)
-        if self.agq:
-            apply_agq(qmodel, calib, p=self.p, progress=self.progress)
-        observe_activations(qmodel, calib, self.activation_observer_for, progress=self.progress)
+        for _, step in self.statistics_steps(qmodel, calib, preset):
+            step()
 
 
 @METHODS.register("ptq4sam", aliases=("ptq4sam-l",))

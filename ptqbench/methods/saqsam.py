@@ -22,9 +22,9 @@ from segment_anything.modeling import Sam
 
 from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
-from ptqbench.methods.base import METHODS, observe_activations, set_weight_ranges
+from ptqbench.methods.base import METHODS
 from ptqbench.methods.par import ParSettings, par_reconstruct, par_settings
-from ptqbench.methods.ptq4sam import Ptq4SamS, apply_agq, apply_big
+from ptqbench.methods.ptq4sam import Ptq4SamS, apply_big
 from ptqbench.methods.reconstruction import preset_value
 from ptqbench.quant.agq import AGQ_P
 from ptqbench.quant.pcc import PccConfig, pcc_search
@@ -73,11 +73,7 @@ class SaqSamS:
             steps.append(("BIG", lambda: apply_big(qmodel, fp_model, calib)))
         steps.append(("PCC", lambda: pcc_search(qmodel, fp_model, calib.samples[self.search_image], pcc,
                                                 progress=self.progress)))
-        steps.append(("weights", lambda: set_weight_ranges(qmodel, stats.weight_observer)))
-        if stats.agq:
-            steps.append(("AGQ", lambda: apply_agq(qmodel, calib, p=stats.p, progress=self.progress)))
-        steps.append(("activations", lambda: observe_activations(qmodel, calib, stats.activation_observer_for,
-                                                                 progress=self.progress)))
+        steps += stats.statistics_steps(qmodel, calib, preset)
         return steps
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,

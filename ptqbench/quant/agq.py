@@ -93,6 +93,7 @@ class AgqSearch:
     bits: int
     taus: tuple[int, ...] = AGQ_TAUS
     p: float = AGQ_P
+    max_iter: int | None = None
     images: int = 0
     scale_sums: dict[int, float] = field(default_factory=dict)
     error_sums: dict[int, float] = field(default_factory=dict)
@@ -108,8 +109,9 @@ class AgqSearch:
         value = split_heads(attn, value.detach().float())
         low, high = agq_scale_bounds(attn.max().item())
         for tau in self.taus:
+            options = {} if self.max_iter is None else {"maxiter": self.max_iter}
             best = minimize_scalar(lambda s: agq_error(attn, value, s, tau, self.bits, self.p),
-                                   bounds=(low, high), method="bounded")
+                                   bounds=(low, high), method="bounded", options=options)
             self.scale_sums[tau] = self.scale_sums.get(tau, 0.0) + float(best.x)
             self.error_sums[tau] = self.error_sums.get(tau, 0.0) + float(best.fun)
         self.images += 1
@@ -132,9 +134,10 @@ class AgqCapture:
     every call of a module is one `update`.
     """
 
-    def __init__(self, attentions: Mapping[str, nn.Module], taus: Iterable[int] = AGQ_TAUS, p: float = AGQ_P) -> None:
+    def __init__(self, attentions: Mapping[str, nn.Module], taus: Iterable[int] = AGQ_TAUS, p: float = AGQ_P,
+                 max_iter: int | None = None) -> None:
         self.attentions = dict(attentions)
-        self.searches = {name: AgqSearch(module.softmax_quantizer.bits, tuple(taus), p)
+        self.searches = {name: AgqSearch(module.softmax_quantizer.bits, tuple(taus), p, max_iter)
                          for name, module in self.attentions.items()}
         self._pending: dict[str, dict[str, Tensor]] = {name: {} for name in self.attentions}
         self._handles: list[RemovableHandle] = []

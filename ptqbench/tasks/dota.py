@@ -3,7 +3,8 @@
 The MMRotate-SAM / SAM-RBox protocol, as specified in tasks.md section 2:
 
 - Data: `<data_root>/DOTA/{val,train}/images/*.png` + `labelTxt/*.txt`; evaluation on `val`,
-  calibration on `train` (`TaskConfig.calib_split` overrides). Images are sorted by file name;
+  calibration on `train` (`TaskConfig.calib_split` overrides; without a train split, on `val`
+  with a warning). Images are sorted by file name;
   `limit` keeps the first images and scores against those images only.
 - Windows: each image is split into square windows of side `window` with overlap `gap`
   (step = window - gap; along each axis the starts are 0, step, 2 step, ... and the last window
@@ -397,9 +398,17 @@ class DotaTask:
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self.window, self.gap = _resolve_windows(config)
-        self.calib_split = config.calib_split or CALIB_SPLIT
+        self.calib_split = config.calib_split or self._default_calib_split()
         self.prompt_dir = _prompt_dir(config.prompts)
         self.calib_prompt_dir = _prompt_dir(config.calib_prompts)
+
+    def _default_calib_split(self) -> str:
+        """`train`, or `val` (with a warning) when the data root has no train split."""
+        if (Path(self.config.data_root) / "DOTA" / CALIB_SPLIT).is_dir():
+            return CALIB_SPLIT
+        log.warning("DOTA: no %s split under %s; calibrating on the %s images instead (use --calib-split "
+                    "to choose)", CALIB_SPLIT, Path(self.config.data_root) / "DOTA", EVAL_SPLIT)
+        return EVAL_SPLIT
 
     def _items(self, split: str) -> list[SplitItem]:
         return list_split(dota_split_dir(self.config.data_root, split))
