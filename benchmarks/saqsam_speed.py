@@ -21,34 +21,16 @@ import logging
 import time
 
 import torch
-from segment_anything.modeling import Sam
 from tabulate import tabulate
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.par import par_settings, par_units, with_iterations
 from ptqbench.methods.saqsam import SaqSam
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
-from ptqbench.sam.models import build_sam_official, build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam
+from recon_speed import build, random_calibration  # the script folder is on sys.path
 
 
 PER_IMAGE_STEPS = ("AGQ", "activations")
-
-
-def build(name: str) -> Sam:
-    return build_sam_tiny() if name == "sam_tiny" else build_sam_official(name.removeprefix("sam_"))
-
-
-def random_calibration(size: int, images: int, boxes: int, device: torch.device) -> CalibrationSet:
-    """Random normalised images [1, 3, size, size] with `boxes` random boxes [boxes, 4] each."""
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for _ in range(images):
-        corner = torch.rand(boxes, 2, generator=generator) * size * 0.6
-        extent = size * (0.05 + 0.3 * torch.rand(boxes, 2, generator=generator))
-        samples.append(CalibrationSample(torch.randn(1, 3, size, size, generator=generator).to(device),
-                                         torch.cat([corner, corner + extent], 1).to(device)))
-    return CalibrationSet(samples=tuple(samples), fingerprint="random")
 
 
 def synchronize(device: torch.device) -> None:

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
-from ptqbench.methods.base import METHODS, observe_activations, set_weight_ranges
+from ptqbench.methods.base import METHODS
+from ptqbench.methods.qdrop import initial_ranges
 from ptqbench.methods.reconstruction import ReconstructionSettings, preset_value, reconstruct
-from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.quant.unit import HookPoint, Unit, UnitConfig, lp_error, weighted_squared_error
@@ -128,8 +128,6 @@ class Brecq:
     learning activation scales. Both off = the PTQ4SAM codebase's run; both on = `brecq-fisher`."""
 
     name = "brecq"
-    weight_observer = "mse"
-    activation_observer = "avgminmax"
 
     def __init__(self, *, fisher: bool = False, activation_stage: bool = False, progress: bool = True) -> None:
         self.fisher = fisher
@@ -138,9 +136,7 @@ class Brecq:
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
                   preset: str, seed: int) -> None:
-        set_weight_ranges(qmodel, self.weight_observer)
-        observe_activations(qmodel, calib, lambda site, bits: make_observer(self.activation_observer, bits=bits),
-                            progress=self.progress)
+        initial_ranges(qmodel, calib, preset, progress=self.progress)
         activations = [q for q in quantizer_sites(qmodel).values() if not q.is_weight and q.mode == "quantize"]
         for quantizer in activations:
             quantizer.mode = "off"

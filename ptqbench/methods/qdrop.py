@@ -13,6 +13,7 @@ from segment_anything.modeling import Sam
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS, observe_activations, set_weight_ranges
+from ptqbench.methods.mse import mse_observer_options
 from ptqbench.methods.reconstruction import ReconstructionSettings, preset_value, reconstruct
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.unit import UnitConfig
@@ -45,20 +46,23 @@ def qdrop_reconstruct(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, preset:
                 seed, progress)
 
 
+def initial_ranges(qmodel: Sam, calib: CalibrationSet, preset: str, *, progress: bool = True) -> None:
+    """The ranges reconstruction starts from (PTQ4SAM codebase): per-channel MSE weight ranges
+    (with the `fast` preset's search cuts) and AvgMinMax activation ranges."""
+    set_weight_ranges(qmodel, "mse", **mse_observer_options(preset, weights=True))
+    observe_activations(qmodel, calib, lambda site, bits: make_observer("avgminmax", bits=bits), progress=progress)
+
+
 @METHODS.register("qdrop")
 class QDrop:
     """QDrop: MSE weight ranges + AvgMinMax activation ranges, then `qdrop_reconstruct`."""
 
     name = "qdrop"
-    weight_observer = "mse"
-    activation_observer = "avgminmax"
 
     def __init__(self, *, progress: bool = True) -> None:
         self.progress = progress
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
                   preset: str, seed: int) -> None:
-        set_weight_ranges(qmodel, self.weight_observer)
-        observe_activations(qmodel, calib, lambda site, bits: make_observer(self.activation_observer, bits=bits),
-                            progress=self.progress)
+        initial_ranges(qmodel, calib, preset, progress=self.progress)
         qdrop_reconstruct(qmodel, fp_model, calib, preset, seed, progress=self.progress)
