@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ptqbench.methods.reconstruction import ReconstructionSettings, UnitReport, preset_value, reconstruct
 from ptqbench.quant.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
+from ptqbench.sam.calibration import CalibrationSet
 from ptqbench.sam.units import ENCODER_BLOCKS, TRANSFORMER, decoder_units, final_token_to_image, first_argument, \
     layer_arguments, neck_unit
 
@@ -98,19 +98,6 @@ def encoder_stages(model: Sam) -> list[tuple[int, ...]]:
     if current:
         stages.append(tuple(current))
     return stages
-
-
-def prompt_first_forward(model: Sam, sample: CalibrationSample) -> tuple[Tensor, Tensor]:
-    """`sam_forward` with the prompt encoder run before the image encoder (same outputs).
-
-    Capture hooks on the prompt encoder then fire before the encoder runs, so a unit that reads
-    the prompts and an encoder stage's input stops the forward at that stage (layer skipping).
-    """
-    sparse, dense = model.prompt_encoder(points=None, boxes=sample.boxes, masks=None)
-    embedding = model.image_encoder(sample.image)
-    return model.mask_decoder(image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
-                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                              multimask_output=False)
 
 
 def prompt_embeddings(args: tuple, kwargs: dict, output: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
@@ -270,7 +257,7 @@ def par_reconstruct(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, settings:
 
 def engine_settings(settings: ParSettings) -> ReconstructionSettings:
     """The engine-wide settings of PAR: the prompt limit and the prompts-first capture forward."""
-    return ReconstructionSettings(max_prompts=settings.max_prompts, forward=prompt_first_forward)
+    return ReconstructionSettings(max_prompts=settings.max_prompts)
 
 
 def with_iterations(settings: ParSettings, iterations: int) -> ParSettings:

@@ -39,7 +39,7 @@ from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.sam.calibration import CalibrationSample
+from ptqbench.sam.calibration import CalibrationSample, sam_decode
 from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
 
 log = logging.getLogger(__name__)
@@ -174,16 +174,6 @@ def decoder_attentions(model: nn.Module) -> dict[str, QuantDecoderAttention]:
             if isinstance(module, QuantDecoderAttention)}
 
 
-def decode(model: Sam, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """Prompt encoder + single-mask decoder on a given image embedding [1, 256, h, w]; boxes [N, 4]
-    in input coordinates -> (mask logits [N, 1, 4h, 4w], IoU [N, 1]). The second half of
-    `ptqbench.sam.calibration.sam_forward`, so the decoder can run many times per encoder pass."""
-    sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-    return model.mask_decoder(image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
-                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                              multimask_output=False)
-
-
 class _Reached(Exception):
     """Raised by a probe hook to end a forward once the tensor it reads exists."""
 
@@ -250,7 +240,7 @@ class _Arguments:
 
         handle = self.model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            decode(self.model, self.embedding, self.boxes)
+            sam_decode(self.model, self.embedding, self.boxes)
         except _Reached:
             pass
         finally:

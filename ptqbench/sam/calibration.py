@@ -52,13 +52,26 @@ def build_calibration_set(model: Sam, items: list[CalibrationItem], device: torc
 
 
 def sam_forward(model: Sam, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """Encoder + prompt encoder + single-mask decoder.
+    """Prompt encoder + image encoder + single-mask decoder.
 
+    The prompt encoder runs first (it does not depend on the image), so hooks that read the prompt
+    embeddings fire before the image encoder: a capture that then stops the forward inside the
+    encoder never runs the later blocks (PAR's layer skipping relies on it).
     image: [1, 3, S, S] model input; boxes: [N, 4] input coordinates.
     Returns low-res mask logits [N, 1, S/4, S/4] and predicted IoU [N, 1].
     """
-    embedding = model.image_encoder(image)
     sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return _mask_decoder(model, model.image_encoder(image), sparse, dense)
+
+
+def sam_decode(model: Sam, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """The second half of `sam_forward` on a given image embedding [1, 256, h, w]: prompt encoder +
+    single-mask decoder for boxes [N, 4] -> (mask logits [N, 1, 4h, 4w], IoU [N, 1])."""
+    sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return _mask_decoder(model, embedding, sparse, dense)
+
+
+def _mask_decoder(model: Sam, embedding: Tensor, sparse: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
     return model.mask_decoder(
         image_embeddings=embedding,
         image_pe=model.prompt_encoder.get_dense_pe(),
