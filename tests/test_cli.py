@@ -92,3 +92,22 @@ def test_config_file_is_read_and_flags_override(small_demo, tmp_path):
     assert [(r["method"], r["bits"], r["images"]) for r in rows] == [("fp", "fp", "1"), ("minmax", "W6A6", "1")]
     config.write_text("methods: [minmax]\nbogus_option: 1\n")
     assert main(["run", "--config", str(config)]) == 2
+
+
+def test_evaluate_commands_rescore_a_runs_artefacts_to_the_same_numbers(small_demo, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    assert main(["run", "--data-root", str(small_demo), "--tasks", "coco,dota,ade20k", "--methods", "fp",
+                 "--calib-size", "1", "--out", str(out), "--device", "cpu"]) == 0
+    artefacts = {"coco": ["--results", "coco_segm_results.json"], "dota": ["--detections", "dota_task1"],
+                 "ade20k": ["--predictions", "ade20k_pred"]}
+    for task, (flag, name) in artefacts.items():
+        (row,) = _rows(out / f"leaderboard_{task}.csv")
+        metrics_json = tmp_path / f"{task}.json"
+        cell = out / "runs" / f"sam_tiny-{task}-fp-fp--"
+        assert main(["evaluate", task, flag, str(cell / name), "--data-root", str(small_demo),
+                     "--json", str(metrics_json)]) == 0
+        metrics = json.loads(metrics_json.read_text())
+        headline = {"coco": "mask_AP", "dota": "mAP", "ade20k": "mIoU"}[task]
+        assert round(metrics[headline], 4) == float(row[headline])
