@@ -241,7 +241,8 @@ class Harness:
             torch.cuda.reset_peak_memory_stats(device)
         cell_dir = None
         if self.dist.is_main:
-            cell_dir = self.out / "runs" / f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
+            cell = f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
+            cell_dir = self.out / "runs" / cell
             cell_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.config.seed)
         start = time.perf_counter()
@@ -250,7 +251,8 @@ class Harness:
         if not self.dist.is_main:
             return
         record = RunRecord(
-            **fields, w_bits=spec.w_bits if spec else None, a_bits=spec.a_bits if spec else None, metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
+            **fields, w_bits=spec.w_bits if spec else None, a_bits=spec.a_bits if spec else None,
+            metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
             images=task.eval_image_count(self.config.limit),
             peak_mem_mb=_peak_memory_mb(device), versions=self.versions,
             device=str(device) if not self.dist.is_distributed else f"{device.type} x{self.dist.world_size}",
