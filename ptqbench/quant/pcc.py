@@ -39,7 +39,8 @@ from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.sam.calibration import CalibrationSample, sam_decode
+from ptqbench.sam.calibration import CalibrationSample
+from ptqbench.sam.inference import sam_decode
 from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
 
 log = logging.getLogger(__name__)

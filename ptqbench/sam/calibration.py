@@ -9,7 +9,7 @@ import torch
 from segment_anything.modeling import Sam
 from torch import Tensor
 
-from ptqbench.sam.inference import BoxPredictor
+from ptqbench.sam.inference import BoxPredictor, decode_single_mask
 from ptqbench.tasks.base import CalibrationItem
 
 
@@ -61,21 +61,4 @@ def sam_forward(model: Sam, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tenso
     Returns low-res mask logits [N, 1, S/4, S/4] and predicted IoU [N, 1].
     """
     sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-    return _mask_decoder(model, model.image_encoder(image), sparse, dense)
-
-
-def sam_decode(model: Sam, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """The second half of `sam_forward` on a given image embedding [1, 256, h, w]: prompt encoder +
-    single-mask decoder for boxes [N, 4] -> (mask logits [N, 1, 4h, 4w], IoU [N, 1])."""
-    sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-    return _mask_decoder(model, embedding, sparse, dense)
-
-
-def _mask_decoder(model: Sam, embedding: Tensor, sparse: Tensor, dense: Tensor) -> tuple[Tensor, Tensor]:
-    return model.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=model.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=False,
-    )
+    return decode_single_mask(model, model.image_encoder(image), sparse, dense)

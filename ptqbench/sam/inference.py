@@ -87,25 +87,31 @@ class BoxPredictor:
             torch.as_tensor(np.asarray(boxes), dtype=torch.float, device=self.device), self._original_hw)
         masks, ious = [], []
         for start in range(0, len(boxes_t), self.chunk_size):
-            logits, iou = self.decode(boxes_t[start : start + self.chunk_size])
+            logits, iou = sam_decode(self.model, self._features, boxes_t[start : start + self.chunk_size])
             upscaled = self.model.postprocess_masks(logits, self._input_hw, self._original_hw)
             masks.append((upscaled[:, 0] > self.model.mask_threshold).cpu().numpy())
             ious.append(iou[:, 0].float().cpu().numpy())
         return np.concatenate(masks), np.concatenate(ious)
 
-    def decode(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder for boxes [B, 4] in model input coordinates.
 
-        Returns low-res mask logits [B, 1, S/4, S/4] and predicted IoU [B, 1].
-        """
-        sparse, dense = self.model.prompt_encoder(points=None, boxes=boxes, masks=None)
-        return self.model.mask_decoder(
-            image_embeddings=self._features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+
+def sam_decode(model: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt encoder + single-mask decoder on an image embedding [1, 256, h, w] for boxes [N, 4]
+    in model input coordinates -> (low-res mask logits [N, 1, 4h, 4w], predicted IoU [N, 1])."""
+    sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return decode_single_mask(model, embedding, sparse, dense)
+
+
+def decode_single_mask(model: Sam, embedding: torch.Tensor, sparse: torch.Tensor,
+                       dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask decoder with `multimask_output=False` on given prompt embeddings."""
+    return model.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
 
 
 def predict_stream(predictor: BoxPredictor, loaders: Sequence[Callable[[], PromptedImage]], *,
