@@ -53,7 +53,7 @@ from ptqbench.tasks.ade20k_metric import (
     read_label_png,
     score_prediction_folder,
 )
-from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count, read_rgb_image
 
 if TYPE_CHECKING:
     from ptqbench.sam.inference import BoxPredictor
@@ -115,20 +115,9 @@ def list_samples(data_root: Path, split: str) -> list[AdeSample]:
     return samples
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image file as uint8 RGB [H, W, 3] (DataError naming the file if unreadable)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as error:
-        raise DataError(f"{path}: cannot read image ({error})") from error
-
-
 def read_sample(sample: AdeSample) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 RGB [H, W, 3], label uint8 [H, W] training ids, 255 ignored)."""
-    image = read_image(sample.image_path)
+    image = read_rgb_image(sample.image_path)
     label = read_annotation(sample.annotation_path, expected_hw=image.shape[:2])
     return image, label
 

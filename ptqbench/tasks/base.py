@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ptqbench.errors import DataError
 from ptqbench.registry import Registry
 
 if TYPE_CHECKING:
@@ -48,6 +49,18 @@ class CalibrationItem:
 
     image: np.ndarray
     boxes: np.ndarray
+
+
+def read_rgb_image(path: Path) -> np.ndarray:
+    """An image file read with PIL as uint8 RGB [H, W, 3]; DataError naming the file if it is
+    missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as error:
+        raise DataError(f"image {path} cannot be read: {error}") from error
 
 
 class Task(Protocol):

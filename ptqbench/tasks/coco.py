@@ -40,12 +40,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.sam.inference import PromptedImage, predict_stream
-from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count, read_rgb_image
 from ptqbench.tasks.prompts import (Detections, as_id, is_number, load_json_file, read_coco_detections,
                                     xywh_to_xyxy)
 
@@ -164,11 +163,7 @@ class CocoSplit:
         path = self.image_dir / info["file_name"]
         if not path.is_file():
             raise DataError(f"image {path} (listed in {self.annotation_file}) does not exist; {LAYOUT}")
-        try:
-            with Image.open(path) as image:
-                rgb = np.asarray(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"image {path} cannot be read: {err}") from err
+        rgb = read_rgb_image(path)
         if rgb.shape[:2] != (info["height"], info["width"]):
             raise DataError(f"image {path} is {rgb.shape[1]}x{rgb.shape[0]} but {self.annotation_file} "
                             f"says {info['width']}x{info['height']}")
