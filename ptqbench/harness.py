@@ -156,17 +156,18 @@ class Harness:
             calib_split=self.config.calib_split, model_input_size=loaded.input_size,
             options=self.config.task_options))
 
-    def _record(self, loaded: LoadedModel, task: Task, method: str, spec: BitSpec | None,
-                calib_fingerprint: str, labels: tuple[str, ...]) -> dict:
+    def _record(self, loaded: LoadedModel, task: Task, dataset_fingerprint: str, method: str,
+                spec: BitSpec | None, calib_fingerprint: str, labels: tuple[str, ...]) -> dict:
         return dict(
             model=loaded.name, checkpoint_sha256=loaded.checkpoint_sha256, task=task.name,
-            dataset_fingerprint=task.fingerprint(), prompts=self.config.prompts or "gt", method=method,
+            dataset_fingerprint=dataset_fingerprint, prompts=self.config.prompts or "gt", method=method,
             bits=spec.label if spec else "fp", preset=self.run.preset if spec else "-",
             seed=self.config.seed, calib_fingerprint=calib_fingerprint, labels=labels)
 
     def _run_task(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...]) -> None:
         main = self.dist.is_main
-        fp_fields = self._record(loaded, task, "fp", None, "-", labels) if main else None
+        dataset_fingerprint = task.fingerprint() if main else ""
+        fp_fields = self._record(loaded, task, dataset_fingerprint, "fp", None, "-", labels) if main else None
         if not self._finished(fp_fields):
             self._evaluate_cell(task, loaded.model, fp_fields, None, calib_s=0.0)
         calib: CalibrationSet | None = None
@@ -180,7 +181,8 @@ class Harness:
                     if calib is None:
                         items = task.calibration_items(self.config.calib_size, self.config.seed)
                         calib = build_calibration_set(loaded.model, items, self.device)
-                    fields = self._record(loaded, task, method_name, spec, calib.fingerprint, labels)
+                    fields = self._record(loaded, task, dataset_fingerprint, method_name, spec, calib.fingerprint,
+                                          labels)
                 if self._finished(fields):
                     log.info("skipping %s %s %s: already in the store", task.name, method_name, spec.label)
                     continue
