@@ -7,7 +7,9 @@ each twin returns exactly what the original returns (tested bit-exactly).
 Sites (relative to each swapped module):
 - image encoder attention: `qkv.input`, `qkv.weight`, `q`, `k`, `v` (after the qkv projection),
   `softmax` (attention probabilities), `proj.input`, `proj.weight`; the decomposed
-  relative-position term is computed from the unquantized q and added in FP;
+  relative-position term is computed from the unquantized q and added in FP (`add_rel_pos`:
+  segment_anything's arithmetic with the gather index kept on the device, so the forward never
+  waits for the GPU and can be captured in a CUDA graph);
 - MLP blocks (encoder and decoder): `lin1.input`, `lin1.weight`, `lin2.input` (post-activation), `lin2.weight`;
 - encoder neck: `neck.0.*` (1x1 conv) and `neck.2.*` (3x3 conv), input and weight;
 - mask decoder transformer attentions: `{q,k,v,out}_proj.{input,weight}`, `q`, `k`, `v`, `softmax`.
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import lru_cache
 
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention as EncoderAttention
-from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+from segment_anything.modeling.image_encoder import get_rel_pos
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import Tensor, nn
 
@@ -35,6 +38,34 @@ from ptqbench.quant.quantizer import FakeQuantizer
 def _activation_quantizers(module: nn.Module, bits: int) -> None:
     for name in ("q", "k", "v", "softmax"):
         setattr(module, f"{name}_quantizer", FakeQuantizer(bits, is_weight=False))
+
+
+@lru_cache(maxsize=None)
+def _rel_pos_index(q_size: int, k_size: int, table_length: int, device: torch.device) -> Tensor | None:
+    """The row index [q_size, k_size] that segment_anything's `get_rel_pos` gathers from a table of
+    `table_length` rows, on `device`; None when `get_rel_pos` would interpolate the table instead."""
+    if table_length != 2 * max(q_size, k_size) - 1:
+        return None
+    rows = torch.arange(table_length).unsqueeze(1)
+    return get_rel_pos(q_size, k_size, rows)[..., 0].to(device)
+
+
+def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+    """`get_rel_pos(q_size, k_size, rel_pos)` ([q_size, k_size, C]) without a host-to-device copy
+    of its index (which makes the host wait for the GPU); the same gather, bit for bit."""
+    index = _rel_pos_index(q_size, k_size, rel_pos.shape[0], rel_pos.device)
+    return get_rel_pos(q_size, k_size, rel_pos) if index is None else rel_pos[index]
+
+
+def add_rel_pos(attn: Tensor, q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
+    """segment_anything's `add_decomposed_rel_pos` for a square attention (q and k on one
+    [h, w] grid), with `rel_pos_table`: attn [B, hw, hw] + the height and width terms of q [B, hw, C]."""
+    h, w = size
+    batch, _, dim = q.shape
+    r_q = q.reshape(batch, h, w, dim)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rel_pos_table(h, h, rel_pos_h))
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rel_pos_table(w, w, rel_pos_w))
+    return (attn.view(batch, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(batch, h * w, h * w)
 
 
 class QuantEncoderAttention(EncoderAttention):
@@ -62,7 +93,7 @@ class QuantEncoderAttention(EncoderAttention):
         q_hat, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
         attn = (q_hat * self.scale) @ k.transpose(-2, -1)
         if self.use_rel_pos:
-            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+            attn = add_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (H, W))
         attn = self.softmax_quantizer(attn.softmax(dim=-1))
         x = (attn @ v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         return self.proj(x)
@@ -121,3 +152,10 @@ def quantize_sam(model: Sam, w_bits: int, a_bits: int) -> Sam:
     encoder.neck[2] = QuantConv2d(encoder.neck[2], w_bits, a_bits)
     _swap(qmodel.mask_decoder.transformer, w_bits, a_bits, encoder=False)
     return qmodel
+
+
+def fp_twin(model: Sam) -> Sam:
+    """The quantizable twin of `model` with every site off (bit widths unused): it computes exactly
+    what `model` computes, through the forward every quantized cell uses (and, on a GPU, without
+    the host waits of segment_anything's relative-position gather)."""
+    return quantize_sam(model, 8, 8)
