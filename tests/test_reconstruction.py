@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from ptqbench.methods.base import observe_activations, set_weight_ranges
 from ptqbench.methods.brecq import FisherWeights
 from ptqbench.methods.qdrop import qdrop_config
-from ptqbench.methods.reconstruction import ReconstructionSettings, mix_inputs, reconstruct
+from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
 from ptqbench.methods.unit_cache import build_cache
+from ptqbench.methods.unit_step import mix_inputs
 from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule, rectified_sigmoid
 from ptqbench.quant.layers import QuantLinear
 from ptqbench.quant.observers import make_observer

@@ -12,7 +12,8 @@ order; for each one it
 3. trains them: each step takes one calibration sample, mixes the unit input
    `where(U < p, quantized input, FP input)`, runs the unit, adds the AdaRound regulariser
    (lambda, beta annealed 20 -> 2 after the warm-up) to the unit loss; Adam on V, Adam on the
-   scales with cosine decay to 0;
+   scales with cosine decay to 0. The forward and gradients of a step (`unit_step.UnitStep`)
+   are replayed as CUDA graphs on a GPU;
 4. ends the unit: weights are hard-rounded (`floor + 1[V >= 0]`) and written back into the
    layer's weight, whose own quantizer then reproduces them exactly (re-quantizing a grid value
    is the identity), and frozen; scales become buffers again; every quantizer of the unit gets
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ptqbench.errors import ConfigError
 from ptqbench.methods.unit_cache import Forward, Placement, UnitCache, build_cache
+from ptqbench.methods.unit_step import UnitStep
 from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
@@ -64,6 +66,9 @@ class ReconstructionSettings:
     forward: (model, sample) -> anything; the whole-model forward that reaches the hook points.
     log_every: steps between updates of the progress bar's running loss (each one syncs the
         device); at most a tenth of a unit's steps, so the first and last windows differ.
+    cuda_graphs: on a GPU, capture each unit's training step (input mixing, forward, loss,
+        gradients) as CUDA graphs and replay them (`ptqbench.methods.unit_step`); False runs
+        every step eagerly.
     """
 
     cache: Placement = "auto"
@@ -71,6 +76,7 @@ class ReconstructionSettings:
     max_prompts: int | None = None
     forward: Forward = sam_sample_forward
     log_every: int = 50
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,20 +99,6 @@ def unit_seed(seed: int, name: str) -> int:
     """A 63-bit seed derived from the run seed and a unit name."""
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def mix_inputs(quant: dict[str, Tensor], fp: dict[str, Tensor], quantize_prob: float,
-               generator: torch.Generator | None) -> dict[str, Tensor]:
-    """QDrop's unit input: per element the quantized-model value with probability `quantize_prob`,
-    else the FP-model value. Inputs only in `fp` (shared inputs) are passed through."""
-    mixed = dict(fp)
-    for name, q in quant.items():
-        if quantize_prob >= 1.0:
-            mixed[name] = q
-        else:
-            uniform = torch.rand(q.shape, generator=generator, dtype=q.dtype, device=q.device)
-            mixed[name] = torch.where(uniform < quantize_prob, q, fp[name])
-    return mixed
 
 
 def _limit_prompts(samples: Sequence[Any], max_prompts: int | None, seed: int) -> list[Any]:
@@ -172,6 +164,10 @@ class _LearnablePieces:
     def trainable(self) -> bool:
         return bool(self.adaround or self.scales)
 
+    def parameters(self) -> list[Tensor]:
+        """The trainable tensors: AdaRound's V of every weight, then the LSQ scales."""
+        return [rounding.v for _, _, rounding in self.adaround] + list(self.scales)
+
     def regularizer(self, beta: float) -> Tensor:
         terms = [rounding.regularizer(beta) for _, _, rounding in self.adaround]
         return self.config.reg_lambda * sum(terms[1:], terms[0])
@@ -208,31 +204,31 @@ def _optimizers(pieces: _LearnablePieces, config: UnitConfig, device: torch.devi
 
 
 def _train(unit: Unit, root: nn.Module, cache: UnitCache, pieces: _LearnablePieces, seed: int,
-           generator: torch.Generator, log_every: int, progress: bool) -> tuple[float, float]:
+           generator: torch.Generator, log_every: int, progress: bool, cuda_graphs: bool) -> tuple[float, float]:
     """The optimisation loop of one unit; returns the mean loss of the first and last logging window."""
     config = unit.config
     optimizers, schedulers = _optimizers(pieces, config, cache.device)
+    params = pieces.parameters()
+    step_fn = UnitStep(unit, root, params, config.quantize_prob, generator, cache.device, cuda_graphs)
     order = torch.randint(len(cache), (config.iterations,), generator=torch.Generator().manual_seed(seed)).tolist()
     use_regularizer = bool(pieces.adaround) and config.reg_lambda > 0
+    rounding_params = [rounding.v for _, _, rounding in pieces.adaround]
     running = torch.zeros((), device=cache.device)
     window, first_loss, last_loss = 0, float("nan"), float("nan")
     bar = tqdm(order, desc=unit.name, disable=not progress, leave=False)
     for step, index in enumerate(bar):
-        entry = cache.get(index)
-        inputs = mix_inputs(entry.quant_inputs, entry.fp_inputs, config.quantize_prob, generator)
-        loss = unit.loss(unit.run(root, inputs), entry.target, entry.extras)
-        total = loss
+        loss, grads = step_fn(cache.get(index))
+        for param, grad in zip(params, grads):
+            param.grad = grad
         beta = beta_schedule(step, config.iterations, config.warmup, config.beta_start, config.beta_end)
         if use_regularizer and beta is not None:
-            total = loss + pieces.regularizer(beta)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        total.backward()
+            for v, grad in zip(rounding_params, torch.autograd.grad(pieces.regularizer(beta), rounding_params)):
+                v.grad = grad if v.grad is None else v.grad + grad
         for optimizer in optimizers:
             optimizer.step()
         for scheduler in schedulers:
             scheduler.step()
-        running += loss.detach()
+        running += loss
         window += 1
         if window == log_every or step == config.iterations - 1:
             last_loss = float(running) / window
@@ -241,6 +237,8 @@ def _train(unit: Unit, root: nn.Module, cache: UnitCache, pieces: _LearnablePiec
             bar.set_postfix(loss=f"{last_loss:.4g}")
             running.zero_()
             window = 0
+    for param in params:
+        param.grad = None
     return first_loss, last_loss
 
 
@@ -267,7 +265,7 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, fp_model: nn.Module, samples
         if pieces.trainable and unit.config.iterations > 0:
             window = max(1, min(settings.log_every, unit.config.iterations // 10))
             first_loss, last_loss = _train(unit, qmodel.get_submodule(unit.root), cache, pieces, seed_u,
-                                           generator, window, progress)
+                                           generator, window, progress, settings.cuda_graphs)
         else:
             log.info("unit %s has nothing to train; skipped", unit.name)
     finally:

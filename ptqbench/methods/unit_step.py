@@ -1,0 +1,138 @@
+"""One training step of a reconstruction unit: its forward, loss and gradients, eager or as CUDA graphs.
+
+A step takes one cache entry (the unit's quantized and FP inputs, target and extras for one
+calibration sample), mixes the inputs as QDrop does, runs the unit, computes its loss and the
+gradients of that loss with respect to the unit's trainable tensors. `UnitStep` returns
+(loss, gradients); the engine adds the AdaRound regulariser's gradients and runs the optimiser.
+
+On a GPU the step is captured as a CUDA graph the first time an input-shape signature appears
+(after two warm-up runs on a side stream) and replayed for every later entry of that signature:
+the inputs are copied into the graph's static buffers and the recorded kernels run again, with no
+Python and no kernel-launch overhead. Replays compute exactly what the eager step computes for the
+same random numbers; the random stream (QDrop's input mixing and in-unit drops, drawn from the
+unit's generator, which is registered with every graph) is seeded and reproducible, but not the
+eager one. The graphs of one unit share one memory pool: a replay's outputs are consumed (the
+optimiser step is queued) before the next replay overwrites them. A unit whose step cannot be
+captured (its forward waits for the GPU or copies from the host) is trained eagerly, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ptqbench.methods.unit_cache import CacheEntry, tree_map
+from ptqbench.quant.unit import Unit
+
+log = logging.getLogger(__name__)
+
+Gradients = tuple[Tensor | None, ...]
+WARMUP_RUNS = 2
+
+
+def mix_inputs(quant: dict[str, Tensor], fp: dict[str, Tensor], quantize_prob: float,
+               generator: torch.Generator | None) -> dict[str, Tensor]:
+    """QDrop's unit input: per element the quantized-model value with probability `quantize_prob`,
+    else the FP-model value. Inputs only in `fp` (shared inputs) are passed through."""
+    mixed = dict(fp)
+    for name, q in quant.items():
+        if quantize_prob >= 1.0:
+            mixed[name] = q
+        else:
+            uniform = torch.rand(q.shape, generator=generator, dtype=q.dtype, device=q.device)
+            mixed[name] = torch.where(uniform < quantize_prob, q, fp[name])
+    return mixed
+
+
+def _tensors(entry: CacheEntry) -> list[Tensor]:
+    """Every tensor of an entry, in a fixed order."""
+    found: list[Tensor] = []
+    tree_map(vars(entry), lambda t: found.append(t) or t)
+    return found
+
+
+def _signature(entry: CacheEntry) -> tuple:
+    """The shapes and dtypes of every tensor of an entry, in the order of `_tensors` (a graph's key)."""
+    return tuple((tuple(t.shape), t.dtype) for t in _tensors(entry))
+
+
+@dataclass
+class _CapturedStep:
+    """One CUDA graph of the step and its static tensors: inputs (copied into before each
+    replay) and outputs (rewritten by each replay)."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: CacheEntry
+    loss: Tensor
+    grads: Gradients
+
+
+class UnitStep:
+    """(cache entry) -> (loss [0-d, detached], gradients of the loss w.r.t. `params`).
+
+    root: the unit's module in the quantized model; params: the trainable tensors (AdaRound's V,
+    LSQ scales), a gradient is None where the loss does not depend on one; quantize_prob and
+    generator: QDrop's input mixing. cuda_graphs: capture and replay the step on a GPU.
+    """
+
+    def __init__(self, unit: Unit, root: nn.Module, params: list[Tensor], quantize_prob: float,
+                 generator: torch.Generator | None, device: torch.device, cuda_graphs: bool) -> None:
+        self.unit = unit
+        self.root = root
+        self.params = params
+        self.quantize_prob = quantize_prob
+        self.generator = generator
+        self.device = device
+        self.use_graphs = cuda_graphs and device.type == "cuda"
+        self._captured: dict[tuple, _CapturedStep] = {}
+        self._pool: Any = None
+
+    def _forward_backward(self, entry: CacheEntry) -> tuple[Tensor, Gradients]:
+        inputs = mix_inputs(entry.quant_inputs, entry.fp_inputs, self.quantize_prob, self.generator)
+        loss = self.unit.loss(self.unit.run(self.root, inputs), entry.target, entry.extras)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return loss.detach(), grads
+
+    def __call__(self, entry: CacheEntry) -> tuple[Tensor, Gradients]:
+        if not self.use_graphs:
+            return self._forward_backward(entry)
+        key = _signature(entry)
+        captured = self._captured.get(key)
+        if captured is None:
+            try:
+                captured = self._capture(entry)
+            except RuntimeError as exc:
+                log.warning("unit %s: its training step cannot be captured as a CUDA graph (%s); training it "
+                            "eagerly", self.unit.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                torch.cuda.synchronize(self.device)
+                self.use_graphs = False
+                self._captured.clear()
+                return self._forward_backward(entry)
+            self._captured[key] = captured
+        for static, fresh in zip(_tensors(captured.inputs), _tensors(entry)):
+            static.copy_(fresh, non_blocking=True)
+        captured.graph.replay()
+        return captured.loss, captured.grads
+
+    def _capture(self, entry: CacheEntry) -> _CapturedStep:
+        """Warm up on a side stream, then record one step on static copies of `entry`'s tensors."""
+        static = CacheEntry(**tree_map(vars(entry), lambda t: t.to(self.device, copy=True)))
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._forward_backward(static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph, pool=self._pool):
+            loss, grads = self._forward_backward(static)
+        if self._pool is None:
+            self._pool = graph.pool()
+        return _CapturedStep(graph, static, loss, grads)
+
