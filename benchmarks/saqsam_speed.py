@@ -8,7 +8,8 @@ PCC, weight ranges, AGQ, activation ranges, PAR), each timed once. PAR trains ev
 training time scaled to the preset's iterations (an upper bound: the measured steps include the
 warm-up). With `--project-images N` the steps that visit every calibration image (AGQ, the
 activation statistics, PAR's input capture) are scaled from `--images` to N images, for a short
-run. The total is compared with a target (15 minutes by default).
+run, and so is the largest PAR unit cache in the projected peak GPU memory (measured peak + that
+cache's growth). The total is compared with a target (15 minutes by default).
 
     python benchmarks/saqsam_speed.py                                   # sam_vit_b, paper, GPU
     python benchmarks/saqsam_speed.py --model sam_tiny --device cpu --preset fast --iterations 5
@@ -90,7 +91,13 @@ def main() -> None:
                      f"{report.capture_s + report.train_s:.1f}", f"{projected:.1f}"])
         total_s += projected
 
-    peak = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    peak = ""
+    if device.type == "cuda":
+        measured = torch.cuda.max_memory_allocated(device)
+        cache_growth = max((r.cache_bytes for r in reports if r.cache_on_device), default=0) * (image_scale - 1)
+        peak = f", peak memory {measured / 2**30:.1f} GiB"
+        if image_scale != 1:
+            peak += f" (projected to {args.project_images} images: {(measured + cache_growth) / 2**30:.1f} GiB)"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     images = f"{args.images} images" + (f" (projected to {args.project_images})" if args.project_images else "")
     print(f"saqsam on {args.model} ({spec.label}, {args.preset} preset), {images} x {args.boxes} boxes, "

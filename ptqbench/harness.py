@@ -4,6 +4,9 @@ Every finished cell is one record in the SQLite store and the leaderboards are r
 after each cell, so an interrupted run loses at most the cell in progress; re-running skips
 finished cells (resume).
 
+The FP row is evaluated through `fp_twin` of the model (the quantizable twin with every site
+off: segment_anything's numbers bit for bit), so it runs the same forward as the quantized cells.
+
 Under torchrun (see `ptqbench.distributed`) every rank builds the model and the tasks; rank 0
 decides what to skip, calibrates and seals each cell and sends the sealed model to the other
 ranks; every rank predicts its shard of the evaluation images; rank 0 gathers the per-image
@@ -35,7 +38,7 @@ from ptqbench.results import RunRecord, RunStore, write_leaderboards
 from ptqbench.sam.calibration import CalibrationSet, build_calibration_set
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import MODELS, LoadedModel, load_model
-from ptqbench.sam.quantized import quantize_sam
+from ptqbench.sam.quantized import fp_twin, quantize_sam
 from ptqbench.tasks.base import TASKS, Task, TaskConfig
 
 log = logging.getLogger(__name__)
@@ -169,7 +172,7 @@ class Harness:
         dataset_fingerprint = task.fingerprint() if main else ""
         fp_fields = self._record(loaded, task, dataset_fingerprint, "fp", None, "-", labels) if main else None
         if not self._finished(fp_fields):
-            self._evaluate_cell(task, loaded.model, fp_fields, None, calib_s=0.0)
+            self._evaluate_cell(task, fp_twin(loaded.model).to(self.device), fp_fields, None, calib_s=0.0)
         calib: CalibrationSet | None = None
         for method_name in self.config.methods:
             method_name = METHODS.canonical(method_name)

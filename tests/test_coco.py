@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ptqbench.errors import DataError
+from ptqbench.sam.inference import PendingMasks
 from ptqbench.tasks.base import TASKS, TaskConfig
-from ptqbench.tasks.coco import (METRICS, RESULTS_FILE, load_split, make_coco_task, mask_results, score_results,
-                                 score_results_file, write_results)
+from ptqbench.tasks.coco import (METRICS, RESULTS_FILE, load_split, make_coco_task, mask_encoder, mask_results,
+                                 score_results, score_results_file, write_results)
 
 REALDATA = Path(__file__).parents[2] / "shared" / "realdata"
 COCO_DIR = REALDATA / "coco"
@@ -41,14 +43,26 @@ def gt_results(split, image_ids=None):
     return results
 
 
-class OraclePredictor:
-    """Returns the GT mask of the annotation whose box is the prompt, with predicted IoU 0.5."""
+class StreamedFake:
+    """`predict_stream`'s side of BoxPredictor (prepare, encode, launch_boxes) over a fake's
+    set_image + predict_boxes, on the CPU."""
+
+    device = torch.device("cpu")
 
     def prepare(self, image):
         return image
 
-    def set_prepared(self, image):
+    def encode(self, image):
+        return image
+
+    def launch_boxes(self, image, boxes):
         self.set_image(image)
+        masks, ious = self.predict_boxes(boxes)
+        return PendingMasks(torch.from_numpy(masks), torch.from_numpy(ious))
+
+
+class OraclePredictor(StreamedFake):
+    """Returns the GT mask of the annotation whose box is the prompt, with predicted IoU 0.5."""
 
     def __init__(self, split):
         self.split = split
@@ -68,14 +82,8 @@ class OraclePredictor:
         return np.stack(masks), np.full(len(boxes), 0.5, dtype=np.float32)
 
 
-class BoxFillPredictor:
+class BoxFillPredictor(StreamedFake):
     """Each mask is its (rounded) box filled; predicted IoU 0.25."""
-
-    def prepare(self, image):
-        return image
-
-    def set_prepared(self, image):
-        self.set_image(image)
 
     def set_image(self, image):
         self.shape = image.shape[:2]
@@ -259,3 +267,15 @@ def test_evaluate_with_tiny_sam(tmp_path):
     assert all(0.0 <= value <= 100.0 and not math.isnan(value) for value in metrics.values())
     written = json.loads((tmp_path / RESULTS_FILE).read_text())
     assert len(written) == 17 and all(math.isfinite(r["score"]) for r in written)
+
+
+@pytest.mark.parametrize("in_processes", [False, True])
+def test_mask_encoder_pools_give_the_same_entries(in_processes):
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 37, 53), dtype=bool)
+    masks[0, 5:20, 7:40] = True
+    masks[1] = rng.random((37, 53)) < 0.3
+    args = (7, masks, np.array([1, 2, 3]), np.array([0.9, 0.5, 0.25]))
+    entries = mask_encoder(in_processes).submit(mask_results, *args).result(timeout=120)
+    assert entries == mask_results(*args)
+    assert [entry["category_id"] for entry in entries] == [1, 2, 3]

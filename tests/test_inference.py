@@ -1,4 +1,4 @@
-"""BoxPredictor reproduces segment_anything's SamPredictor exactly (FP path)."""
+"""BoxPredictor and predict_stream reproduce segment_anything's SamPredictor exactly (FP path)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import numpy as np
 import torch
 from segment_anything import SamPredictor
 
-from ptqbench.sam.inference import BoxPredictor
+from ptqbench.sam.inference import BoxPredictor, PromptedImage, predict_stream
+from ptqbench.sam.quantized import fp_twin
+from ptqbench.tasks.base import TaskConfig
 
 
-def _image_and_boxes(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
+def _image_and_boxes(height: int, width: int, count: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    xy = rng.uniform(0, [width * 0.6, height * 0.6], size=(7, 2))
-    wh = rng.uniform(8, [width * 0.4, height * 0.4], size=(7, 2))
+    xy = rng.uniform(0, [width * 0.6, height * 0.6], size=(count, 2))
+    wh = rng.uniform(8, [width * 0.4, height * 0.4], size=(count, 2))
     return image, np.concatenate([xy, xy + wh], axis=1)
 
 
@@ -50,3 +52,70 @@ def test_no_boxes_gives_empty_arrays(sam_tiny):
     predictor.set_image(image)
     masks, iou = predictor.predict_boxes(np.zeros((0, 4)))
     assert masks.shape == (0, 64, 80) and iou.shape == (0,)
+
+
+def _sam_predictor_loop(model, items, chunk_size):
+    """The reference: segment_anything's SamPredictor image by image, `predict_torch` on the boxes
+    in chunks of `chunk_size` (the batch size of a decoder call changes its float rounding)."""
+    predictor = SamPredictor(model)
+    out = []
+    for item in items:
+        predictor.set_image(item.image)
+        boxes = predictor.transform.apply_boxes_torch(torch.as_tensor(item.boxes, dtype=torch.float),
+                                                      item.image.shape[:2])
+        masks, ious = [], []
+        for start in range(0, len(boxes), chunk_size):
+            chunk_masks, chunk_ious, _ = predictor.predict_torch(None, None, boxes=boxes[start:start + chunk_size],
+                                                                 multimask_output=False)
+            masks.append(chunk_masks[:, 0].numpy())
+            ious.append(chunk_ious[:, 0].numpy())
+        out.append((np.concatenate(masks), np.concatenate(ious)))
+    return out
+
+
+def test_fp_stream_over_the_twin_equals_the_sam_predictor_loop(sam_tiny):
+    """The FP evaluation path (predict_stream over fp_twin, one image in flight) yields, in order,
+    exactly the masks and IoUs of a SamPredictor loop over the plain model."""
+    sizes_and_counts = [((300, 410), 7), ((97, 256), 2), ((256, 180), 1), ((640, 480), 12)]
+    items = []
+    for key, ((height, width), count) in enumerate(sizes_and_counts):
+        image, boxes = _image_and_boxes(height, width, count, seed=key)
+        items.append(PromptedImage(key=key, image=image, boxes=boxes))
+    chunk_size = 5
+    reference = _sam_predictor_loop(sam_tiny, items, chunk_size)
+
+    predictor = BoxPredictor(fp_twin(sam_tiny), "cpu", chunk_size=chunk_size)
+    streamed = list(predict_stream(predictor, [lambda item=item: item for item in items], workers=2))
+
+    assert [item.key for item, _, _ in streamed] == [0, 1, 2, 3]
+    for (item, masks, ious), (ref_masks, ref_ious) in zip(streamed, reference):
+        assert masks.shape == (len(item.boxes), *item.image.shape[:2]) and masks.dtype == bool
+        assert ious.dtype == np.float32
+        assert np.array_equal(masks, ref_masks)
+        assert np.array_equal(ious, ref_ious)
+
+
+def test_launch_boxes_equals_predict_boxes_and_keeps_images_apart(sam_tiny):
+    """Two images launched before either is collected give each its own predictions."""
+    first, first_boxes = _image_and_boxes(200, 150, 4, seed=1)
+    second, second_boxes = _image_and_boxes(120, 260, 3, seed=2)
+    predictor = BoxPredictor(sam_tiny, chunk_size=3)
+    pending = [predictor.launch_boxes(predictor.encode(predictor.prepare(image)), boxes)
+               for image, boxes in ((first, first_boxes), (second, second_boxes))]
+    for (image, boxes), launched in zip(((first, first_boxes), (second, second_boxes)), pending):
+        predictor.set_image(image)
+        masks, ious = launched.result()
+        expected_masks, expected_ious = predictor.predict_boxes(boxes)
+        assert np.array_equal(masks, expected_masks) and np.array_equal(ious, expected_ious)
+
+
+def test_coco_prediction_through_the_twin_equals_the_plain_model(sam_tiny, realdata):
+    """A run's FP row (coco `predict` through fp_twin) writes the same RLE entries as the plain model."""
+    from ptqbench.tasks.coco import make_coco_task
+
+    task = make_coco_task(TaskConfig(data_root=realdata, model_input_size=sam_tiny.image_encoder.img_size))
+    indices = [0, 1, 2]
+    plain = task.predict(BoxPredictor(sam_tiny, chunk_size=4), indices)
+    twin = task.predict(BoxPredictor(fp_twin(sam_tiny), chunk_size=4), indices)
+    assert sum(len(result.entries) for result in plain) > 4
+    assert twin == plain

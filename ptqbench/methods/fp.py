@@ -7,7 +7,9 @@ from ptqbench.methods.base import METHODS
 
 @METHODS.register("fp")
 class FullPrecision:
-    """Leaves every site off; the harness evaluates the FP model itself for this row."""
+    """Leaves every site off. The harness evaluates this row through `fp_twin(model)`, the
+    quantizable twin with every site off (bit-exact with segment_anything), so FP and quantized
+    cells run the same forward."""
 
     name = "fp"
 

@@ -82,8 +82,8 @@ class ReconstructionSettings:
 @dataclass(frozen=True)
 class UnitReport:
     """What happened in one unit: timings, the mean unit loss over the first and the last logging
-    window (NaN without training steps), and the share of weights AdaRound rounded differently
-    from round-to-nearest (None without AdaRound)."""
+    window (NaN without training steps), the share of weights AdaRound rounded differently
+    from round-to-nearest (None without AdaRound), and where its cache lived and its size."""
 
     name: str
     iterations: int
@@ -93,6 +93,7 @@ class UnitReport:
     last_loss: float
     flipped: float | None
     cache_on_device: bool
+    cache_bytes: int
 
 
 def unit_seed(seed: int, name: str) -> int:
@@ -272,7 +273,8 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, fp_model: nn.Module, samples
         flipped = pieces.finish()
     _synchronize(device)
     return UnitReport(unit.name, unit.config.iterations if pieces.trainable else 0, capture_s,
-                      time.perf_counter() - start, first_loss, last_loss, flipped, cache.on_device)
+                      time.perf_counter() - start, first_loss, last_loss, flipped, cache.on_device,
+                      cache.nbytes)
 
 
 def reconstruct(units: Sequence[Unit], qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet,
