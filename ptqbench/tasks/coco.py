@@ -33,6 +33,7 @@ import logging
 import math
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -209,14 +210,20 @@ def mask_encoder(in_processes: bool) -> Executor:
 
     pycocotools holds the GIL while it encodes (about 0.35 ms per 640x480 mask, up to 2 ms for a
     speckled one), which stalls a host thread that should be launching GPU work; so with
-    `in_processes` (evaluation on a GPU) the masks go to worker processes (spawned, since the
-    parent holds a CUDA context; up to 4, half the cores), otherwise to two threads.
+    `in_processes` (evaluation on a GPU) the masks go to worker processes (up to 4, half the
+    cores), otherwise to two threads. The workers are forked, as PyTorch's DataLoader workers
+    are, when the pool is made: they run numpy and pycocotools only, never CUDA, and unlike
+    spawned workers they do not re-run the caller's script (which may lack a `__main__` guard).
     """
     kind = "processes" if in_processes else "threads"
     if kind not in _MASK_ENCODERS:
         if in_processes:
             workers = min(4, max(1, (os.cpu_count() or 2) // 2))
-            _MASK_ENCODERS[kind] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            with warnings.catch_warnings():  # "this process is multi-threaded": CUDA's own threads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pool.submit(os.getpid).result()  # fork every worker now, before the loader threads start
+            _MASK_ENCODERS[kind] = pool
         else:
             _MASK_ENCODERS[kind] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rle")
     return _MASK_ENCODERS[kind]
