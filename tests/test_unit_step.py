@@ -73,6 +73,8 @@ def test_graph_replays_equal_the_eager_step(sam_tiny, unit_index):
         for graph_grad, eager_grad in zip(graph_grads, eager_grads):
             torch.testing.assert_close(graph_grad, eager_grad, rtol=1e-5, atol=1e-8)
     assert graphed.use_graphs and len(graphed._captured) == 2
+    first, second = graphed._captured.values()
+    assert all(a is b for a, b in zip(first.grads, second.grads))  # one set of gradient buffers
     pieces.finish()
 
 

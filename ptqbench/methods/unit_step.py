@@ -11,9 +11,11 @@ the inputs are copied into the graph's static buffers and the recorded kernels r
 Python and no kernel-launch overhead. Replays compute exactly what the eager step computes for the
 same random numbers; the random stream (QDrop's input mixing and in-unit drops, drawn from the
 unit's generator, which is registered with every graph) is seeded and reproducible, but not the
-eager one. The graphs of one unit share one memory pool: a replay's outputs are consumed (the
-optimiser step is queued) before the next replay overwrites them. A unit whose step cannot be
-captured (its forward waits for the GPU or copies from the host) is trained eagerly, with a warning.
+eager one. The graphs of one unit (one per number of prompts, say) share one memory pool and
+write their gradients into the same buffers, so each extra graph costs little more than its
+static inputs: a replay's outputs are consumed (the optimiser step is queued) before the next
+replay overwrites them. A unit whose step cannot be captured (its forward waits for the GPU or
+copies from the host) is trained eagerly, with a warning.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _signature(entry: CacheEntry) -> tuple:
 @dataclass
 class _CapturedStep:
     """One CUDA graph of the step and its static tensors: inputs (copied into before each
-    replay) and outputs (rewritten by each replay)."""
+    replay) and outputs (the loss and the unit's shared gradient buffers, rewritten by each replay)."""
 
     graph: torch.cuda.CUDAGraph
     inputs: CacheEntry
@@ -90,6 +92,7 @@ class UnitStep:
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self._captured: dict[tuple, _CapturedStep] = {}
         self._pool: Any = None
+        self._grad_buffers: list[Tensor] | None = None
 
     def _forward_backward(self, entry: CacheEntry) -> tuple[Tensor, Gradients]:
         inputs = mix_inputs(entry.quant_inputs, entry.fp_inputs, self.quantize_prob, self.generator)
@@ -130,9 +133,15 @@ class UnitStep:
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             graph.register_generator_state(self.generator)
+        if self._grad_buffers is None:
+            self._grad_buffers = [torch.empty_like(param) for param in self.params]
         with torch.cuda.graph(graph, pool=self._pool):
             loss, grads = self._forward_backward(static)
+            for buffer, grad in zip(self._grad_buffers, grads):
+                if grad is not None:
+                    buffer.copy_(grad)
         if self._pool is None:
             self._pool = graph.pool()
-        return _CapturedStep(graph, static, loss, grads)
+        outputs = tuple(None if grad is None else buffer for buffer, grad in zip(self._grad_buffers, grads))
+        return _CapturedStep(graph, static, loss, outputs)
 
