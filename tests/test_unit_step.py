@@ -55,8 +55,9 @@ def steps_for(unit: Unit, qmodel, reference, calib, device, quantize_prob: float
         param.requires_grad_(False)
     pieces = _LearnablePieces(qmodel, unit, generator)
     root = qmodel.get_submodule(unit.root)
-    make = lambda graphs: UnitStep(unit, root, pieces.parameters(), quantize_prob, generator, device, graphs)  # noqa: E731
-    return cache, pieces, make(False), make(True)
+    eager, graphed = (UnitStep(unit, root, pieces.parameters(), quantize_prob, generator, device, graphs)
+                      for graphs in (False, True))
+    return cache, pieces, eager, graphed
 
 
 @needs_cuda
@@ -107,9 +108,13 @@ def test_a_step_that_waits_for_the_gpu_falls_back_to_eager(sam_tiny, caplog):
     device = torch.device("cuda")
     qmodel, reference, calib, units = par_setup(sam_tiny, device)
     unit = units[3]
-    host_wait = replace(unit, run=lambda root, inputs: unit.run(root, inputs) if float(inputs["queries"].sum()) == float(
-        inputs["queries"].sum()) else None)
-    cache, pieces, eager, graphed = steps_for(host_wait, qmodel, reference, calib, device, 1.0)
+
+    def run_after_a_host_read(root, inputs):
+        inputs["queries"].sum().item()  # waits for the GPU: not allowed while a graph is captured
+        return unit.run(root, inputs)
+
+    cache, pieces, eager, graphed = steps_for(replace(unit, run=run_after_a_host_read), qmodel, reference, calib,
+                                              device, 1.0)
     with caplog.at_level(logging.WARNING):
         loss, grads = graphed(cache.get(0))
     assert "cannot be captured" in caplog.text and not graphed.use_graphs
