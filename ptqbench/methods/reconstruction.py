@@ -165,9 +165,13 @@ class _LearnablePieces:
     def trainable(self) -> bool:
         return bool(self.adaround or self.scales)
 
+    def rounding_parameters(self) -> list[Tensor]:
+        """AdaRound's V of every weight."""
+        return [rounding.v for _, _, rounding in self.adaround]
+
     def parameters(self) -> list[Tensor]:
         """The trainable tensors: AdaRound's V of every weight, then the LSQ scales."""
-        return [rounding.v for _, _, rounding in self.adaround] + list(self.scales)
+        return self.rounding_parameters() + list(self.scales)
 
     def regularizer(self, beta: float) -> Tensor:
         terms = [rounding.regularizer(beta) for _, _, rounding in self.adaround]
@@ -196,7 +200,7 @@ def _optimizers(pieces: _LearnablePieces, config: UnitConfig, device: torch.devi
     fused = device.type == "cuda"
     optimizers, schedulers = [], []
     if pieces.adaround:
-        optimizers.append(torch.optim.Adam([r.v for _, _, r in pieces.adaround], lr=config.weight_lr, fused=fused))
+        optimizers.append(torch.optim.Adam(pieces.rounding_parameters(), lr=config.weight_lr, fused=fused))
     if pieces.scales:
         scale_opt = torch.optim.Adam(pieces.scales, lr=config.scale_lr, fused=fused)
         optimizers.append(scale_opt)
@@ -213,7 +217,7 @@ def _train(unit: Unit, root: nn.Module, cache: UnitCache, pieces: _LearnablePiec
     step_fn = UnitStep(unit, root, params, config.quantize_prob, generator, cache.device, cuda_graphs)
     order = torch.randint(len(cache), (config.iterations,), generator=torch.Generator().manual_seed(seed)).tolist()
     use_regularizer = bool(pieces.adaround) and config.reg_lambda > 0
-    rounding_params = [rounding.v for _, _, rounding in pieces.adaround]
+    rounding_params = pieces.rounding_parameters()
     running = torch.zeros((), device=cache.device)
     window, first_loss, last_loss = 0, float("nan"), float("nan")
     bar = tqdm(order, desc=unit.name, disable=not progress, leave=False)

@@ -109,11 +109,7 @@ class BoxPredictor:
 
     def set_image(self, image: np.ndarray) -> None:
         """Encode one uint8 RGB image [H, W, 3]; later `predict_boxes` calls reuse the embedding."""
-        self.set_prepared(self.prepare(image))
-
-    def set_prepared(self, prepared: tuple[np.ndarray, tuple[int, int]]) -> None:
-        """`set_image` for the output of `prepare`."""
-        self._image = self.encode(prepared)
+        self._image = self.encode(self.prepare(image))
 
     def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Masks for box prompts on the last image (boxes scaled as `apply_boxes_torch` does in float32).

@@ -202,7 +202,7 @@ def mask_results(image_id: int, masks: np.ndarray, category_ids: np.ndarray,
     return entries
 
 
-_MASK_ENCODERS: dict[str, Executor] = {}
+_MASK_ENCODERS: dict[bool, Executor] = {}
 
 
 def mask_encoder(in_processes: bool) -> Executor:
@@ -215,18 +215,17 @@ def mask_encoder(in_processes: bool) -> Executor:
     are, when the pool is made: they run numpy and pycocotools only, never CUDA, and unlike
     spawned workers they do not re-run the caller's script (which may lack a `__main__` guard).
     """
-    kind = "processes" if in_processes else "threads"
-    if kind not in _MASK_ENCODERS:
+    if in_processes not in _MASK_ENCODERS:
         if in_processes:
             workers = min(4, max(1, (os.cpu_count() or 2) // 2))
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
             with warnings.catch_warnings():  # "this process is multi-threaded": CUDA's own threads
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pool.submit(os.getpid).result()  # fork every worker now, before the loader threads start
-            _MASK_ENCODERS[kind] = pool
+            _MASK_ENCODERS[True] = pool
         else:
-            _MASK_ENCODERS[kind] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rle")
-    return _MASK_ENCODERS[kind]
+            _MASK_ENCODERS[False] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rle")
+    return _MASK_ENCODERS[in_processes]
 
 
 def _percent(stat: float) -> float:
