@@ -44,16 +44,17 @@ def gt_results(split, image_ids=None):
 
 
 class StreamedFake:
-    """`predict_stream`'s side of BoxPredictor (prepare, encode, launch_boxes) over a fake's
+    """`predict_stream`'s side of BoxPredictor (prepare, encode_many, launch_boxes) over a fake's
     set_image + predict_boxes, on the CPU."""
 
     device = torch.device("cpu")
+    encoder_batch = 2
 
     def prepare(self, image):
         return image
 
-    def encode(self, image):
-        return image
+    def encode_many(self, images):
+        return list(images)
 
     def launch_boxes(self, image, boxes):
         self.set_image(image)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from segment_anything import SamPredictor
 
@@ -61,30 +62,38 @@ def _sam_predictor_loop(model, items, chunk_size):
     out = []
     for item in items:
         predictor.set_image(item.image)
-        boxes = predictor.transform.apply_boxes_torch(torch.as_tensor(item.boxes, dtype=torch.float),
-                                                      item.image.shape[:2])
+        boxes = torch.as_tensor(item.boxes, dtype=torch.float, device=predictor.device)
+        boxes = predictor.transform.apply_boxes_torch(boxes, item.image.shape[:2])
         masks, ious = [], []
         for start in range(0, len(boxes), chunk_size):
             chunk_masks, chunk_ious, _ = predictor.predict_torch(None, None, boxes=boxes[start:start + chunk_size],
                                                                  multimask_output=False)
-            masks.append(chunk_masks[:, 0].numpy())
-            ious.append(chunk_ious[:, 0].numpy())
+            masks.append(chunk_masks[:, 0].cpu().numpy())
+            ious.append(chunk_ious[:, 0].cpu().numpy())
         out.append((np.concatenate(masks), np.concatenate(ious)))
     return out
 
 
-def test_fp_stream_over_the_twin_equals_the_sam_predictor_loop(sam_tiny):
-    """The FP evaluation path (predict_stream over fp_twin, one image in flight) yields, in order,
-    exactly the masks and IoUs of a SamPredictor loop over the plain model."""
+ON_GPU = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+@pytest.mark.parametrize("encoder_batch", [1, 3])
+def test_fp_stream_over_the_twin_equals_the_sam_predictor_loop(sam_tiny, encoder_batch, device):
+    """The FP evaluation path (predict_stream over fp_twin, one batch in flight, images encoded
+    `encoder_batch` at a time with a short last batch; on a GPU with the fused relative-position
+    add and decoding on a second stream) yields, in order, exactly the masks and IoUs of a
+    SamPredictor loop over the plain model."""
     sizes_and_counts = [((300, 410), 7), ((97, 256), 2), ((256, 180), 1), ((640, 480), 12)]
     items = []
     for key, ((height, width), count) in enumerate(sizes_and_counts):
         image, boxes = _image_and_boxes(height, width, count, seed=key)
         items.append(PromptedImage(key=key, image=image, boxes=boxes))
     chunk_size = 5
+    sam_tiny = sam_tiny.to(device)
     reference = _sam_predictor_loop(sam_tiny, items, chunk_size)
 
-    predictor = BoxPredictor(fp_twin(sam_tiny), "cpu", chunk_size=chunk_size)
+    predictor = BoxPredictor(fp_twin(sam_tiny), device, chunk_size=chunk_size, encoder_batch=encoder_batch)
     streamed = list(predict_stream(predictor, [lambda item=item: item for item in items], workers=2))
 
     assert [item.key for item, _, _ in streamed] == [0, 1, 2, 3]

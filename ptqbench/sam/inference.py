@@ -2,12 +2,15 @@
 
 The FP path reproduces segment_anything's `SamPredictor.set_image` followed by
 `predict_torch(boxes=..., multimask_output=False)` and `> mask_threshold` exactly: it uses
-the same `ResizeLongestSide` transform and the model's own `preprocess` / `postprocess_masks`.
+the same `ResizeLongestSide` transform and the model's own `preprocess` / `postprocess_masks`,
+and `predict_stream` encodes images in batches only where that is bit-identical
+(`BatchedImageEncoder`).
 
-On a GPU nothing here makes the host wait for the device except `PendingMasks.result`: host
-arrays go up from pinned memory without blocking and the masks come down into pinned memory
-behind a CUDA event, so `predict_stream` can launch the next image before the last one's masks
-are back.
+On a GPU nothing here makes the host wait for the device except `PendingMasks.result` (and the
+one-time bit check of each encoder batch size). Host arrays go up from pinned memory without
+blocking. Masks are decoded on a second stream, overlapping the next images' encoding, and come
+down into pinned memory behind a CUDA event. So `predict_stream` can launch the next batch
+before the last one's masks are back.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
+
+from ptqbench.sam.batched_encoder import BatchedImageEncoder
 
 
 @dataclass(frozen=True)
@@ -67,19 +72,31 @@ class BoxPredictor:
 
     model: a `Sam` (its quantizable twin is still a `Sam`); it is moved to `device`.
     chunk_size: boxes decoded per mask-decoder call (bounds memory for images with many boxes).
+    encoder_batch: images per image-encoder call in `encode_many` (default 4 on a GPU, where it is
+        faster, and 1 on the CPU, where it is not and a batch of SAM-H attention maps takes GBs).
 
     `set_image` + `predict_boxes` is the simple, blocking interface; `encode` + `launch_boxes`
     are its two halves with the image state passed explicitly, which let a caller launch the
     next image before collecting the last one's masks (`predict_stream`).
     """
 
-    def __init__(self, model: Sam, device: torch.device | str = "cpu", chunk_size: int = 64) -> None:
+    def __init__(self, model: Sam, device: torch.device | str = "cpu", chunk_size: int = 64,
+                 encoder_batch: int | None = None) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.input_size = model.image_encoder.img_size
         self.chunk_size = chunk_size
+        if encoder_batch is None:
+            encoder_batch = 4 if self.device.type == "cuda" else 1
+        self.batched_encoder = BatchedImageEncoder(self.model.image_encoder, encoder_batch)
+        self._decode_stream: torch.cuda.Stream | None = None
         self.transform = ResizeLongestSide(self.input_size)
         self._image: EncodedImage | None = None
+
+    @property
+    def encoder_batch(self) -> int:
+        """Images per image-encoder call in `encode_many` (drops to 1 if batching was not bit-identical)."""
+        return self.batched_encoder.batch_size
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A CPU tensor on the device; on a GPU through pinned memory, without waiting for the
@@ -107,6 +124,14 @@ class BoxPredictor:
         x, input_hw = self._model_input(resized)
         return EncodedImage(self.model.image_encoder(x), input_hw, original_hw)
 
+    @torch.no_grad()
+    def encode_many(self, prepared: Sequence[tuple[np.ndarray, tuple[int, int]]]) -> list[EncodedImage]:
+        """`encode` for several outputs of `prepare`, `encoder_batch` images per encoder call."""
+        inputs = [self._model_input(resized) for resized, _ in prepared]
+        features = self.batched_encoder([x for x, _ in inputs])
+        return [EncodedImage(f, input_hw, original_hw)
+                for f, (_, input_hw), (_, original_hw) in zip(features, inputs, prepared)]
+
     def set_image(self, image: np.ndarray) -> None:
         """Encode one uint8 RGB image [H, W, 3]; later `predict_boxes` calls reuse the embedding."""
         self._image = self.encode(self.prepare(image))
@@ -126,29 +151,43 @@ class BoxPredictor:
         """Launch the decoder on `image` for box prompts [N, 4] (xyxy, original pixels), `chunk_size`
         boxes per call, and the copies of the thresholded masks [N, H, W] and IoUs [N] to the host.
 
-        On a GPU this returns before anything ran; the host tensors are fresh for every call, so a
-        caller may hold several `PendingMasks` (PyTorch's pinned-memory cache reuses a buffer only
-        once its copy completed and nothing references it).
+        On a GPU this returns before anything ran. The decoding runs on a stream of its own, after
+        the work queued so far (the image's encoding), so it overlaps the next images' encoding.
+        The host tensors are fresh for every call, so a caller may hold several `PendingMasks`
+        (PyTorch's pinned-memory cache reuses a buffer only once its copy completed and nothing
+        references it).
         """
         h, w = image.original_hw
-        pinned = self.device.type == "cuda"
-        masks = torch.empty((len(boxes), h, w), dtype=torch.bool, pin_memory=pinned)
-        ious = torch.empty((len(boxes),), dtype=torch.float32, pin_memory=pinned)
+        on_gpu = self.device.type == "cuda"
+        masks = torch.empty((len(boxes), h, w), dtype=torch.bool, pin_memory=on_gpu)
+        ious = torch.empty((len(boxes),), dtype=torch.float32, pin_memory=on_gpu)
         if len(boxes) == 0:
             return PendingMasks(masks, ious)
+        if not on_gpu:
+            self._decode_into(image, boxes, masks, ious)
+            return PendingMasks(masks, ious)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        self._decode_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._decode_stream):
+            image.features.record_stream(self._decode_stream)
+            self._decode_into(image, boxes, masks, ious)
+            copied = torch.cuda.Event()
+            copied.record(self._decode_stream)
+        return PendingMasks(masks, ious, copied)
+
+    def _decode_into(self, image: EncodedImage, boxes: np.ndarray, masks: torch.Tensor, ious: torch.Tensor) -> None:
+        """Decode boxes [N, 4] on `image` into host tensors masks [N, H, W] and ious [N] (on a GPU,
+        copies launched on the current stream)."""
+        non_blocking = self.device.type == "cuda"
         boxes_t = self._to_device(torch.as_tensor(np.asarray(boxes), dtype=torch.float))
         boxes_t = self.transform.apply_boxes_torch(boxes_t, image.original_hw)
         for start in range(0, len(boxes_t), self.chunk_size):
             chunk = slice(start, start + self.chunk_size)
             logits, iou = sam_decode(self.model, image.features, boxes_t[chunk])
             upscaled = self.model.postprocess_masks(logits, image.input_hw, image.original_hw)
-            masks[chunk].copy_(upscaled[:, 0] > self.model.mask_threshold, non_blocking=pinned)
-            ious[chunk].copy_(iou[:, 0], non_blocking=pinned)
-        if not pinned:
-            return PendingMasks(masks, ious)
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(self.device))
-        return PendingMasks(masks, ious, copied)
+            masks[chunk].copy_(upscaled[:, 0] > self.model.mask_threshold, non_blocking=non_blocking)
+            ious[chunk].copy_(iou[:, 0], non_blocking=non_blocking)
 
 
 def sam_decode(model: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,15 +211,16 @@ def decode_single_mask(model: Sam, embedding: torch.Tensor, sparse: torch.Tensor
 
 def predict_stream(predictor: BoxPredictor, loaders: Sequence[Callable[[], PromptedImage]], *,
                    workers: int = 4) -> Iterator[tuple[PromptedImage, np.ndarray, np.ndarray]]:
-    """Segment many images in order, reading and resizing the next ones in background threads
-    and keeping one image in flight on the device.
+    """Segment many images in order, reading and resizing the next ones in background threads,
+    encoding them `predictor.encoder_batch` at a time and keeping one batch in
+    flight on the device.
 
     loaders: one callable per image that reads it and its prompts (run in a worker thread,
     followed by `predictor.prepare`). Yields (item, masks bool [N, H, W], iou float32 [N]) in the
     order of `loaders`; the predictions are exactly `set_image(item.image)` + `predict_boxes(item.boxes)`.
-    Image i+1's encoder and decoder are launched before waiting for image i's masks, so on a GPU
-    the device computes i+1 while the host collects i (on the CPU each launch computes at once:
-    the same results, yielded one image later).
+    Batch k+1's encoder and decoders are launched before waiting for batch k's masks, so on a GPU
+    the device computes k+1 while the host collects k (on the CPU each launch computes at once:
+    the same results, yielded one batch later).
     """
 
     def load_and_prepare(loader: Callable[[], PromptedImage]) -> tuple[PromptedImage, Any]:
@@ -190,19 +230,23 @@ def predict_stream(predictor: BoxPredictor, loaders: Sequence[Callable[[], Promp
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: deque = deque()
         queue = iter(loaders)
-        for loader in queue:
-            pending.append(pool.submit(load_and_prepare, loader))
-            if len(pending) >= 2 * workers:
-                break
-        in_flight: tuple[PromptedImage, PendingMasks] | None = None
+
+        def refill() -> None:
+            for loader in queue:
+                pending.append(pool.submit(load_and_prepare, loader))
+                if len(pending) >= 2 * max(workers, predictor.encoder_batch):
+                    return
+
+        refill()
+        in_flight: list[tuple[PromptedImage, PendingMasks]] = []
         while pending:
-            item, prepared = pending.popleft().result()
-            next_loader = next(queue, None)
-            if next_loader is not None:
-                pending.append(pool.submit(load_and_prepare, next_loader))
-            launched = item, predictor.launch_boxes(predictor.encode(prepared), item.boxes)
-            if in_flight is not None:
-                yield in_flight[0], *in_flight[1].result()
+            batch = [pending.popleft().result()
+                     for _ in range(min(predictor.encoder_batch, len(pending)))]
+            refill()
+            encoded = predictor.encode_many([prepared for _, prepared in batch])
+            launched = [(item, predictor.launch_boxes(image, item.boxes)) for (item, _), image in zip(batch, encoded)]
+            for item, masks in in_flight:
+                yield item, *masks.result()
             in_flight = launched
-        if in_flight is not None:
-            yield in_flight[0], *in_flight[1].result()
+        for item, masks in in_flight:
+            yield item, *masks.result()

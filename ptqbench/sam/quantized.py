@@ -9,7 +9,7 @@ Sites (relative to each swapped module):
   `softmax` (attention probabilities), `proj.input`, `proj.weight`; the decomposed
   relative-position term is computed from the unquantized q and added in FP (`add_rel_pos`:
   segment_anything's arithmetic with the gather index kept on the device, so the forward never
-  waits for the GPU and can be captured in a CUDA graph);
+  waits for the GPU and can be captured in a CUDA graph, and in evaluation on a GPU one fused pass);
 - MLP blocks (encoder and decoder): `lin1.input`, `lin1.weight`, `lin2.input` (post-activation), `lin2.weight`;
 - encoder neck: `neck.0.*` (1x1 conv) and `neck.2.*` (3x3 conv), input and weight;
 - mask decoder transformer attentions: `{q,k,v,out}_proj.{input,weight}`, `q`, `k`, `v`, `softmax`.
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ptqbench.quant.layers import QuantConv2d, QuantLinear
 from ptqbench.quant.quantizer import FakeQuantizer
+from ptqbench.sam.fused_rel_pos import add_rel_pos_, can_fuse
 
 
 def _activation_quantizers(module: nn.Module, bits: int) -> None:
@@ -59,12 +60,15 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
 
 def add_rel_pos(attn: Tensor, q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
     """segment_anything's `add_decomposed_rel_pos` for a square attention (q and k on one
-    [h, w] grid), with `rel_pos_table`: attn [B, hw, hw] + the height and width terms of q [B, hw, C]."""
+    [h, w] grid), with `rel_pos_table`: attn [B, hw, hw] + the height and width terms of q [B, hw, C].
+    In evaluation on a GPU both terms are added in one pass over attn, in place (`add_rel_pos_`)."""
     h, w = size
     batch, _, dim = q.shape
     r_q = q.reshape(batch, h, w, dim)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rel_pos_table(h, h, rel_pos_h))
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rel_pos_table(w, w, rel_pos_w))
+    if can_fuse(attn):
+        return add_rel_pos_(attn, rel_h, rel_w)
     return (attn.view(batch, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(batch, h * w, h * w)
 
 
