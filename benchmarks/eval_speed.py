@@ -8,8 +8,10 @@ smooth colour fields) with ~20 box prompts each:
       from reading the images to RLE-encoded results entries) with a `BoxPredictor` over
       `fp_twin(model)`, the quantizable twin with every site off;
   (c) ptqbench's W4A4 evaluation: the same after `minmax` calibration with every site on.
-Prints images/s, peak GPU memory and the ratios (b)/(a) speed-up and (c)/(b) time, and, apart,
-the time of the metric (`task.score`: pycocotools' COCOeval), which (a) does not compute.
+Prints images/s, peak GPU memory, the ratios (b)/(a) speed-up and (c)/(b) time, the encoder batch
+size (b) and (c) ended with (it drops to 1 if a batch was not bit-identical to single images) and,
+apart, the time of the metric (`task.score`: pycocotools' COCOeval), which (a) does not compute.
+The warm-up of (b) and (c) covers their first batch, so its one-time bit check is not timed.
 
     python benchmarks/eval_speed.py --models sam_vit_b,sam_vit_l,sam_vit_h --images 64 --device cuda
     python benchmarks/eval_speed.py --models sam_tiny --images 8 --device cpu

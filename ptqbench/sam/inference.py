@@ -43,11 +43,13 @@ class PromptedImage:
 @dataclass(frozen=True)
 class EncodedImage:
     """One image as the mask decoder needs it: its embedding [1, 256, h, w] on the device (possibly
-    still being computed), its resized (h, w) before padding and its original (H, W)."""
+    still being computed), its resized (h, w) before padding and its original (H, W). On a GPU,
+    `ready` is a CUDA event recorded after the encoding was launched (None on the CPU)."""
 
     features: torch.Tensor
     input_hw: tuple[int, int]
     original_hw: tuple[int, int]
+    ready: torch.cuda.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -98,38 +100,43 @@ class BoxPredictor:
         """Images per image-encoder call in `encode_many` (drops to 1 if batching was not bit-identical)."""
         return self.batched_encoder.batch_size
 
+    def _host_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor in pinned memory on a GPU (so that its upload does not wait for the device:
+        a copy from pageable memory blocks until all queued kernels finished), as it is otherwise."""
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor on the device; on a GPU through pinned memory, without waiting for the
-        device (a copy from pageable memory would block until all queued kernels finished)."""
-        if self.device.type != "cuda":
-            return tensor.to(self.device)
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        """A CPU tensor on the device, uploaded without waiting for the device."""
+        return self._host_tensor(tensor).to(self.device, non_blocking=True)
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """uint8 RGB [H, W, 3] -> (normalised, padded input [1, 3, S, S], resized (h, w))."""
-        return self._model_input(self.transform.apply_image(image))
+        return self._model_input(self.prepare(image)[0])
 
-    def _model_input(self, resized: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self._to_device(torch.as_tensor(resized)).permute(2, 0, 1).contiguous()[None]
+    def _model_input(self, resized: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self._to_device(resized).permute(2, 0, 1).contiguous()[None]
         return self.model.preprocess(x), (resized.shape[0], resized.shape[1])
 
-    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """The CPU part of `set_image` (thread-safe): (resized uint8 image, original (H, W))."""
-        return self.transform.apply_image(image), (image.shape[0], image.shape[1])
+    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The CPU part of `set_image`, thread-safe so that it can run ahead in a worker thread:
+        (resized uint8 image [h, w, 3], pinned on a GPU; original (H, W))."""
+        resized = torch.as_tensor(self.transform.apply_image(image))
+        return self._host_tensor(resized), (image.shape[0], image.shape[1])
 
-    @torch.no_grad()
-    def encode(self, prepared: tuple[np.ndarray, tuple[int, int]]) -> EncodedImage:
+    def encode(self, prepared: tuple[torch.Tensor, tuple[int, int]]) -> EncodedImage:
         """Launch the image encoder on the output of `prepare` (on a GPU, returns before it ran)."""
-        resized, original_hw = prepared
-        x, input_hw = self._model_input(resized)
-        return EncodedImage(self.model.image_encoder(x), input_hw, original_hw)
+        return self.encode_many([prepared])[0]
 
     @torch.no_grad()
-    def encode_many(self, prepared: Sequence[tuple[np.ndarray, tuple[int, int]]]) -> list[EncodedImage]:
+    def encode_many(self, prepared: Sequence[tuple[torch.Tensor, tuple[int, int]]]) -> list[EncodedImage]:
         """`encode` for several outputs of `prepare`, `encoder_batch` images per encoder call."""
         inputs = [self._model_input(resized) for resized, _ in prepared]
         features = self.batched_encoder([x for x, _ in inputs])
-        return [EncodedImage(f, input_hw, original_hw)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return [EncodedImage(f, input_hw, original_hw, ready)
                 for f, (_, input_hw), (_, original_hw) in zip(features, inputs, prepared)]
 
     def set_image(self, image: np.ndarray) -> None:
@@ -152,7 +159,7 @@ class BoxPredictor:
         boxes per call, and the copies of the thresholded masks [N, H, W] and IoUs [N] to the host.
 
         On a GPU this returns before anything ran. The decoding runs on a stream of its own, after
-        the work queued so far (the image's encoding), so it overlaps the next images' encoding.
+        the image's encoding (`image.ready`), so it overlaps the encoding of images launched later.
         The host tensors are fresh for every call, so a caller may hold several `PendingMasks`
         (PyTorch's pinned-memory cache reuses a buffer only once its copy completed and nothing
         references it).
@@ -168,7 +175,10 @@ class BoxPredictor:
             return PendingMasks(masks, ious)
         if self._decode_stream is None:
             self._decode_stream = torch.cuda.Stream(self.device)
-        self._decode_stream.wait_stream(torch.cuda.current_stream(self.device))
+        if image.ready is None:
+            self._decode_stream.wait_stream(torch.cuda.current_stream(self.device))
+        else:
+            self._decode_stream.wait_event(image.ready)
         with torch.cuda.stream(self._decode_stream):
             image.features.record_stream(self._decode_stream)
             self._decode_into(image, boxes, masks, ious)
@@ -211,16 +221,15 @@ def decode_single_mask(model: Sam, embedding: torch.Tensor, sparse: torch.Tensor
 
 def predict_stream(predictor: BoxPredictor, loaders: Sequence[Callable[[], PromptedImage]], *,
                    workers: int = 4) -> Iterator[tuple[PromptedImage, np.ndarray, np.ndarray]]:
-    """Segment many images in order, reading and resizing the next ones in background threads,
-    encoding them `predictor.encoder_batch` at a time and keeping one batch in
-    flight on the device.
+    """Segment many images in order: read, resize and pin the next ones in background threads,
+    encode them `predictor.encoder_batch` at a time, and decode one batch behind the encoding.
 
     loaders: one callable per image that reads it and its prompts (run in a worker thread,
     followed by `predictor.prepare`). Yields (item, masks bool [N, H, W], iou float32 [N]) in the
     order of `loaders`; the predictions are exactly `set_image(item.image)` + `predict_boxes(item.boxes)`.
-    Batch k+1's encoder and decoders are launched before waiting for batch k's masks, so on a GPU
-    the device computes k+1 while the host collects k (on the CPU each launch computes at once:
-    the same results, yielded one batch later).
+    Each step launches the encoding of batch k+1, then the decoding of batch k (which overlaps
+    it on the GPU), then collects the masks of batch k-1. On the CPU each launch computes at once:
+    the same results, yielded two batches later.
     """
 
     def load_and_prepare(loader: Callable[[], PromptedImage]) -> tuple[PromptedImage, Any]:
@@ -238,15 +247,18 @@ def predict_stream(predictor: BoxPredictor, loaders: Sequence[Callable[[], Promp
                     return
 
         refill()
-        in_flight: list[tuple[PromptedImage, PendingMasks]] = []
-        while pending:
-            batch = [pending.popleft().result()
-                     for _ in range(min(predictor.encoder_batch, len(pending)))]
-            refill()
-            encoded = predictor.encode_many([prepared for _, prepared in batch])
-            launched = [(item, predictor.launch_boxes(image, item.boxes)) for (item, _), image in zip(batch, encoded)]
-            for item, masks in in_flight:
+        encoded: list[tuple[PromptedImage, EncodedImage]] = []
+        decoding: list[tuple[PromptedImage, PendingMasks]] = []
+        while pending or encoded:
+            next_encoded = []
+            if pending:
+                batch = [pending.popleft().result() for _ in range(min(predictor.encoder_batch, len(pending)))]
+                refill()
+                images = predictor.encode_many([prepared for _, prepared in batch])
+                next_encoded = [(item, image) for (item, _), image in zip(batch, images)]
+            launched = [(item, predictor.launch_boxes(image, item.boxes)) for item, image in encoded]
+            for item, masks in decoding:
                 yield item, *masks.result()
-            in_flight = launched
-        for item, masks in in_flight:
+            encoded, decoding = next_encoded, launched
+        for item, masks in decoding:
             yield item, *masks.result()
