@@ -1,7 +1,7 @@
 """SAM's image encoder over several images at once, bit-identical to encoding them one by one.
 
 On a GPU a batch of images goes through the ViT faster than the same images one at a time,
-because its GEMMs fill the device better (H200, SAM-H: 173 ms/image at batch 1, 152 at batch 4).
+because its GEMMs fill the device better (H200, SAM-H: 167 ms/image at batch 1, 144 at batch 4).
 Bit-identity is what decides which parts may be batched. The transformer blocks are GEMMs
 (cuBLAS) and row-wise or element-wise kernels, and on the H200 they return the same bits for a
 batch as for its images one by one. The convolutions are different: cuDNN picks its algorithm

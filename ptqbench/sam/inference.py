@@ -44,7 +44,7 @@ class PromptedImage:
 class EncodedImage:
     """One image as the mask decoder needs it: its embedding [1, 256, h, w] on the device (possibly
     still being computed), its resized (h, w) before padding and its original (H, W). On a GPU,
-    `ready` is a CUDA event recorded after the encoding was launched (None on the CPU)."""
+    `ready` is the CUDA event `encode_many` recorded after launching the encoding (None on the CPU)."""
 
     features: torch.Tensor
     input_hw: tuple[int, int]
@@ -91,7 +91,7 @@ class BoxPredictor:
         if encoder_batch is None:
             encoder_batch = 4 if self.device.type == "cuda" else 1
         self.batched_encoder = BatchedImageEncoder(self.model.image_encoder, encoder_batch)
-        self._decode_stream: torch.cuda.Stream | None = None
+        self._decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.transform = ResizeLongestSide(self.input_size)
         self._image: EncodedImage | None = None
 
@@ -165,7 +165,7 @@ class BoxPredictor:
         references it).
         """
         h, w = image.original_hw
-        on_gpu = self.device.type == "cuda"
+        on_gpu = self._decode_stream is not None
         masks = torch.empty((len(boxes), h, w), dtype=torch.bool, pin_memory=on_gpu)
         ious = torch.empty((len(boxes),), dtype=torch.float32, pin_memory=on_gpu)
         if len(boxes) == 0:
@@ -173,12 +173,7 @@ class BoxPredictor:
         if not on_gpu:
             self._decode_into(image, boxes, masks, ious)
             return PendingMasks(masks, ious)
-        if self._decode_stream is None:
-            self._decode_stream = torch.cuda.Stream(self.device)
-        if image.ready is None:
-            self._decode_stream.wait_stream(torch.cuda.current_stream(self.device))
-        else:
-            self._decode_stream.wait_event(image.ready)
+        self._decode_stream.wait_event(image.ready)
         with torch.cuda.stream(self._decode_stream):
             image.features.record_stream(self._decode_stream)
             self._decode_into(image, boxes, masks, ious)
