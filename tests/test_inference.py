@@ -128,3 +128,37 @@ def test_coco_prediction_through_the_twin_equals_the_plain_model(sam_tiny, reald
     twin = task.predict(BoxPredictor(fp_twin(sam_tiny), chunk_size=4), indices)
     assert sum(len(result.entries) for result in plain) > 4
     assert twin == plain
+
+
+def test_coco_metric_through_ptqbench_equals_a_sam_predictor_loop(tmp_path):
+    """(b) against (a) of benchmarks/eval_speed.py, with the shipped sam_tiny on demo COCO scenes:
+    the coco task's prediction phase over fp_twin (images encoded two at a time) writes the same
+    results entries, and so gets the same COCOeval metrics, as a SamPredictor loop over the plain
+    model with the GT boxes."""
+    from ptqbench.sam.models import load_model
+    from ptqbench.tasks.coco import evaluation_image_ids, make_coco_task, mask_results, score_results
+    from ptqbench.tasks.synthetic import DemoSizes, ensure_demo_data
+
+    root = ensure_demo_data(tmp_path / "demo", DemoSizes(coco_val=3, coco_train=1, dota_val=0, dota_train=0,
+                                                         ade_val=0, ade_train=0))
+    model = load_model("sam_tiny").model
+    task = make_coco_task(TaskConfig(data_root=root, model_input_size=model.image_encoder.img_size))
+    results = task.predict(BoxPredictor(fp_twin(model), encoder_batch=2), [0, 1, 2])
+    metrics = task.score(results, 3, tmp_path)
+
+    split = task._split(task.eval_split)
+    image_ids = evaluation_image_ids(split, 3)
+    predictor = SamPredictor(model)
+    reference = []
+    for image_id in image_ids:
+        prompts = split.gt_prompts(image_id)
+        predictor.set_image(split.read_image(image_id))
+        boxes = torch.as_tensor(prompts.boxes, dtype=torch.float)
+        boxes = predictor.transform.apply_boxes_torch(boxes, predictor.original_size)
+        masks, ious, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+        scores = prompts.scores * ious[:, 0].numpy().astype(np.float64)
+        reference += mask_results(image_id, masks[:, 0].numpy(), prompts.category_ids, scores)
+
+    assert [entry for result in results for entry in result.entries] == reference
+    assert metrics == score_results(split.coco, reference, image_ids)
+    assert metrics["mask_AP"] > 30
