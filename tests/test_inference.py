@@ -148,16 +148,14 @@ def test_coco_metric_through_ptqbench_equals_a_sam_predictor_loop(tmp_path):
 
     split = task._split(task.eval_split)
     image_ids = evaluation_image_ids(split, 3)
-    predictor = SamPredictor(model)
-    reference = []
+    items = []
     for image_id in image_ids:
         prompts = split.gt_prompts(image_id)
-        predictor.set_image(split.read_image(image_id))
-        boxes = torch.as_tensor(prompts.boxes, dtype=torch.float)
-        boxes = predictor.transform.apply_boxes_torch(boxes, predictor.original_size)
-        masks, ious, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
-        scores = prompts.scores * ious[:, 0].numpy().astype(np.float64)
-        reference += mask_results(image_id, masks[:, 0].numpy(), prompts.category_ids, scores)
+        items.append(PromptedImage(key=image_id, image=split.read_image(image_id), boxes=prompts.boxes, extra=prompts))
+    reference = []
+    for item, (masks, ious) in zip(items, _sam_predictor_loop(model, items, chunk_size=64)):
+        scores = item.extra.scores * ious.astype(np.float64)
+        reference += mask_results(item.key, masks, item.extra.category_ids, scores)
 
     assert [entry for result in results for entry in result.entries] == reference
     assert metrics == score_results(split.coco, reference, image_ids)
