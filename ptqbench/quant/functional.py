@@ -23,6 +23,17 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def clamp_ste(x: Tensor, low: float, high: float) -> Tensor:
+    """clamp(x, low, high) whose gradient is 1 wherever low <= x <= high, grid ends included.
+
+    The reference code runs on torch 1.10.2 (its `environment.sh`), whose `torch.clamp` passes the
+    gradient at exactly `low` and `high`; recent torch gives 0 there. This explicit inclusive mask
+    gives the reference's straight-through gradient on every torch version. x: any shape.
+    """
+    inside = (x >= low) & (x <= high)
+    return torch.where(inside, x, x.detach().clamp(low, high))
+
+
 def affine_qparams(x_min: Tensor, x_max: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Scale and zero point covering [x_min, x_max] (widened to include 0).
 
@@ -44,11 +55,11 @@ def fake_quant_affine(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -
     x/s is computed as x * (1/s) in fp32, the arithmetic of PyTorch's fused
     `fake_quantize_per_tensor_affine` kernel, so the fused evaluation path
     (`fake_quant_affine_fused`) gives bit-identical results.
-    Gradients flow to x (straight through inside the clamp range) and to `scale` (LSQ-style).
-    x: any shape; scale, zero_point broadcastable to x.
+    Gradients flow to x (straight through inside the clamp range, grid ends included: `clamp_ste`)
+    and to `scale` (LSQ-style). x: any shape; scale, zero_point broadcastable to x.
     """
     qmin, qmax = quant_range(bits)
-    q = torch.clamp(round_ste(x * (1.0 / scale)) + zero_point, qmin, qmax)
+    q = clamp_ste(round_ste(x * (1.0 / scale)) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
 
@@ -104,10 +115,11 @@ def fake_quant_log2(a: Tensor, scale: Tensor, tau: int, bits: int) -> Tensor:
 
     a_int = round(-tau * log2(a / s)); a_hat = s * 2^(-clamp(a_int, 0, 2^b - 1) / tau);
     elements whose a_int >= 2^b (below the smallest level, including a = 0) become exactly 0.
-    a: any shape, values >= 0; scale: 0-d tensor (learnable, gradient through the STE).
+    a: any shape, values >= 0; scale: 0-d tensor (learnable, gradient through the STE and the
+    inclusive `clamp_ste`, as the reference).
     """
     levels = 2**bits
     a_int = round_ste(-tau * torch.log2(torch.clamp(a, min=1e-30) / scale))
-    a_hat = scale * torch.pow(2.0, -torch.clamp(a_int, 0, levels - 1) / tau)
+    a_hat = scale * torch.pow(2.0, -clamp_ste(a_int, 0, levels - 1) / tau)
     below_grid = (a_int >= levels) | (a <= 0)
     return torch.where(below_grid, torch.zeros_like(a_hat), a_hat)

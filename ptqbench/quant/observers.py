@@ -26,14 +26,14 @@ too, so that a caller can construct every observer the same way.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from scipy.optimize import minimize_scalar
 from torch import Tensor
 
 from ptqbench.errors import ConfigError, PtqbenchError
-from ptqbench.quant.functional import affine_qparams, fake_quant_affine, fake_quant_affine_fused, quant_range
+from ptqbench.quant.functional import affine_qparams, fake_quant_affine, quant_range
 from ptqbench.registry import Registry
 
 OBSERVERS: Registry[Observer] = Registry("observer")
@@ -352,14 +352,14 @@ def _grid_search_block(
     return best_min, best_max
 
 
-def _bounded_minimize(fn: Callable[[float], float], lo: float, hi: float, xatol: float,
+def _bounded_minimize(fn: Callable[[float], float], lo: float, hi: float,
                       max_iter: int | None = None) -> tuple[float, float]:
-    """(argmin, min) of fn on [lo, hi] by scipy's bounded Brent search; a point interval is evaluated.
-
-    max_iter: scipy's iteration cap (None = scipy's default, 500)."""
-    if hi - lo <= xatol:
+    """(argmin, min) of fn on [lo, hi] by scipy's bounded Brent search with its default tolerance
+    (xatol 1e-5), as the reference's `minimize_scalar(..., method='Bounded')`; a point interval is
+    evaluated. max_iter: scipy's iteration cap (None = scipy's default, 500)."""
+    if hi <= lo:
         return lo, fn(lo)
-    options = {"xatol": xatol} if max_iter is None else {"xatol": xatol, "maxiter": max_iter}
+    options = None if max_iter is None else {"maxiter": max_iter}
     result = minimize_scalar(fn, bounds=(lo, hi), method="bounded", options=options)
     return float(result.x), float(result.fun)
 
@@ -375,39 +375,69 @@ def strided_sample(x: Tensor, max_elements: int | None) -> Tensor:
     return torch.cat([flat[::stride], torch.stack([flat.min(), flat.max()])])
 
 
-def bounded_search_per_tensor(x: Tensor, bits: int, p: float, max_iter: int | None = None) -> tuple[float, float]:
-    """The per-tensor range minimising mean(|Q(x) - x|^p) by a nested bounded scalar search.
+OneSide = Literal["pos", "neg", "no"]
 
-    x: any shape, on any device (every loss evaluation runs there; only a scalar comes back).
-    Let m = min(x_min, 0), M = max(x_max, 0) (the range `affine_qparams` would use; for data that
-    contains 0 in its range, M - m = x_max - x_min). The outer search runs over the width
-    r in [min(0.1, 0.01 (M - m)), M - m]; each r is scored by its best lower end lo, itself found
-    by a bounded search over lo in [max(m, -r), min(0, M - r)]: the positions where [lo, lo + r]
-    contains 0 (as every affine grid does) and lies within [m, M] (a grid reaching past the data
-    on one side only wastes levels that could cover the other side). Then the best lo for the
-    chosen r. Q = `fake_quant_affine` (its fused kernel) with `affine_qparams(lo, lo + r)`. Both searches use an
-    absolute tolerance of 1e-5 (M - m), i.e. relative to the data range (scipy's default 1e-5
-    absolute tolerance means nothing for ranges far from 1). `max_iter` caps the iterations of
-    each search (the `fast` preset's cut; None = scipy's default). Returns (lo, lo + r).
+
+def one_sided(x: Tensor) -> OneSide:
+    """'pos' when every element is >= 0, 'neg' when every one is <= 0, else 'no' (the reference's
+    `one_side_dist`, decided on an observer's first update and kept for the later ones)."""
+    x_min, x_max = (float(v) for v in torch.aminmax(x.detach()))
+    return "pos" if x_min >= 0.0 else "neg" if x_max <= 0.0 else "no"
+
+
+def range_loss(x: Tensor, lo: float, hi: float, bits: int, p: float) -> float:
+    """mean(|Q(x) - x|^p) for the grid covering [lo, hi] (one scalar read back to the host).
+
+    The qparams are computed in float64 on the host from the candidate, exactly as the
+    reference's `calculate_qparams` on its float64 candidate tensors, and handed to the fused
+    per-tensor kernel as Python numbers, so nothing of the candidate lives on another device or
+    in another dtype than x. x: float32, any shape, any device.
+    """
+    qmin, qmax = quant_range(bits)
+    low, high = min(lo, 0.0), max(hi, 0.0)
+    scale = max((high - low) / (qmax - qmin), 1e-8)
+    zero_point = int(min(max(qmin - round(low / scale), qmin), qmax))
+    x_hat = (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+    return float((x_hat - x).abs().pow(p).mean())
+
+
+def bounded_search_per_tensor(x: Tensor, bits: int, p: float, side: OneSide | None = None,
+                              max_iter: int | None = None) -> tuple[float, float]:
+    """The per-tensor range of the reference's MSEFast search (SAQ-SAM `observer.py:270-367`).
+
+    x: any shape, on any device (every loss evaluation runs there; one scalar per step comes back).
+    side: the data's sidedness (`one_sided`; None = decide from x).
+    - One-sided ('pos' / 'neg'): a bounded search of r over [min(0.1, 0.01 R), R],
+      R = max(|x_min|, x_max), of the grid [0, r] (or [-r, 0]); returns (0, r) or (-r, 0).
+    - Two-sided: R = x_max - x_min; each width r in [min(0.1, 0.01 R), R] is scored by the best
+      shift t in [0, r] of the grid [-t, r - t] (a nested bounded search), then the best shift of
+      the chosen width; the result is that grid clipped to the data, (max(-t, x_min), min(r - t, x_max)).
+    Every search is scipy's bounded Brent search with its default tolerance; `max_iter` caps each
+    one (the `fast` preset's cut; None = scipy's default).
     """
     x = x.detach().float()
-    x_min, x_max = (float(v) for v in torch.aminmax(x))
-    low, high = min(x_min, 0.0), max(x_max, 0.0)
-    width = high - low
-    if width <= 0.0:
-        return x_min, x_max
-    xatol = 1e-5 * width
+    lo_t, hi_t = torch.aminmax(x)
+    x_min, x_max = float(lo_t), float(hi_t)
+    side = side or one_sided(x)
+    qmin, qmax = quant_range(bits)
+    if side != "no":
+        extent = float(torch.maximum(lo_t.abs(), hi_t))
 
-    def loss(lo: float, r: float) -> float:
-        scale, zero_point = affine_qparams(torch.tensor(lo), torch.tensor(lo + r), bits)
-        return float(lp_loss(fake_quant_affine_fused(x, scale, zero_point, bits), x, p))
+        def grid(r: float) -> tuple[float, float]:
+            return (0.0 if side == "pos" else -r), (0.0 if side == "neg" else r)
+
+        r_best, _ = _bounded_minimize(lambda r: range_loss(x, *grid(r), bits, p),
+                                      min(0.1, 0.01 * extent), extent, max_iter)
+        return grid(r_best)
+    extent = float(hi_t - lo_t)  # float32 arithmetic, as the reference's bounds
 
     def best_shift(r: float) -> tuple[float, float]:
-        return _bounded_minimize(lambda lo: loss(lo, r), max(low, -r), min(0.0, high - r), xatol, max_iter)
+        step = r / (qmax - qmin)
+        return _bounded_minimize(lambda t: range_loss(x, -t, r - t, bits, p), step * qmin, step * qmax, max_iter)
 
-    r_best, _ = _bounded_minimize(lambda r: best_shift(r)[1], min(0.1, 0.01 * width), width, xatol, max_iter)
-    lo_best, _ = best_shift(r_best)
-    return lo_best, lo_best + r_best
+    r_best, _ = _bounded_minimize(lambda r: best_shift(r)[1], min(0.1, 0.01 * extent), extent, max_iter)
+    t_best, _ = best_shift(r_best)
+    return max(-t_best, x_min), min(r_best - t_best, x_max)
 
 
 @OBSERVERS.register("mse")
@@ -415,7 +445,8 @@ class MSEObserver(SearchObserver):
     """Lp clipping search (LAPQ / BRECQ / QDrop / PTQ4SAM), p = 2.4 by default.
 
     Per channel (`channel_axis` given, weights): `grid_search_per_channel` on each update.
-    Per tensor (activations): `bounded_search_per_tensor` on each update.
+    Per tensor (activations): the reference's AvgMSEFast observer, `bounded_search_per_tensor` on
+    each update with the sidedness of the first update kept for the later ones.
     The per-update ranges are averaged over updates.
     """
 
@@ -430,11 +461,18 @@ class MSEObserver(SearchObserver):
         self.max_elements = max_elements
         super().__init__(channel_axis, bits)
 
+    def _clear(self) -> None:
+        super()._clear()
+        self.side: OneSide | None = None
+
     def _search(self, rows: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         if self.channel_axis is not None:
             return grid_search_per_channel(rows, bits, self.p, self.num_ranges)
-        lo, hi = bounded_search_per_tensor(strided_sample(rows, self.max_elements), bits, self.p, self.max_iter)
-        return torch.tensor([lo], device=rows.device), torch.tensor([hi], device=rows.device)
+        sample = strided_sample(rows, self.max_elements)
+        self.side = self.side or one_sided(sample)
+        lo, hi = bounded_search_per_tensor(sample, bits, self.p, self.side, self.max_iter)
+        return (torch.tensor([lo], dtype=torch.float32, device=rows.device),
+                torch.tensor([hi], dtype=torch.float32, device=rows.device))
 
 
 @OBSERVERS.register("omse")

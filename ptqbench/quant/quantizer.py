@@ -113,8 +113,14 @@ class FakeQuantizer(nn.Module):
         return t.reshape(shape)
 
     def _learnable_scale(self, x: Tensor) -> Tensor:
-        """The scale with LSQ's gradient scaling and kept positive (identity for buffers)."""
+        """The scale kept positive, with LSQ's gradient scaling on the uniform grid (identity for buffers).
+
+        The log2 grid's scale gets its plain gradient: the reference's AGQ scale is a bare
+        `nn.Parameter` (PTQ4SAM `fake_quant.py:647-654`), unlike its LSQ quantizers.
+        """
         scale = self.scale
+        if isinstance(scale, nn.Parameter) and self.log2_tau is not None:
+            return scale.abs().clamp(min=1e-8)
         if isinstance(scale, nn.Parameter):
             numel = x.numel() if self.channel_axis is None else x.numel() // x.shape[self.channel_axis]
             g = 1.0 / math.sqrt(numel * (2**self.bits - 1))
