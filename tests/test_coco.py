@@ -1,4 +1,6 @@
-"""The coco task on the real COCO slice: results writer, pycocotools scoring, prompts, calibration."""
+"""The coco task on the real COCO slice: results writer, pycocotools scoring (mmdetection's
+maxDets), prompts (the placeholder box of an image without detections), image decoding,
+calibration."""
 
 import json
 import logging
@@ -12,8 +14,8 @@ import torch
 from ptqbench.errors import DataError
 from ptqbench.sam.inference import PendingMasks
 from ptqbench.tasks.base import TASKS, TaskConfig
-from ptqbench.tasks.coco import (METRICS, RESULTS_FILE, load_split, make_coco_task, mask_encoder, mask_results,
-                                 score_results, score_results_file, write_results)
+from ptqbench.tasks.coco import RESULTS_FILE, load_split, make_coco_task, score_results_file
+from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, write_results
 
 REALDATA = Path(__file__).parents[2] / "shared" / "realdata"
 COCO_DIR = REALDATA / "coco"
@@ -41,6 +43,29 @@ def gt_results(split, image_ids=None):
             masks = np.stack([split.coco.annToMask(a).astype(bool) for a in anns])
             results += mask_results(image_id, masks, [a["category_id"] for a in anns], np.ones(len(anns)))
     return results
+
+
+def pycocotools_metrics(results, image_ids, max_dets=(100, 300, 1000)):
+    """Plain pycocotools on results entries (a list, or a results file): a fresh COCO of the val
+    annotation file, COCOeval(segm) on `image_ids` with `max_dets`; the twelve stats x 100, -1 as NaN."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(COCO_DIR / "annotations" / "instances_val2017.json"))
+    detections = gt.loadRes(str(results) if isinstance(results, Path) else [dict(r) for r in results])
+    evaluator = COCOeval(gt, detections, iouType="segm")
+    evaluator.params.imgIds = list(image_ids)
+    evaluator.params.maxDets = list(max_dets)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return [stat * 100 if stat >= 0 else math.nan for stat in evaluator.stats]
+
+
+def assert_metrics_equal(metrics, expected):
+    """Exact equality in METRICS order (NaN equals NaN)."""
+    assert tuple(metrics) == METRICS
+    np.testing.assert_array_equal([metrics[key] for key in METRICS], expected)
 
 
 class StreamedFake:
@@ -84,12 +109,16 @@ class OraclePredictor(StreamedFake):
 
 
 class BoxFillPredictor(StreamedFake):
-    """Each mask is its (rounded) box filled; predicted IoU 0.25."""
+    """Each mask is its (rounded) box filled; predicted IoU 0.25. Records the boxes of each image."""
+
+    def __init__(self):
+        self.boxes = []
 
     def set_image(self, image):
         self.shape = image.shape[:2]
 
     def predict_boxes(self, boxes):
+        self.boxes.append(np.array(boxes))
         masks = np.zeros((len(boxes), *self.shape), dtype=bool)
         for mask, (x0, y0, x1, y1) in zip(masks, np.round(boxes).astype(int)):
             mask[y0:y1, x0:x1] = True
@@ -100,7 +129,8 @@ def test_registered_and_names():
     assert TASKS.get("coco") is make_coco_task
     task = make_coco_task(TaskConfig(data_root=REALDATA))
     assert (task.name, task.metric, task.metrics) == ("coco", "mask_AP", METRICS)
-    assert METRICS == ("mask_AP", "AP50", "AP75", "APs", "APm", "APl")
+    assert METRICS == ("mask_AP", "AP50", "AP75", "APs", "APm", "APl",
+                       "AR100", "AR300", "AR1000", "ARs", "ARm", "ARl")
 
 
 def test_gt_masks_score_100(val, tmp_path):
@@ -135,6 +165,29 @@ def test_bbox_key_is_dropped_with_warning(val, tmp_path, caplog):
     assert scores["APs"] < 100.0 and scores["mask_AP"] < 100.0
     assert scores["APm"] == 100.0 and scores["APl"] == 100.0
     assert scores == score_results(val.coco, gt_results(val) + [fp], sorted(val.image_ids))
+
+
+def test_max_dets_as_mmdetection(val):
+    """120 false positives scored above the true positives of one image and category push those
+    past the 100th detection: mask_AP and AR100 (maxDets 100) miss them, AP50..APl and AR1000
+    (pycocotools' summarize takes maxDets[2] = 1000 for them) count them. Every metric equals
+    plain pycocotools with mmdetection's maxDets (100, 300, 1000)."""
+    image_id = 17627
+    category = next(a for a in val.coco.imgToAnns[image_id] if not a["iscrowd"])["category_id"]
+    info = val.coco.imgs[image_id]
+    same_cat = sum(val.coco.annToMask(a) for a in val.coco.imgToAnns[image_id] if a["category_id"] == category)
+    ys, xs = np.nonzero(same_cat == 0)
+    false_positives = np.zeros((120, info["height"], info["width"]), dtype=bool)
+    for index, mask in enumerate(false_positives):
+        mask[ys[index * 97], xs[index * 97]] = True  # one pixel where no GT of that category lies
+    results = gt_results(val, [image_id]) + mask_results(image_id, false_positives, [category] * 120,
+                                                         np.full(120, 2.0))
+    metrics = score_results(val.coco, results, [image_id])
+    assert_metrics_equal(metrics, pycocotools_metrics(results, [image_id]))
+    defaults = pycocotools_metrics(results, [image_id], max_dets=(1, 10, 100))  # COCOeval's own
+    assert metrics["mask_AP"] == defaults[0]      # maxDets 100 both
+    assert metrics["AP50"] > defaults[1]          # maxDets 1000 against 100
+    assert metrics["AR1000"] > metrics["AR100"] == defaults[8]
 
 
 def test_empty_results_score_zero(val, tmp_path):
@@ -192,25 +245,45 @@ def test_evaluate_gt_prompts_with_oracle_masks(val, tmp_path):
 def test_evaluate_detection_prompts(tmp_path):
     task = make_coco_task(TaskConfig(data_root=REALDATA, prompts=str(VAL_DETS)))
     metrics = task.evaluate(BoxFillPredictor(), limit=2, progress=False, out_dir=tmp_path)
-    assert set(metrics) == set(METRICS)
     assert all(0.0 <= value <= 100.0 for value in metrics.values())
     written = json.loads((tmp_path / RESULTS_FILE).read_text())
     dets = [d for d in json.loads(VAL_DETS.read_text()) if d["image_id"] in (6818, 17627)]
     assert len(written) == len(dets)
     expected = sorted((d["image_id"], d["category_id"], d["score"] * 0.25) for d in dets)
     assert sorted((r["image_id"], r["category_id"], r["score"]) for r in written) == expected
-    # The same numbers as plain pycocotools on the written file.
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    gt = COCO(str(COCO_DIR / "annotations" / "instances_val2017.json"))
-    evaluator = COCOeval(gt, gt.loadRes(str(tmp_path / RESULTS_FILE)), iouType="segm")
-    evaluator.params.imgIds = [6818, 17627]
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    assert list(metrics.values()) == [stat * 100 for stat in evaluator.stats[:6]]
+    assert_metrics_equal(metrics, pycocotools_metrics(tmp_path / RESULTS_FILE, [6818, 17627]))
     assert metrics["mask_AP"] > 0.0
+
+
+def test_placeholder_prompt_for_an_image_without_detections(val, tmp_path):
+    """17627 dropped from the detection file: SAM gets the box [0, 0, 0, 0] for it and the
+    entry has the first category (person, 1) and score 0.1 x SAM's IoU; the other images keep
+    their detections."""
+    dets = json.loads(VAL_DETS.read_text())
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps([d for d in dets if d["image_id"] != 17627]))
+    task = make_coco_task(TaskConfig(data_root=REALDATA, prompts=str(path)))
+    predictor = BoxFillPredictor()
+    metrics = task.evaluate(predictor, limit=3, progress=False, out_dir=tmp_path)
+    np.testing.assert_array_equal(predictor.boxes[1], [[0.0, 0.0, 0.0, 0.0]])
+    assert [len(boxes) for boxes in predictor.boxes] == [sum(d["image_id"] == i for d in dets) if i != 17627 else 1
+                                                         for i in (6818, 17627, 37777)]
+    written = json.loads((tmp_path / RESULTS_FILE).read_text())
+    placeholder = [r for r in written if r["image_id"] == 17627]
+    assert [(r["category_id"], r["score"]) for r in placeholder] == [(1, 0.1 * 0.25)]
+    assert_metrics_equal(metrics, pycocotools_metrics(tmp_path / RESULTS_FILE, [6818, 17627, 37777]))
+
+
+def test_gt_prompts_give_no_placeholder(val, tmp_path):
+    """58636 (5th by id) has no annotation: with GT prompts it gets no prompt and no entry (the
+    reference's placeholder belongs to its detector wrapper; here it would only add a false positive)."""
+    predictor = OraclePredictor(val)
+    metrics = make_coco_task(TaskConfig(data_root=REALDATA)).evaluate(predictor, limit=5, progress=False,
+                                                                       out_dir=tmp_path)
+    written = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert sorted({r["image_id"] for r in written}) == [6818, 17627, 37777, 41888]
+    assert len(predictor.images) == 4
+    assert_metrics_equal(metrics, pycocotools_metrics(tmp_path / RESULTS_FILE, [6818, 17627, 37777, 41888, 58636]))
 
 
 def test_malformed_detection_prompts(tmp_path):
@@ -246,6 +319,53 @@ def test_calibration_items_gt_and_detections(caplog):
     assert len(det_items) == 6 and sum(len(item.boxes) for item in det_items) == 600
     first_dets = [d for d in json.loads(TRAIN_DETS.read_text()) if d["image_id"] == first["id"]]
     assert len(det_items[0].boxes) == len(first_dets)
+
+
+def test_calibration_placeholder_prompt(tmp_path):
+    """A calibration image without detections is calibrated on with the placeholder box."""
+    train = json.loads((COCO_DIR / "annotations" / "instances_train2017.json").read_text())
+    first, second = (image["id"] for image in train["images"][:2])
+    dets = json.loads(TRAIN_DETS.read_text())
+    path = tmp_path / "train_dets.json"
+    path.write_text(json.dumps([d for d in dets if d["image_id"] != first]))
+    items = make_coco_task(TaskConfig(data_root=REALDATA, calib_prompts=str(path))).calibration_items(2, seed=0)
+    np.testing.assert_array_equal(items[0].boxes, [[0.0, 0.0, 0.0, 0.0]])
+    assert len(items[1].boxes) == sum(d["image_id"] == second for d in dets)
+
+
+def _one_image_split(root, file_name, width, height):
+    """A val2017 split below `root` whose only image is `file_name`, said to be width x height."""
+    (root / "coco" / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "coco" / "val2017").mkdir(exist_ok=True)
+    dataset = {"images": [{"id": 1, "file_name": file_name, "width": width, "height": height}],
+               "annotations": [], "categories": [{"id": 1, "name": "person"}]}
+    (root / "coco" / "annotations" / "instances_val2017.json").write_text(json.dumps(dataset))
+    return load_split(root, "val2017")
+
+
+def test_images_decoded_as_the_reference(tmp_path):
+    """OpenCV, then BGR -> RGB: a 60x40 JPEG tagged EXIF orientation 6 comes out rotated to
+    40x60, as cv2.imread gives it (Pillow keeps it 60x40); an annotation giving the stored size
+    then gets a DataError, and so does a file OpenCV cannot decode."""
+    import cv2
+    from PIL import Image
+
+    path = tmp_path / "coco" / "val2017" / "rotated.jpg"
+    path.parent.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+    with Image.open(path) as stored:
+        assert stored.size == (60, 40)
+    image = _one_image_split(tmp_path, "rotated.jpg", width=40, height=60).read_image(1)
+    assert image.shape == (60, 40, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, cv2.imread(str(path))[:, :, ::-1])
+    with pytest.raises(DataError, match=r"rotated.jpg is 40x60 but .* says 60x40"):
+        _one_image_split(tmp_path, "rotated.jpg", width=60, height=40).read_image(1)
+    (tmp_path / "coco" / "val2017" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"broken.jpg cannot be read"):
+        _one_image_split(tmp_path, "broken.jpg", width=60, height=40).read_image(1)
 
 
 def test_fingerprint():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ptqbench.errors import DataError
-from ptqbench.tasks.prompts import read_coco_detections, xywh_to_xyxy
+from ptqbench.tasks.prompts import no_detection_prompt, read_coco_detections, xywh_to_xyxy
 
 REALDATA = Path(__file__).parents[2] / "shared" / "realdata"
 IMAGES = {1, 2, 3}
@@ -24,6 +24,16 @@ def test_xywh_to_xyxy():
     out = xywh_to_xyxy(np.array([[10.0, 20.0, 5.0, 7.5], [0.0, 0.0, 0.0, 0.0]]))
     np.testing.assert_array_equal(out, [[10.0, 20.0, 15.0, 27.5], [0.0, 0.0, 0.0, 0.0]])
     assert out.dtype == np.float64
+
+
+def test_no_detection_prompt_is_the_reference_placeholder():
+    """One box [0, 0, 0, 0] with detector score 0.1, in the category it is given."""
+    prompt = no_detection_prompt(7)
+    assert len(prompt) == 1
+    np.testing.assert_array_equal(prompt.boxes, [[0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(prompt.category_ids, [7])
+    np.testing.assert_array_equal(prompt.scores, [0.1])
+    assert (prompt.boxes.dtype, prompt.category_ids.dtype, prompt.scores.dtype) == (np.float64, np.int64, np.float64)
 
 
 def test_groups_per_image_in_file_order(tmp_path):

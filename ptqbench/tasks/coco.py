@@ -6,36 +6,32 @@ Layout below the data root (the official COCO 2017 one):
 Evaluation split val2017; calibration split train2017 (`TaskConfig.calib_split` overrides it).
 
 Prompts: `gt` (TaskConfig.prompts None) uses the box of every non-crowd annotation with its
-category, score = SAM's predicted IoU. A COCO results-format detection file uses every box it
-has for an image, score = detector score x SAM's predicted IoU (ground-truth prompts are the
-same formula with a detector score of 1.0).
+category, score = SAM's predicted IoU; an image without such a box gets no prompt and no
+results entry. A COCO results-format detection file uses every box it has for an image, score =
+detector score x SAM's predicted IoU (ground-truth prompts are the same formula with a detector
+score of 1.0); an image the file gives no box gets the reference's placeholder prompt instead
+(`prompts.no_detection_prompt`: box [0, 0, 0, 0], detector score 0.1, the annotation file's first
+category), in evaluation and in calibration alike. The reference has no ground-truth-prompt mode
+(its detector wrapper makes the placeholder), so `gt` prompts get no placeholder: an image
+without ground truth would only gain a false positive.
+
+Images are decoded with OpenCV and converted BGR -> RGB, as the reference does (`read_coco_image`).
 
 Image order: evaluation walks the split's images sorted by image id (the detectron2 order), and
 `limit` keeps the first N of that order; calibration takes the first images of the calibration
-split in the annotation file's `images` order, skipping images that have no box prompt.
+split in the annotation file's `images` order, skipping images that have no box prompt (with
+detection prompts every image has one).
 
-Metric: pycocotools `COCOeval(iouType="segm")` restricted (`params.imgIds`) to the evaluated
-images; stats[0..5] x 100 reported as mask_AP, AP50, AP75, APs, APm, APl. pycocotools writes -1
-for a size range without ground truth among the evaluated images (possible with a small
-`limit`); that value is reported as NaN rather than -100. An empty results list (pycocotools'
-`loadRes` cannot take one) scores 0 on every metric. Results entries carry no `bbox` key: with
-one, `loadRes` takes each detection's area from the box instead of the mask, which moves
-detections between the small/medium/large ranges and changes APs/APm/APl.
+Metric: pycocotools `COCOeval(iouType="segm")` as mmdetection runs it (maxDets 100, 300, 1000;
+see `coco_eval`), restricted (`params.imgIds`) to the evaluated images; all twelve stats x 100.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import json
 import logging
-import math
-import multiprocessing
 import os
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,9 +42,11 @@ from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.sam.inference import PromptedImage, predict_stream
-from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count, read_rgb_image
-from ptqbench.tasks.prompts import (Detections, as_id, is_number, load_json_file, read_coco_detections,
-                                    xywh_to_xyxy)
+from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count
+from ptqbench.tasks.coco_eval import (METRICS, mask_encoder, mask_results, score_results, stdout_into_log,
+                                      write_results)
+from ptqbench.tasks.prompts import (Detections, as_id, is_number, load_json_file, no_detection_prompt,
+                                    read_coco_detections, xywh_to_xyxy)
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
@@ -59,8 +57,11 @@ log = logging.getLogger(__name__)
 
 EVAL_SPLIT = "val2017"
 CALIB_SPLIT = "train2017"
-METRICS = ("mask_AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULTS_FILE = "coco_segm_results.json"
+# The revision of the protocol, hashed into `CocoTask.fingerprint` so that a resumed run does not
+# reuse cells scored under an earlier one. 2: mmdetection's maxDets and twelve metrics, the
+# placeholder prompt for images without a detection, OpenCV decoding.
+PROTOCOL = "2"
 LAYOUT = ("expected the COCO 2017 layout <data_root>/coco/annotations/instances_<split>.json "
           "and <data_root>/coco/<split>/*.jpg")
 
@@ -86,17 +87,25 @@ def require_annotation_file(data_root: Path, split: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def stdout_into_log(level: int = logging.DEBUG) -> Iterator[None]:
-    """Capture what pycocotools prints and send it to this module's log instead."""
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            yield
-    finally:
-        text = buffer.getvalue().strip()
-        if text:
-            log.log(level, "pycocotools:\n%s", text)
+def read_coco_image(path: Path) -> np.ndarray:
+    """A COCO image as uint8 RGB [H, W, 3], decoded as the reference does: `cv2.imread` (flag
+    IMREAD_COLOR) then BGR -> RGB. DataError naming the file when OpenCV cannot read it.
+
+    Checked on the 38 real COCO JPEGs of the test slice: OpenCV 5.0.0 (its bundled
+    libjpeg-turbo 3.1.2) and Pillow 13.0.0 (libjpeg-turbo 3.2.0) give identical pixels, as do
+    grayscale JPEGs (both replicate the gray channel). They need not agree in general: JPEG
+    decoding is only specified to a tolerance, so another libjpeg build or IDCT / chroma
+    upsampling choice can move pixels by a level or so; hence the reference's decoder. One
+    systematic difference: OpenCV applies an EXIF orientation tag and Pillow does not, so an
+    image stored rotated by 90 degrees comes out with its sides swapped and fails the size check
+    against its annotation (`CocoSplit.read_image`).
+    """
+    import cv2
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DataError(f"image {path} cannot be read: OpenCV cannot decode it")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _require_keys(entries: Any, keys: Sequence[str], path: Path, what: str) -> None:
@@ -165,7 +174,7 @@ class CocoSplit:
         path = self.image_dir / info["file_name"]
         if not path.is_file():
             raise DataError(f"image {path} (listed in {self.annotation_file}) does not exist; {LAYOUT}")
-        rgb = read_rgb_image(path)
+        rgb = read_coco_image(path)
         if rgb.shape[:2] != (info["height"], info["width"]):
             raise DataError(f"image {path} is {rgb.shape[1]}x{rgb.shape[0]} but {self.annotation_file} "
                             f"says {info['width']}x{info['height']}")
@@ -176,87 +185,6 @@ def load_split(data_root: Path, split: str) -> CocoSplit:
     """Read `coco/annotations/instances_<split>.json` below `data_root`."""
     path = require_annotation_file(data_root, split)
     return CocoSplit(name=split, annotation_file=path, image_dir=image_dir(data_root, split), coco=load_coco(path))
-
-
-def mask_results(image_id: int, masks: np.ndarray, category_ids: np.ndarray,
-                 scores: np.ndarray) -> list[dict[str, Any]]:
-    """COCO segm results entries for one image.
-
-    masks: bool [N, H, W] at the image's original size; category_ids: int [N]; scores: float [N].
-    Each entry is {image_id, category_id, segmentation: compressed RLE with str counts, score};
-    deliberately without `bbox` (see the module docstring).
-    """
-    from pycocotools import mask as mask_utils
-
-    if not len(masks) == len(category_ids) == len(scores):
-        raise ValueError(f"{len(masks)} masks, {len(category_ids)} categories and {len(scores)} scores")
-    entries = []
-    for mask, category_id, score in zip(masks, category_ids, scores):
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        entries.append({
-            "image_id": int(image_id),
-            "category_id": int(category_id),
-            "segmentation": {"size": [int(side) for side in rle["size"]], "counts": rle["counts"].decode("ascii")},
-            "score": float(score),
-        })
-    return entries
-
-
-_MASK_ENCODERS: dict[bool, Executor] = {}
-
-
-def mask_encoder(in_processes: bool) -> Executor:
-    """The pool that RLE-encodes masks (`mask_results`) while the model runs, one per process.
-
-    pycocotools holds the GIL while it encodes (about 0.35 ms per 640x480 mask, up to 2 ms for a
-    speckled one), which stalls a host thread that should be launching GPU work; so with
-    `in_processes` (evaluation on a GPU) the masks go to worker processes (up to 4, half the
-    cores), otherwise to two threads. The workers are forked, as PyTorch's DataLoader workers
-    are, when the pool is made: they run numpy and pycocotools only, never CUDA, and unlike
-    spawned workers they do not re-run the caller's script (which may lack a `__main__` guard).
-    """
-    if in_processes not in _MASK_ENCODERS:
-        if in_processes:
-            workers = min(4, max(1, (os.cpu_count() or 2) // 2))
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-            with warnings.catch_warnings():  # "this process is multi-threaded": CUDA's own threads
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pool.submit(os.getpid).result()  # fork every worker now, before the loader threads start
-            _MASK_ENCODERS[True] = pool
-        else:
-            _MASK_ENCODERS[False] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rle")
-    return _MASK_ENCODERS[in_processes]
-
-
-def _percent(stat: float) -> float:
-    """A COCOeval stat as a percentage; its -1 (no ground truth in that range) becomes NaN."""
-    return float(stat * 100.0) if stat >= 0 else math.nan
-
-
-def score_results(coco_gt: "COCO", results: list[dict[str, Any]], image_ids: Sequence[int]) -> dict[str, float]:
-    """COCOeval(segm) of `results` against `coco_gt` on `image_ids`; returns the METRICS x 100."""
-    from pycocotools.cocoeval import COCOeval
-
-    if not results:
-        log.warning("no segmentation results: every COCO metric is 0")
-        return {key: 0.0 for key in METRICS}
-    with stdout_into_log():
-        # loadRes writes area/bbox/id/iscrowd into the entries it gets: hand it copies.
-        coco_dt = coco_gt.loadRes([dict(entry) for entry in results])
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
-        evaluator.params.imgIds = list(image_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
-    with stdout_into_log(logging.INFO):
-        evaluator.summarize()
-    return {key: _percent(stat) for key, stat in zip(METRICS, evaluator.stats[:6])}
-
-
-def write_results(results: list[dict[str, Any]], path: Path) -> None:
-    """Write COCO segm results entries as one JSON list."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        json.dump(results, handle)
 
 
 def evaluation_image_ids(split: CocoSplit, limit: int | None) -> list[int]:
@@ -371,18 +299,26 @@ class CocoTask:
             self._splits[split] = load_split(self.data_root, split)
         return self._splits[split]
 
-    def _prompt_lookup(self, split: CocoSplit, path: Path | None) -> Callable[[int], Detections | None]:
-        """image id -> its box prompts (None when it has none) for `path` (None: GT boxes)."""
+    def _prompt_lookup(self, split: CocoSplit, path: Path | None) -> Callable[[int], Detections]:
+        """image id -> its box prompts for `path`: None gives the GT boxes (empty for an image
+        without a non-crowd annotation); a detection file gives its boxes, or the placeholder
+        prompt (`no_detection_prompt`) for an image it has none for."""
         if path is None:
             return split.gt_prompts
         detections = read_coco_detections(path, split.coco.imgs.keys(), split.category_ids)
-        return detections.get
+        without = len(split.coco.imgs) - len(detections)
+        if without:
+            log.info("%s has no box for %d of the %d images of %s: each gets the placeholder box "
+                     "[0, 0, 0, 0] with detector score 0.1", path, without, len(split.coco.imgs), split.name)
+        return partial(_detections_or_placeholder, detections, split.category_ids[0])
 
     def fingerprint(self) -> str:
-        """sha256 (first 16 hex) of both splits' annotation files, image names + byte sizes, and
-        the prompt files. A calibration split that is not on disk hashes as absent."""
+        """sha256 (first 16 hex) of the PROTOCOL revision, both splits' annotation files, image
+        names + byte sizes, and the prompt files. A calibration split that is not on disk hashes
+        as absent."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
+            digest.update(f"protocol {PROTOCOL}\n".encode())
             for role, split in (("eval", self.eval_split), ("calib", self.calib_split)):
                 digest.update(f"{role} split {split}\n".encode())
                 annotations = annotation_path(self.data_root, split)
@@ -413,7 +349,8 @@ class CocoTask:
 
     def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
         """The first `n` images of the calibration split (annotation file order) that have at
-        least one box prompt, with those boxes (xyxy pixels). Images without boxes are skipped.
+        least one box prompt, with those boxes (xyxy pixels). Images without boxes (only possible
+        with GT prompts) are skipped.
         `seed` is unused: the set is the same for every seed. Fewer than `n` available: a warning
         and all of them; none at all: DataError."""
         split = self._split(self.calib_split)
@@ -423,7 +360,7 @@ class CocoTask:
             if len(items) >= n:
                 break
             detections = lookup(image_id)
-            if detections is None or len(detections) == 0:
+            if len(detections) == 0:
                 continue
             items.append(CalibrationItem(image=split.read_image(image_id), boxes=detections.boxes.copy()))
         if n > 0 and not items:
@@ -449,7 +386,7 @@ class CocoTask:
         loaders = []
         for position, result in enumerate(results):
             detections = lookup(result.image_id)
-            if detections is not None and len(detections) > 0:
+            if len(detections) > 0:
                 loaders.append(partial(_prompted_image, split, result.image_id, detections, position))
         encoder = mask_encoder(in_processes=predictor.device.type == "cuda")
         pending = {}
@@ -485,6 +422,12 @@ class CocoTask:
         `out_dir/coco_segm_results.json` and return the METRICS (percentages)."""
         indices = range(self.eval_image_count(limit))
         return self.score(self.predict(predictor, indices, progress), limit, out_dir)
+
+
+def _detections_or_placeholder(detections: dict[int, Detections], category_id: int, image_id: int) -> Detections:
+    """The image's detections, or the placeholder prompt (in category `category_id`) without any."""
+    found = detections.get(image_id)
+    return found if found is not None else no_detection_prompt(category_id)
 
 
 def _prompted_image(split: "CocoSplit", image_id: int, detections: Detections, position: int) -> PromptedImage:

@@ -20,6 +20,9 @@ import numpy as np
 from ptqbench.errors import DataError
 
 DETECTION_KEYS = ("image_id", "category_id", "bbox", "score")
+# The reference's prompt for an image its detector gives no box (see `no_detection_prompt`).
+NO_DETECTION_BOX = (0.0, 0.0, 0.0, 0.0)
+NO_DETECTION_SCORE = 0.1
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,21 @@ def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     """[N, 4] xywh -> [N, 4] xyxy (float64)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def no_detection_prompt(category_id: int) -> Detections:
+    """The prompt of an image for which the detector gave no box: one box NO_DETECTION_BOX (xyxy)
+    with detector score NO_DETECTION_SCORE in category `category_id`.
+
+    This is what the reference's generic detector wrapper returns for such an image (SAQ-SAM /
+    PTQ4SAM `models/detector/detector_wrapper.py`, `simple_test`: boxes zeros(1, 4), scores
+    [0.1], labels [0]); SAM then segments that box and the entry's score is 0.1 x SAM's IoU like
+    any other. Label 0 is mmdetection's first class, written as the first category id of the
+    annotation file (COCO's `person`, id 1), so callers pass that id.
+    """
+    return Detections(boxes=np.array([NO_DETECTION_BOX], dtype=np.float64),
+                      category_ids=np.array([category_id], dtype=np.int64),
+                      scores=np.array([NO_DETECTION_SCORE], dtype=np.float64))
 
 
 def load_json_file(path: Path, what: str) -> Any:
