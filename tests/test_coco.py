@@ -216,6 +216,14 @@ def test_missing_layout_errors(tmp_path):
         make_coco_task(TaskConfig(data_root=tmp_path))
 
 
+def test_annotation_file_without_categories(tmp_path):
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    (tmp_path / "coco" / "annotations" / "instances_val2017.json").write_text(
+        json.dumps({"images": [], "annotations": [], "categories": []}))
+    with pytest.raises(DataError, match=r"instances_val2017.json has an empty 'categories' list"):
+        load_split(tmp_path, "val2017")
+
+
 def test_missing_image_is_a_data_error(tmp_path):
     (tmp_path / "coco" / "annotations").mkdir(parents=True)
     (tmp_path / "coco" / "val2017").mkdir()

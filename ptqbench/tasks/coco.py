@@ -95,7 +95,7 @@ def read_coco_image(path: Path) -> np.ndarray:
     libjpeg-turbo 3.1.2) and Pillow 13.0.0 (libjpeg-turbo 3.2.0) give identical pixels, as do
     grayscale JPEGs (both replicate the gray channel). They need not agree in general: JPEG
     decoding is only specified to a tolerance, so another libjpeg build or IDCT / chroma
-    upsampling choice can move pixels by a level or so; hence the reference's decoder. One
+    upsampling choice can change some pixels slightly; hence the reference's decoder. One
     systematic difference: OpenCV applies an EXIF orientation tag and Pillow does not, so an
     image stored rotated by 90 degrees comes out with its sides swapped and fails the size check
     against its annotation (`CocoSplit.read_image`).
@@ -134,6 +134,8 @@ def load_coco(path: Path) -> "COCO":
     _require_keys(dataset["annotations"], ("id", "image_id", "category_id", "bbox", "segmentation", "area"),
                   path, "annotations")
     _require_keys(dataset["categories"], ("id",), path, "categories")
+    if not dataset["categories"]:
+        raise DataError(f"COCO annotation file {path} has an empty 'categories' list")
     coco = COCO()
     coco.dataset = dataset
     with stdout_into_log():
