@@ -108,7 +108,9 @@ def test_adaround_lowers_the_output_error_below_round_to_nearest() -> None:
     assert isinstance(layer.weight_quantizer, FakeQuantizer)
     assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
     frozen = layer.frozen_weight.clone()
-    # ... so sealing for evaluation reproduces exactly the weights reconstruction ended with.
+    # ... so sealing for evaluation (every site quantizing) reproduces exactly the weights
+    # reconstruction ended with.
+    layer.input_quantizer.set_range(torch.tensor(-8.0), torch.tensor(8.0))
     seal_for_evaluation(quantized)
     assert torch.equal(layer.frozen_weight, frozen)
     assert torch.equal(frozen, layer.weight)

@@ -13,7 +13,7 @@ from ptqbench.methods.par import FAST_SETTINGS, frozen_reference, par_units
 from ptqbench.methods.reconstruction import ReconstructionSettings, _LearnablePieces, reconstruct, \
     sam_sample_forward
 from ptqbench.methods.unit_cache import build_cache
-from ptqbench.methods.unit_step import UnitStep
+from ptqbench.methods.unit_step import UnitStep, unit_inputs
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.quant.unit import Unit
@@ -129,7 +129,7 @@ def test_the_eager_step_gives_backwards_gradients(sam_tiny):
     loss, grads = eager(cache.get(0))
     params = pieces.parameters()
     entry = cache.get(0)
-    inputs = {**entry.fp_inputs, **entry.quant_inputs}
+    inputs = unit_inputs(units[3], entry, 1.0, None)
     units[3].loss(units[3].run(qmodel.get_submodule(units[3].root), inputs), entry.target, entry.extras).backward()
     assert any(grad is not None for grad in grads)
     for param, grad in zip(params, grads):

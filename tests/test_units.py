@@ -1,4 +1,4 @@
-"""SAM's reconstruction units: counts, coverage of every site, and exact sub-block forwards."""
+"""SAM's reconstruction units: counts, coverage of every site, bare module outputs and the modules' own inputs."""
 
 from __future__ import annotations
 
@@ -7,27 +7,18 @@ from functools import partial
 import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-from torch import nn
+from segment_anything.modeling.image_encoder import window_partition
+from torch import Tensor, nn
 
 from ptqbench.methods.unit_cache import capture
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.quant.unit import UnitConfig
+from ptqbench.quant.unit import HookPoint, Unit, UnitConfig
 from ptqbench.sam.calibration import sam_forward
-from ptqbench.sam.models import build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam
-from ptqbench.sam.units import (
-    decoder_image_to_token,
-    decoder_mlp,
-    decoder_self_attention,
-    decoder_token_to_image,
-    encoder_attention,
-    encoder_mlp,
-    final_token_to_image,
-    flatten_tokens,
-    sam_units,
-)
+from ptqbench.sam.units import first_argument, module_output, sam_units
 
 CONFIG = UnitConfig(iterations=1)
+BOXES = torch.tensor([[10.0, 20.0, 120.0, 150.0], [60.0, 30.0, 200.0, 90.0]])
 
 
 def narrow_sam(depth: int, global_blocks: tuple[int, ...]) -> Sam:
@@ -51,7 +42,9 @@ def test_unit_counts_of_sam_b_l_h(depth: int, global_blocks: tuple[int, ...], ex
     assert len({unit.name for unit in units}) == expected
     assert units[0].name == "image_encoder.blocks.0.attn"
     assert units[2 * depth].name == "image_encoder.neck"
+    assert units[2 * depth + 1].name == "mask_decoder.transformer.layers.0.self_attn"
     assert units[-1].name == "mask_decoder.transformer.final_attn_token_to_image"
+    assert all(unit.root == unit.name and unit.trained == (unit.name,) for unit in units)
 
 
 def test_every_site_belongs_to_exactly_one_unit() -> None:
@@ -67,55 +60,99 @@ def test_every_site_belongs_to_exactly_one_unit() -> None:
 def _set_all_sites(qmodel: Sam) -> None:
     """Deterministic quantize-mode ranges for every site (weights per channel from min/max)."""
     for quantizer in quantizer_sites(qmodel).values():
-        if quantizer.is_weight:
-            continue
-        quantizer.set_range(torch.tensor(-2.0), torch.tensor(2.0))
+        if not quantizer.is_weight:
+            quantizer.set_range(torch.tensor(-2.0), torch.tensor(2.0))
     for module in qmodel.modules():
         if hasattr(module, "weight_quantizer"):
             w = module.weight.detach().flatten(1)
             module.weight_quantizer.set_range(w.min(1).values, w.max(1).values)
 
 
+def _sample() -> tuple[Tensor, Tensor]:
+    return torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)), BOXES
+
+
+def _forward(model: Sam, sample: tuple[Tensor, Tensor]) -> None:
+    sam_forward(model, *sample)
+
+
+def _last_layer(path: str) -> str:
+    """The module whose output is the unit's bare output: proj / out_proj / lin2, or the neck's last norm."""
+    if path.endswith(".mlp"):
+        return f"{path}.lin2"
+    if path.endswith("neck"):
+        return f"{path}.3"
+    return f"{path}.proj" if path.startswith("image_encoder") else f"{path}.out_proj"
+
+
 @pytest.mark.parametrize("quantized", [False, True])
-def test_chained_sub_blocks_reproduce_block_layer_and_transformer_exactly(quantized: bool) -> None:
-    model = build_sam_tiny()
+def test_each_unit_output_is_the_bare_module_output_of_a_full_forward(sam_tiny, quantized: bool) -> None:
+    model = sam_tiny
     if quantized:
-        model = quantize_sam(model, 4, 4)
+        model = quantize_sam(sam_tiny, 4, 4)
         _set_all_sites(model)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 16, 192, generator=generator)
+    units = sam_units(model, CONFIG)
+    assert len(units) == 2 * 6 + 1 + 4 * 2 + 1
     with torch.no_grad():
-        for block in model.image_encoder.blocks:
-            assert torch.equal(encoder_mlp(block, encoder_attention(block, x)), block(x))
-        transformer = model.mask_decoder.transformer
-        image = torch.randn(3, 256, 16, 16, generator=generator)
-        image_pe = torch.randn(3, 256, 16, 16, generator=generator)
-        tokens = torch.randn(3, 7, 256, generator=generator)
-        expected_queries, expected_keys = transformer(image, image_pe, tokens)
-        queries, keys, key_pe = tokens, flatten_tokens(image), flatten_tokens(image_pe)
-        for layer in transformer.layers:
-            layer_out = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
-            queries = decoder_self_attention(layer, queries, tokens)
-            queries = decoder_token_to_image(layer, queries, keys, tokens, key_pe)
-            queries = decoder_mlp(layer, queries)
-            keys = decoder_image_to_token(layer, queries, keys, tokens, key_pe)
-            assert torch.equal(queries, layer_out[0]) and torch.equal(keys, layer_out[1])
-        queries = final_token_to_image(transformer, queries, keys, tokens, key_pe)
-    assert torch.equal(queries, expected_queries)
-    assert torch.equal(keys, expected_keys)
-
-
-def test_each_unit_run_from_its_captured_inputs_gives_its_output_in_the_model() -> None:
-    model = build_sam_tiny()
-    sample = (torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)),
-              torch.tensor([[10.0, 20.0, 120.0, 150.0], [60.0, 30.0, 200.0, 90.0]]))
-
-    def forward(m: Sam, s: tuple) -> None:
-        sam_forward(m, *s)
-
-    with torch.no_grad():
-        for unit in sam_units(model, CONFIG):
-            found = capture(model, unit.inputs + (unit.output,), forward, sample)
+        for unit in units:
+            last = HookPoint(_last_layer(unit.name), "post", module_output("last"))
+            found = capture(model, unit.inputs + (unit.output, last), _forward, _sample())
             output = unit.run(model.get_submodule(unit.root), found)
-            assert torch.equal(output, found["output"]), unit.name
-            assert set(found) - {"output"} >= set(unit.shared_inputs)
+            assert torch.equal(output, found["last"]), unit.name
+            assert torch.equal(found["output"], found["last"]), unit.name
+            assert unit.sum_dim == 1 and not unit.shared_inputs
+
+
+def _inputs(model: Sam, unit: Unit) -> dict[str, Tensor]:
+    return capture(model, unit.inputs, _forward, _sample())
+
+
+def test_encoder_unit_inputs_are_the_window_partitioned_norm1_and_the_norm2_outputs(sam_tiny) -> None:
+    units = {unit.name: unit for unit in sam_units(sam_tiny, CONFIG)}
+    with torch.no_grad():
+        for index, block in enumerate(sam_tiny.image_encoder.blocks):
+            path = f"image_encoder.blocks.{index}"
+            seen = capture(sam_tiny, (HookPoint(path, "pre", first_argument("x")),
+                                      HookPoint(f"{path}.norm2", "post", module_output("norm2"))), _forward, _sample())
+            normed = block.norm1(seen["x"])
+            windowed = block.window_size > 0
+            attn_in = _inputs(sam_tiny, units[f"{path}.attn"])["x"]
+            assert torch.equal(attn_in, window_partition(normed, block.window_size)[0] if windowed else normed)
+            assert attn_in.shape == ((4, 8, 8, 192) if windowed else (1, 16, 16, 192))
+            assert torch.equal(_inputs(sam_tiny, units[f"{path}.mlp"])["x"], seen["norm2"])
+
+
+def _qkv(model: Sam, unit: Unit) -> tuple[Tensor, Tensor, Tensor]:
+    found = _inputs(model, unit)
+    assert set(found) == {"q", "k", "v"}
+    return found["q"], found["k"], found["v"]
+
+
+def test_decoder_unit_inputs_are_the_q_k_v_each_attention_receives(sam_tiny) -> None:
+    """q and k with the positional encodings added where the layer adds them, v without; the MLP
+    gets the norm2 output."""
+    units = {unit.name: unit for unit in sam_units(sam_tiny, CONFIG)}
+    transformer = "mask_decoder.transformer"
+    with torch.no_grad():
+        for index in range(2):
+            layer = f"{transformer}.layers.{index}"
+            seen = capture(sam_tiny, (
+                HookPoint(layer, "pre", lambda args, kwargs, output: dict(kwargs)),
+                *(HookPoint(f"{layer}.norm{n}", "post", module_output(f"norm{n}")) for n in (1, 2, 3)),
+                HookPoint(layer, "post", lambda args, kwargs, output: {"q_out": output[0], "k_out": output[1]}),
+            ), _forward, _sample())
+            queries, keys, query_pe, key_pe = (seen[k] for k in ("queries", "keys", "query_pe", "key_pe"))
+            q, k, v = _qkv(sam_tiny, units[f"{layer}.self_attn"])
+            expected_q = queries if index == 0 else queries + query_pe
+            assert torch.equal(q, expected_q) and torch.equal(k, expected_q) and torch.equal(v, queries)
+            q, k, v = _qkv(sam_tiny, units[f"{layer}.cross_attn_token_to_image"])
+            assert torch.equal(q, seen["norm1"] + query_pe) and torch.equal(k, keys + key_pe)
+            assert torch.equal(v, keys)
+            assert torch.equal(_inputs(sam_tiny, units[f"{layer}.mlp"])["x"], seen["norm2"])
+            q, k, v = _qkv(sam_tiny, units[f"{layer}.cross_attn_image_to_token"])
+            assert torch.equal(q, keys + key_pe) and torch.equal(k, seen["norm3"] + query_pe)
+            assert torch.equal(v, seen["norm3"])
+        q, k, v = _qkv(sam_tiny, units[f"{transformer}.final_attn_token_to_image"])
+    assert torch.equal(q, seen["q_out"] + query_pe) and torch.equal(k, seen["k_out"] + key_pe)
+    assert torch.equal(v, seen["k_out"])
+    assert q.shape == (2, 7, 256) and k.shape == (2, 256, 256)

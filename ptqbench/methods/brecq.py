@@ -1,15 +1,17 @@
 """`brecq` and `brecq-fisher` (Li et al., ICLR 2021), methods.md section 3.
 
-`brecq` is BRECQ as the PTQ4SAM codebase runs it on SAM: per-channel MSE weight ranges and
-AvgMinMax activation ranges, then AdaRound on the weights of every SAM unit with the activation
-quantizers off and the plain reconstruction loss; the activation quantizers come back on at
-their AvgMinMax ranges afterwards.
+`brecq` is BRECQ as the PTQ4SAM codebase runs it on SAM (its `--brecq` flag): per-channel MSE
+weight ranges and AvgMinMax activation ranges, then AdaRound on the weights of every SAM unit
+with the activation quantizers off and the plain reconstruction loss; the unit input is still
+mixed as QDrop mixes it, `where(U < 0.5, quantized-model input, FP input)` per element (the
+reference sets its drop probability 0.5 whatever the flag: PTQ4SAM `ptq4sam/solver/recon.py`,
+`reconstruction`). The activation quantizers come back on at their AvgMinMax ranges afterwards.
 
-`brecq-fisher` is the paper's version: the unit loss is the squared error weighted by the
-Fisher diagonal `(|dKL(fp || q)/dz| + 1)^2` (z: the unit output, gradient taken once per
-calibration image with the model quantized up to and including the unit and FP after it), and a
-second pass learns the activation scales (LSQ, 5,000 steps, Adam 4e-4 with cosine decay,
-|error|^2.4 loss) with the weights frozen.
+`brecq-fisher` is the paper's version: unit inputs from the quantized model only (no mixing),
+the unit loss is the squared error weighted by the Fisher diagonal `(|dKL(fp || q)/dz| + 1)^2`
+(z: the unit output, gradient taken once per calibration image with the model quantized up to
+and including the unit and FP after it), and a second pass learns the activation scales (LSQ,
+5,000 steps, Adam 4e-4 with cosine decay, |error|^2.4 loss) with the weights frozen.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ from ptqbench.sam.units import sam_units
 
 FISHER_KEY = "fisher_weight"
 ACTIVATION_STAGE_P = 2.4
+REFERENCE_QUANTIZE_PROB = 0.5
 
 
-def brecq_config(preset: str) -> UnitConfig:
-    """AdaRound only (Adam 1e-3, lambda 0.01, beta 20 -> 2 after 20 %), no drop; 20,000 / 50 steps."""
+def brecq_config(preset: str, quantize_prob: float = REFERENCE_QUANTIZE_PROB) -> UnitConfig:
+    """AdaRound only (Adam 1e-3, lambda 0.01, beta 20 -> 2 after 20 %), unit inputs mixed with
+    `quantize_prob` (1: quantized-model inputs only); 20,000 / 50 steps."""
     return UnitConfig(iterations=preset_value(preset, 20_000, 50), adaround=True, learn_scales=False,
                       weight_lr=1e-3, reg_lambda=0.01, beta_start=20.0, beta_end=2.0, warmup=0.2,
-                      quantize_prob=1.0)
+                      quantize_prob=quantize_prob)
 
 
 def activation_stage_config(preset: str) -> UnitConfig:
@@ -117,7 +121,7 @@ def with_fisher_loss(units: Sequence[Unit]) -> list[Unit]:
         if unit.output is None:
             raise ConfigError(f"unit {unit.name} has no output hook point; the Fisher loss needs one")
         later = [path for other in units[index + 1:] for path in other.trained]
-        fisher_units.append(replace(unit, loss=weighted_squared_error(unit.channel_dim, FISHER_KEY),
+        fisher_units.append(replace(unit, loss=weighted_squared_error(unit.sum_dim, FISHER_KEY),
                                     extras=FisherWeights(unit.output, later)))
     return fisher_units
 
@@ -125,13 +129,17 @@ def with_fisher_loss(units: Sequence[Unit]) -> list[Unit]:
 @METHODS.register("brecq")
 class Brecq:
     """BRECQ on SAM's units. fisher: the Fisher-diagonal loss; activation_stage: the second pass
-    learning activation scales. Both off = the PTQ4SAM codebase's run; both on = `brecq-fisher`."""
+    learning activation scales; mixed_inputs: mix each unit input 50/50 with the FP one (False:
+    quantized-model inputs only). The defaults are the PTQ4SAM codebase's run; fisher and
+    activation_stage on, mixed_inputs off = `brecq-fisher`."""
 
     name = "brecq"
 
-    def __init__(self, *, fisher: bool = False, activation_stage: bool = False, progress: bool = True) -> None:
+    def __init__(self, *, fisher: bool = False, activation_stage: bool = False, mixed_inputs: bool = True,
+                 progress: bool = True) -> None:
         self.fisher = fisher
         self.activation_stage = activation_stage
+        self.mixed_inputs = mixed_inputs
         self.progress = progress
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
@@ -140,22 +148,23 @@ class Brecq:
         activations = [q for q in quantizer_sites(qmodel).values() if not q.is_weight and q.mode == "quantize"]
         for quantizer in activations:
             quantizer.mode = "off"
-        units = sam_units(qmodel, brecq_config(preset))
+        units = sam_units(qmodel, brecq_config(preset, REFERENCE_QUANTIZE_PROB if self.mixed_inputs else 1.0))
         reconstruct(with_fisher_loss(units) if self.fisher else units, qmodel, fp_model, calib,
                     ReconstructionSettings(), seed, self.progress)
         for quantizer in activations:
             quantizer.mode = "quantize"
         if self.activation_stage:
-            stage = [replace(unit, loss=lp_error(unit.channel_dim, ACTIVATION_STAGE_P))
+            stage = [replace(unit, loss=lp_error(unit.sum_dim, ACTIVATION_STAGE_P))
                      for unit in sam_units(qmodel, activation_stage_config(preset))]
             reconstruct(stage, qmodel, fp_model, calib, ReconstructionSettings(), seed + 1, self.progress)
 
 
 @METHODS.register("brecq-fisher")
 class BrecqFisher(Brecq):
-    """BRECQ as in the paper: Fisher-diagonal loss, then the activation-scale pass."""
+    """BRECQ as in the paper: quantized-model unit inputs, Fisher-diagonal loss, then the
+    activation-scale pass."""
 
     name = "brecq-fisher"
 
     def __init__(self, *, progress: bool = True) -> None:
-        super().__init__(fisher=True, activation_stage=True, progress=progress)
+        super().__init__(fisher=True, activation_stage=True, mixed_inputs=False, progress=progress)

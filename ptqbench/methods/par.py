@@ -13,10 +13,17 @@ PAR is a QDrop-style reconstruction (AdaRound weights + LSQ activation scales + 
   stage's first block), the stage-k token grid goes straight into the FP neck and decoder;
 - the neck: plain output MSE;
 - each two-way decoder layer: `beta * (0.01 * ||queries error||^2 + ||keys error||^2)
-  + alpha * ||error of the transformer's final token output||^2`, the final tokens obtained by
-  running the rest of the FP transformer (later layers, final token-to-image attention and its
-  norm) on the layer's output; targets from the FP decoder fed the quantized image embedding;
-- the final token-to-image attention: plain output MSE.
+  + alpha * ||error of the transformer's final token output||^2`. The queries and keys are the
+  layer's output on its QDrop-mixed input. The final tokens come from the unmixed path, as the
+  reference computes them (SAQ-SAM `ptq4sam/solver/recon.py`, `reconstruction_MD`): its
+  quantized-so-far decoder run on the quantized image embedding, i.e. this layer (quantizing,
+  with its drops) on its unmixed quantized-model input, then the rest of the transformer in FP
+  (later layers, final token-to-image attention and its norm; the reference has their quantizers
+  off while the layer trains). Targets: the FP decoder fed the quantized image embedding;
+- the final token-to-image attention: its bare `out_proj` output (the reference reconstructs that
+  module on its own, inputs q, k, v mixed), plain output MSE.
+All of PAR's losses sum over the last dim (channels, or the width of the neck's NCHW output) and
+average over the rest, as the reference's `lp_loss`.
 
 Sequential targets (as the reference): each reconstructed encoder stage and then the
 reconstructed neck are copied into the FP reference, so stage k + 1 is trained against the FP
@@ -36,10 +43,13 @@ from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
 from ptqbench.methods.reconstruction import ReconstructionSettings, UnitReport, preset_value, reconstruct
-from ptqbench.quant.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error
+from ptqbench.quant.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error, unmixed
 from ptqbench.sam.calibration import CalibrationSet
-from ptqbench.sam.units import ENCODER_BLOCKS, TRANSFORMER, decoder_units, final_token_to_image, first_argument, \
-    layer_arguments, neck_unit
+from ptqbench.sam.units import ENCODER_BLOCKS, FINAL_ATTENTION, TRANSFORMER, attention_unit, first_argument, \
+    neck_unit
+
+PAR_SUM_DIM = -1
+_LAYER_ARGS = ("queries", "keys", "query_pe", "key_pe")
 
 
 @dataclass(frozen=True)
@@ -138,10 +148,19 @@ def transformer_keys(decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, 
 def transformer_tail(transformer: TwoWayTransformer, start: int, queries: Tensor, keys: Tensor,
                      query_pe: Tensor, key_pe: Tensor) -> Tensor:
     """The final token output [N, T, 256] of `transformer` from the input of layer `start` on:
-    layers start.., then the final token-to-image attention and its norm (as TwoWayTransformer)."""
+    layers start.., then the final token-to-image attention, its residual and norm (the arithmetic
+    of TwoWayTransformer.forward). queries / query_pe [N, T, 256], keys / key_pe [N, HW, 256]."""
     for layer in transformer.layers[start:]:
         queries, keys = layer(queries=queries, keys=keys, query_pe=query_pe, key_pe=key_pe)
-    return final_token_to_image(transformer, queries, keys, query_pe, key_pe)
+    attn_out = transformer.final_attn_token_to_image(q=queries + query_pe, k=keys + key_pe, v=keys)
+    return transformer.norm_final_attn(queries + attn_out)
+
+
+def layer_arguments(args: tuple, kwargs: dict, output: object) -> dict[str, Tensor]:
+    """The queries [N, T, C], keys [N, HW, C], query_pe and key_pe of a TwoWayAttentionBlock call."""
+    bound = dict(zip(_LAYER_ARGS, args))
+    bound.update(kwargs)
+    return {name: bound[name] for name in _LAYER_ARGS}
 
 
 def squared_error(output: Tensor, target: Tensor) -> Tensor:
@@ -177,23 +196,28 @@ def stage_unit(reference: Sam, stage: tuple[int, ...], image_pe: Tensor, config:
         trained=tuple(f"{ENCODER_BLOCKS}.{index}" for index in stage),
         inputs=(HookPoint("prompt_encoder", "post", prompt_embeddings),
                 HookPoint(f"{ENCODER_BLOCKS}.{stage[0]}", "pre", first_argument("x"))),
-        run=run, loss=lp_error(-1), config=config, shared_inputs=frozenset({"sparse", "dense"}))
+        run=run, loss=lp_error(PAR_SUM_DIM), config=config, shared_inputs=frozenset({"sparse", "dense"}))
 
 
 def decoder_layer_unit(reference: Sam, index: int, loss: LossFn, config: UnitConfig) -> Unit:
     """The PAR unit of two-way layer `index`: output (queries [N, T, C], keys [N, HW, C], final
-    tokens [N, T, C]), the final tokens from the rest of `reference`'s FP transformer."""
+    tokens [N, T, C]); queries and keys from the layer on its mixed input, the final tokens from
+    the layer on its unmixed quantized-model input followed by the rest of `reference`'s FP
+    transformer (the alpha term's path)."""
 
     def run(layer: nn.Module, inputs: Tensors) -> tuple[Tensor, Tensor, Tensor]:
         query_pe, key_pe = inputs["query_pe"], inputs["key_pe"]
         queries, keys = layer(queries=inputs["queries"], keys=inputs["keys"], query_pe=query_pe, key_pe=key_pe)
-        tail = transformer_tail(reference.mask_decoder.transformer, index + 1, queries, keys, query_pe, key_pe)
-        return queries, keys, tail
+        plain_queries, plain_keys = layer(queries=inputs[unmixed("queries")], keys=inputs[unmixed("keys")],
+                                          query_pe=query_pe, key_pe=key_pe)
+        tokens = transformer_tail(reference.mask_decoder.transformer, index + 1, plain_queries, plain_keys,
+                                  query_pe, key_pe)
+        return queries, keys, tokens
 
     path = f"{TRANSFORMER}.layers.{index}"
-    return Unit(name=path, root=path, trained=(path,),
-                inputs=(HookPoint(path, "pre", layer_arguments("queries", "keys", "query_pe", "key_pe")),),
-                run=run, loss=loss, config=config, shared_inputs=frozenset({"query_pe", "key_pe"}))
+    return Unit(name=path, root=path, trained=(path,), inputs=(HookPoint(path, "pre", layer_arguments),),
+                run=run, loss=loss, config=config, shared_inputs=frozenset({"query_pe", "key_pe"}),
+                unmixed_inputs=True)
 
 
 def frozen_reference(fp_model: Sam) -> Sam:
@@ -213,12 +237,12 @@ def par_units(qmodel: Sam, reference: Sam, settings: ParSettings = PAPER_SETTING
         image_pe = reference.prompt_encoder.get_dense_pe()
     stage_config = settings.unit_config(settings.stage_iterations)
     units = [stage_unit(reference, stage, image_pe, stage_config) for stage in encoder_stages(qmodel)]
-    units.append(neck_unit(settings.unit_config(settings.neck_iterations)))
+    units.append(neck_unit(settings.unit_config(settings.neck_iterations), PAR_SUM_DIM))
     decoder_loss = par_decoder_loss(settings.alpha, settings.beta, settings.query_weight)
     decoder_config = settings.unit_config(settings.decoder_iterations)
     units += [decoder_layer_unit(reference, index, decoder_loss, decoder_config)
               for index in range(len(qmodel.mask_decoder.transformer.layers))]
-    units.append(decoder_units(qmodel, settings.unit_config(settings.final_iterations))[-1])
+    units.append(attention_unit(FINAL_ATTENTION, settings.unit_config(settings.final_iterations), PAR_SUM_DIM))
     return units
 
 

@@ -3,8 +3,9 @@
 Weights: per-channel MSE ranges, then AdaRound. Activations: AvgMinMax ranges, then LSQ scales
 learned jointly with the rounding, with QDrop's random drop (each element quantized with
 probability 0.5, unit inputs mixed the same way) during reconstruction only. Units: SAM's
-sub-blocks (`ptqbench.sam.units.sam_units`). After reconstruction every quantizer quantizes
-every element (the benchmark's leak-free rule; see methods/qdrop.md).
+quantized modules on their bare outputs, as the reference reconstructs them
+(`ptqbench.sam.units.sam_units`). After reconstruction every quantizer quantizes every element
+(the benchmark's leak-free rule; see methods/qdrop.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Inputs are read by forward hooks at the unit's `HookPoint`s during a whole-model forward; the
 last hook to fire raises a private exception so the rest of the model never runs. For every
 calibration sample the cache holds the unit's inputs in the quantized model (as calibrated so
-far), its inputs in the FP model, its FP target and its extras.
+far), its inputs in the FP model, its FP target (the unit run on the FP model's inputs, which
+are also its unmixed inputs for a unit with `unmixed_inputs`) and its extras.
 
 Placement: the cache stays on the compute device when its total size (measured on the first
 sample, times the number of samples) fits in a fraction of the device's free memory; otherwise
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ptqbench.quant.unit import HookPoint, Output, Unit
+from ptqbench.quant.unit import HookPoint, Output, Unit, with_unmixed
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,10 @@ def build_cache(unit: Unit, qmodel: nn.Module, fp_model: nn.Module, samples: Seq
             quant_inputs = {name: t for name, t in capture(qmodel, unit.inputs, forward, sample).items()
                             if name not in unit.shared_inputs}
         extras = unit.extras(qmodel, fp_model, sample) if unit.extras is not None else {}
+        fp_own = {name: fp_inputs[name] for name in quant_inputs}
         with torch.no_grad():
             target = (unit.target(fp_root, fp_inputs, extras) if unit.target is not None
-                      else unit.run(fp_root, fp_inputs))
+                      else unit.run(fp_root, with_unmixed(unit, fp_inputs, fp_own)))
         entry = CacheEntry(quant_inputs, fp_inputs, tree_map(target, Tensor.detach), extras)
         if index == 0:
             total = tree_nbytes(vars(entry)) * len(samples)

@@ -1,8 +1,8 @@
 """One training step of a reconstruction unit: its forward, loss and gradients, eager or as CUDA graphs.
 
 A step takes one cache entry (the unit's quantized and FP inputs, target and extras for one
-calibration sample), mixes the inputs as QDrop does, runs the unit, computes its loss and the
-gradients of that loss with respect to the unit's trainable tensors. `UnitStep` returns
+calibration sample), mixes the inputs as QDrop does (`unit_inputs`), runs the unit, computes its
+loss and the gradients of that loss with respect to the unit's trainable tensors. `UnitStep` returns
 (loss, gradients); the engine adds the AdaRound regulariser's gradients and runs the optimiser.
 
 On a GPU the step is captured as a CUDA graph the first time an input-shape signature appears
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ptqbench.methods.unit_cache import CacheEntry, tree_map
-from ptqbench.quant.unit import Unit
+from ptqbench.quant.unit import Unit, with_unmixed
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ def mix_inputs(quant: dict[str, Tensor], fp: dict[str, Tensor], quantize_prob: f
             uniform = torch.rand(q.shape, generator=generator, dtype=q.dtype, device=q.device)
             mixed[name] = torch.where(uniform < quantize_prob, q, fp[name])
     return mixed
+
+
+def unit_inputs(unit: Unit, entry: CacheEntry, quantize_prob: float,
+                generator: torch.Generator | None) -> dict[str, Tensor]:
+    """The inputs `unit.run` gets in a training step: the mixed inputs (`mix_inputs`) and, for a
+    unit with `unmixed_inputs`, every quantized-model input as captured under `unmixed(name)`."""
+    mixed = mix_inputs(entry.quant_inputs, entry.fp_inputs, quantize_prob, generator)
+    return with_unmixed(unit, mixed, entry.quant_inputs)
 
 
 def _tensors(entry: CacheEntry) -> list[Tensor]:
@@ -95,7 +103,7 @@ class UnitStep:
         self._grad_buffers: list[Tensor] | None = None
 
     def _forward_backward(self, entry: CacheEntry) -> tuple[Tensor, Gradients]:
-        inputs = mix_inputs(entry.quant_inputs, entry.fp_inputs, self.quantize_prob, self.generator)
+        inputs = unit_inputs(self.unit, entry, self.quantize_prob, self.generator)
         loss = self.unit.loss(self.unit.run(self.root, inputs), entry.target, entry.extras)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return loss.detach(), grads

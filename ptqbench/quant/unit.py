@@ -81,11 +81,13 @@ class Unit:
     run: (root module, inputs) -> output; the unit's own forward.
     loss: (output, target, extras) -> 0-d loss.
     config: the training settings.
-    channel_dim: the channel dim of the output (the dim a loss sums over).
+    sum_dim: the output dim the unit's losses sum over (the others are averaged).
     output: where the unit's output appears in a whole-model forward, as {"output": tensor}
         (used by gradient-based losses and tests); None when it does not appear as one tensor.
     shared_inputs: inputs identical in both models (e.g. positional encodings): captured from
         the FP model only and never mixed.
+    unmixed_inputs: `run` also gets every quantized-model input as captured, not mixed with the
+        FP one, under `unmixed(name)` (e.g. a loss term computed on the unmixed path).
     target: (FP root, FP inputs, extras) -> target; default `run` on the FP model.
     extras: (quantized model, FP model, calibration sample) -> named tensors computed once per
         sample before training (e.g. loss weights); default none.
@@ -98,11 +100,26 @@ class Unit:
     run: Callable[[nn.Module, Tensors], Output]
     loss: LossFn
     config: UnitConfig
-    channel_dim: int = -1
+    sum_dim: int = -1
     output: HookPoint | None = None
     shared_inputs: frozenset[str] = field(default_factory=frozenset)
+    unmixed_inputs: bool = False
     target: Callable[[nn.Module, Tensors, Tensors], Output] | None = None
     extras: Callable[[nn.Module, nn.Module, Any], dict[str, Tensor]] | None = None
+
+
+def unmixed(name: str) -> str:
+    """The key of input `name`, unmixed, in the inputs of a unit with `unmixed_inputs`."""
+    return f"{name}.unmixed"
+
+
+def with_unmixed(unit: Unit, inputs: Tensors, captured: Tensors) -> dict[str, Tensor]:
+    """The inputs `unit.run` gets: `inputs` and, for a unit with `unmixed_inputs`, every tensor of
+    `captured` (the unit's inputs in one model, as captured) under `unmixed(name)`."""
+    full = dict(inputs)
+    if unit.unmixed_inputs:
+        full.update({unmixed(name): tensor for name, tensor in captured.items()})
+    return full
 
 
 def _pairs(output: Output, target: Output) -> list[tuple[Tensor, Tensor]]:
@@ -111,25 +128,25 @@ def _pairs(output: Output, target: Output) -> list[tuple[Tensor, Tensor]]:
     return list(zip(output, target, strict=True))
 
 
-def lp_error(channel_dim: int, p: float = 2.0) -> LossFn:
-    """`|output - target|^p` summed over `channel_dim`, mean over the other dims; a tuple output
+def lp_error(sum_dim: int, p: float = 2.0) -> LossFn:
+    """`|output - target|^p` summed over `sum_dim`, mean over the other dims; a tuple output
     sums the terms of its elements. p = 2 is the plain reconstruction (MSE) loss."""
 
     def loss(output: Output, target: Output, extras: Tensors) -> Tensor:
         terms = []
         for out, tgt in _pairs(output, target):
             diff = (out - tgt).abs()
-            terms.append((diff.square() if p == 2.0 else diff.pow(p)).sum(channel_dim).mean())
+            terms.append((diff.square() if p == 2.0 else diff.pow(p)).sum(sum_dim).mean())
         return sum(terms[1:], terms[0])
 
     return loss
 
 
-def weighted_squared_error(channel_dim: int, weight_key: str) -> LossFn:
-    """`w * (output - target)^2` summed over `channel_dim`, mean over the rest, with the weight
+def weighted_squared_error(sum_dim: int, weight_key: str) -> LossFn:
+    """`w * (output - target)^2` summed over `sum_dim`, mean over the rest, with the weight
     `extras[weight_key]` (shape of the output; e.g. BRECQ's Fisher diagonal). Tensor outputs only."""
 
     def loss(output: Output, target: Output, extras: Tensors) -> Tensor:
-        return (extras[weight_key] * (output - target).square()).sum(channel_dim).mean()
+        return (extras[weight_key] * (output - target).square()).sum(sum_dim).mean()
 
     return loss
