@@ -1,6 +1,9 @@
 """Command-line interface: argument parsing only; the work is done by harness, results and tasks.
 
-Library errors (`PtqbenchError`) become one line on stderr and exit code 2.
+Library errors (`PtqbenchError`) become one line on stderr and exit code 2. So does a cell
+that fails with an unexpected exception: the harness turns it into a `CellError` naming the
+cell (model, task, method, bits) and writes its traceback under `<out>/errors/`; the cells
+finished before it stay in the store.
 """
 
 from __future__ import annotations

@@ -19,3 +19,13 @@ class DataError(PtqbenchError):
 
 class CheckpointError(PtqbenchError):
     """A checkpoint is missing, truncated, corrupt or does not match its expected hash."""
+
+
+class SealError(PtqbenchError):
+    """A calibrated model breaks the evaluation rule: a site still off that its method did not
+    declare as an FP site (`Method.fp_sites`)."""
+
+
+class CellError(PtqbenchError):
+    """A cell of the grid failed with an unexpected exception; the message names the cell and
+    where its traceback was written."""

@@ -2,10 +2,13 @@
 
 Every finished cell is one record in the SQLite store and the leaderboards are regenerated
 after each cell, so an interrupted run loses at most the cell in progress; re-running skips
-finished cells (resume).
+finished cells (resume). A cell that fails with an unexpected exception stops the run with a
+`CellError` naming the cell; its traceback is written under `<out>/errors/`.
 
-The FP row is evaluated through `fp_twin` of the model (the quantizable twin with every site
-off: segment_anything's numbers bit for bit), so it runs the same forward as the quantized cells.
+Each quantized cell is sealed after calibration (`seal_for_evaluation`: every site quantizes
+every element, except the FP sites its method declares in `fp_sites`). The FP row is evaluated
+through `fp_twin` of the model (the quantizable twin with every site off, not sealed:
+segment_anything's numbers bit for bit), so it runs the same forward as the quantized cells.
 
 Under torchrun (see `ptqbench.distributed`) every rank builds the model and the tasks; rank 0
 decides what to skip, calibrates and seals each cell and sends the sealed model to the other
@@ -21,16 +24,19 @@ import logging
 import os
 import subprocess
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from segment_anything.modeling import Sam
 
 from ptqbench.config import BitSpec, RunConfig
 from ptqbench.distributed import DistributedContext
-from ptqbench.errors import ConfigError
+from ptqbench.errors import CellError, ConfigError, PtqbenchError
 from ptqbench.methods.base import METHODS
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
@@ -44,6 +50,7 @@ from ptqbench.tasks.base import TASKS, Task, TaskConfig
 log = logging.getLogger(__name__)
 
 DEMO = "demo"
+UNOFFICIAL = "unofficial-checkpoint"
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,17 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _model_labels(loaded: LoadedModel) -> tuple[str, ...]:
+    """The caveats every row of this model carries: "untrained" for the seeded random init,
+    UNOFFICIAL for weights that are not the model's official (or shipped) checkpoint."""
+    if not loaded.trained:
+        return ("untrained",)
+    official = MODELS.get(loaded.name)().sha256
+    if official is not None and loaded.checkpoint_sha256 != official:
+        return (UNOFFICIAL,)
+    return ()
+
+
 def _peak_memory_mb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -143,10 +161,13 @@ class Harness:
     def execute(self) -> None:
         loaded = self.dist.main_first(lambda: load_model(self.config.model, self.config.checkpoint,
                                                          progress=self.progress))
-        labels = () if loaded.trained else ("untrained",)
+        labels = _model_labels(loaded)
         if not loaded.trained:
             log.warning("model %s is untrained (seeded random weights): its scores say nothing about a method",
                         loaded.name)
+        elif labels:
+            log.warning("model %s: %s is not its official checkpoint; its rows are labelled %s",
+                        loaded.name, loaded.checkpoint_path, UNOFFICIAL)
         for task_name in self.config.tasks:
             task = self._make_task(task_name, loaded)
             log.info("task %s: %s", task.name, task.describe())
@@ -170,28 +191,61 @@ class Harness:
     def _run_task(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...]) -> None:
         main = self.dist.is_main
         dataset_fingerprint = task.fingerprint() if main else ""
-        fp_fields = self._record(loaded, task, dataset_fingerprint, "fp", None, "-", labels) if main else None
-        if not self._finished(fp_fields):
-            self._evaluate_cell(task, fp_twin(loaded.model).to(self.device), fp_fields, None, calib_s=0.0)
+        with self._cell_failures(loaded.name, task.name, "fp", "fp"):
+            fp_fields = self._record(loaded, task, dataset_fingerprint, "fp", None, "-", labels) if main else None
+            if not self._finished(fp_fields):
+                self._evaluate_cell(task, fp_twin(loaded.model).to(self.device), fp_fields, None, calib_s=0.0)
         calib: CalibrationSet | None = None
         for method_name in self.config.methods:
             method_name = METHODS.canonical(method_name)
             if method_name == "fp":
                 continue
             for spec in self.config.bits:
-                fields = None
-                if main:
-                    if calib is None:
-                        items = task.calibration_items(self.config.calib_size, self.config.seed)
-                        calib = build_calibration_set(loaded.model, items, self.device)
-                    fields = self._record(loaded, task, dataset_fingerprint, method_name, spec, calib.fingerprint,
-                                          labels)
-                if self._finished(fields):
-                    log.info("skipping %s %s %s: already in the store", task.name, method_name, spec.label)
-                    continue
-                qmodel, calib_s = self._calibrated(loaded, method_name, spec, calib)
-                self._evaluate_cell(task, qmodel, fields, spec, calib_s=calib_s)
-                del qmodel
+                with self._cell_failures(loaded.name, task.name, method_name, spec.label):
+                    calib = self._quantized_cell(task, loaded, labels, dataset_fingerprint, method_name, spec, calib)
+
+    def _quantized_cell(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...], dataset_fingerprint: str,
+                        method_name: str, spec: BitSpec, calib: CalibrationSet | None) -> CalibrationSet | None:
+        """Calibrate, seal and evaluate one method x bits cell unless resume skips it.
+
+        Returns the task's calibration set, built by the main rank for the first cell that needs it.
+        """
+        fields = None
+        if self.dist.is_main:
+            if calib is None:
+                items = task.calibration_items(self.config.calib_size, self.config.seed)
+                calib = build_calibration_set(loaded.model, items, self.device)
+            fields = self._record(loaded, task, dataset_fingerprint, method_name, spec, calib.fingerprint, labels)
+        if self._finished(fields):
+            log.info("skipping %s %s %s: already in the store", task.name, method_name, spec.label)
+            return calib
+        qmodel, calib_s = self._calibrated(loaded, method_name, spec, calib)
+        self._evaluate_cell(task, qmodel, fields, spec, calib_s=calib_s)
+        return calib
+
+    @contextmanager
+    def _cell_failures(self, model: str, task: str, method: str, bits: str) -> Iterator[None]:
+        """Turn an unexpected exception of one cell into a CellError naming the cell.
+
+        The traceback goes to `<out>/errors/<cell>.log` (one file per rank) and to the debug
+        log. PtqbenchError (already one clear line) and KeyboardInterrupt pass unchanged; the
+        cells finished before stay in the store.
+        """
+        try:
+            yield
+        except PtqbenchError:
+            raise
+        except Exception as exc:
+            cell = f"{model}-{task}-{method}-{bits}"
+            name = cell if self.dist.is_main else f"{cell}.rank{self.dist.rank}"
+            path = self.out / "errors" / f"{name}.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(traceback.format_exc())
+            log.debug("cell %s failed", cell, exc_info=True)
+            lines = str(exc).strip().splitlines() or [""]
+            message = lines[0] + (" ..." if len(lines) > 1 else "")
+            raise CellError(f"cell (model {model}, task {task}, method {method}, bits {bits}) failed with "
+                            f"{type(exc).__name__}: {message} (traceback in {path})") from exc
 
     def _finished(self, fields: dict | None) -> bool:
         """Whether resume skips this cell; decided on the main rank (the only one with the
@@ -214,8 +268,9 @@ class Harness:
             fp_model = loaded.model.to(self.device)
             torch.manual_seed(self.config.seed)
             start = time.perf_counter()
-            METHODS.get(method_name)().calibrate(qmodel, fp_model, calib, spec, self.run.preset, self.config.seed)
-            seal_for_evaluation(qmodel)
+            method = METHODS.get(method_name)()
+            method.calibrate(qmodel, fp_model, calib, spec, self.run.preset, self.config.seed)
+            seal_for_evaluation(qmodel, getattr(method, "fp_sites", ()))
             calib_s = time.perf_counter() - start
         if self.dist.is_distributed:
             state = self.dist.broadcast_from_main(sealed_state(qmodel) if self.dist.is_main else None)

@@ -9,7 +9,9 @@ so no method can leave a random bypass, an observer or a trainable scale behind.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 from segment_anything.modeling import Sam
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ptqbench.config import BitSpec
 from ptqbench.quant.observers import Observer, make_observer
+from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, weight_layers
 from ptqbench.registry import Registry
 from ptqbench.sam.calibration import CalibrationSet, sam_forward
@@ -25,9 +28,16 @@ log = logging.getLogger(__name__)
 
 
 class Method(Protocol):
-    """A PTQ method; `calibrate` leaves every site of `qmodel` either off or quantizing."""
+    """A PTQ method; `calibrate` sets every site of `qmodel` to quantize.
+
+    fp_sites: glob patterns (as in `ptqbench.quant.sites.select_sites`) of the sites the method
+    deliberately keeps in FP. Optional: a method without the attribute declares none, and the
+    seal then refuses any site left off (`ptqbench.quant.sites.seal_for_evaluation`). No
+    built-in method declares any.
+    """
 
     name: str
+    fp_sites: tuple[str, ...] = ()
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
                   preset: str, seed: int) -> None: ...
@@ -45,22 +55,41 @@ def set_weight_ranges(qmodel: Sam, observer: str, **observer_kw) -> None:
         layer.weight_quantizer.finish_observing()
 
 
+@contextmanager
+def observing(qmodel: Sam, observer_for: Callable[[str, int], Observer],
+              skip: Collection[str] = ()) -> Iterator[dict[str, FakeQuantizer]]:
+    """Attach a fresh observer to every activation site that is still off (except `skip`) for the
+    `with` block, then turn their statistics into ranges (the sites then quantize).
+
+    `observer_for(site_name, bits)` returns the observer of a site; every forward run inside the
+    block is one update of each observer it reaches. Yields the observed sites by name.
+    """
+    sites = {name: q for name, q in quantizer_sites(qmodel).items()
+             if not q.is_weight and q.mode == "off" and name not in skip}
+    for name, quantizer in sites.items():
+        quantizer.observe_with(observer_for(name, quantizer.bits))
+    yield sites
+    for quantizer in sites.values():
+        quantizer.finish_observing()
+
+
 @torch.no_grad()
+def forward_all(qmodel: Sam, calib: CalibrationSet, description: str, *, progress: bool = True) -> None:
+    """One forward of `qmodel` per calibration sample, in order."""
+    for sample in tqdm(calib.samples, desc=description, disable=not progress, leave=False):
+        sam_forward(qmodel, sample.image, sample.boxes)
+
+
 def observe_activations(qmodel: Sam, calib: CalibrationSet,
                         observer_for: Callable[[str, int], Observer], *, progress: bool = True) -> None:
     """Calibrate every activation site that is still off, in one pass over the calibration set.
 
-    The pass runs with the already-set sites quantizing (weights first, so activation statistics
-    see quantized weights) and the observed sites in FP; each image is one observer update.
-    `observer_for(site_name, bits)` returns a fresh observer for a site of that bit width.
+    The pass runs the model as it is: the reference codes observe with every other quantizer
+    off (weights included: `enable_calibration_woquantization`), so the built-in methods call this
+    before setting weight ranges. Each image is one observer update.
     """
-    sites = {name: q for name, q in quantizer_sites(qmodel).items() if not q.is_weight and q.mode == "off"}
-    for name, quantizer in sites.items():
-        quantizer.observe_with(observer_for(name, quantizer.bits))
-    for sample in tqdm(calib.samples, desc="observing activations", disable=not progress, leave=False):
-        sam_forward(qmodel, sample.image, sample.boxes)
-    for quantizer in sites.values():
-        quantizer.finish_observing()
+    with observing(qmodel, observer_for):
+        forward_all(qmodel, calib, "observing activations", progress=progress)
 
 
 class RangeSettingMethod:
@@ -80,7 +109,8 @@ class RangeSettingMethod:
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
                   preset: str, seed: int) -> None:
+        """Activations observed on the FP model, then weights (the reference's `calibrate` order)."""
         options = self.activation_observer_options(preset)
-        set_weight_ranges(qmodel, self.weight_observer, **self.weight_observer_options(preset))
         observe_activations(qmodel, calib,
                             lambda site, bits: make_observer(self.activation_observer, bits=bits, **options))
+        set_weight_ranges(qmodel, self.weight_observer, **self.weight_observer_options(preset))

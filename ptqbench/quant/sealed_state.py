@@ -3,9 +3,9 @@
 A calibrated model after `seal_for_evaluation` is fully described by
 - its `state_dict` (every weight, with BIG sign folds and AdaRound's hard rounding already
   written into the weights, and every quantizer's `scale` / `zero_point` buffer), and
-- the plain attributes of each quantization site that are not tensors: `mode` (a method may
-  leave some sites "off"), `bits`, `log2_tau` (AGQ's log2 grid), `quantize_prob`, `is_weight`
-  and `channel_axis`.
+- the plain attributes of each quantization site that are not tensors: `mode` ("off" only at
+  the FP sites its method declared, which the seal allowed), `bits`, `log2_tau` (AGQ's log2
+  grid), `quantize_prob`, `is_weight` and `channel_axis`.
 The frozen fake-quantized weights (`QuantWeightLayer.frozen_weight`, not in the state_dict) are
 a deterministic function of the two, so loading re-seals the twin to recompute them.
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ptqbench.errors import PtqbenchError
 from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.quant.sites import seal_for_evaluation
+from ptqbench.quant.sites import seal_for_evaluation, site_name
 
 SITE_ATTRIBUTES = ("bits", "mode", "log2_tau", "quantize_prob", "is_weight", "channel_axis")
 
@@ -57,7 +57,8 @@ def load_sealed_state(model: nn.Module, state: SealedState) -> None:
 
     Sets each site's attributes, gives its scale / zero point the calibrated shapes (per-channel
     quantizers hold [C] tensors where a fresh twin holds 0-d ones), loads the state_dict
-    strictly, and seals the model (frozen weights recomputed, eval mode, no gradients).
+    strictly, and seals the model (frozen weights recomputed, eval mode, no gradients), allowing
+    exactly the sites that are off in `state` to stay off (the seal that made `state` allowed them).
     """
     quantizers = _quantizers(model)
     if set(quantizers) != set(state.quantizers):
@@ -74,4 +75,5 @@ def load_sealed_state(model: nn.Module, state: SealedState) -> None:
             if current.shape != loaded.shape:
                 setattr(quantizer, buffer_name, torch.empty(loaded.shape, dtype=loaded.dtype, device=current.device))
     model.load_state_dict(state.state_dict, strict=True)
-    seal_for_evaluation(model)
+    fp_sites = [site_name(path) for path, attributes in state.quantizers.items() if attributes["mode"] == "off"]
+    seal_for_evaluation(model, fp_sites)

@@ -12,11 +12,12 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ptqbench.errors import ConfigError
+from ptqbench.errors import ConfigError, SealError
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 
 _SUFFIX = "_quantizer"
+_SHOWN_SITES = 5  # site names a SealError lists before "..."
 
 
 def site_name(module_path: str) -> str:
@@ -50,17 +51,31 @@ def weight_layers(model: nn.Module) -> dict[str, QuantWeightLayer]:
     return {path: m for path, m in model.named_modules() if isinstance(m, QuantWeightLayer)}
 
 
-def seal_for_evaluation(model: nn.Module) -> None:
+def seal_for_evaluation(model: nn.Module, fp_sites: Iterable[str] = ()) -> None:
     """Put a calibrated model in its evaluation state (the fairness rule of methods.md section 1).
 
-    Every site that is on quantizes every element (quantize_prob = 1, no random bypass), no
-    observer is attached, learned scales become frozen buffers, every parameter stops requiring
-    gradients, weights are fake-quantized once and frozen, and the model is in eval mode.
-    Raises RuntimeError if a site is still observing (a method forgot to finish calibration).
+    Every site quantizes every element (mode "quantize", quantize_prob = 1, no random bypass),
+    no observer is attached, learned scales become frozen buffers, every parameter stops
+    requiring gradients, weights are fake-quantized once and frozen, and the model is in eval
+    mode. fp_sites: glob patterns (as in `select_sites`) of the sites a method deliberately
+    keeps in FP (`Method.fp_sites`); only those may still be off.
+
+    Raises RuntimeError if a site is still observing (a method forgot to finish calibration),
+    SealError naming the sites (the first few and their count) if any other site is still off.
     """
-    for name, quantizer in quantizer_sites(model).items():
+    sites = quantizer_sites(model)
+    for name, quantizer in sites.items():
         if quantizer.mode == "observe" or quantizer.observer is not None:
             raise RuntimeError(f"quantization site {name} is still observing after calibration")
+    patterns = list(fp_sites)
+    left_off = [name for name, quantizer in sites.items() if quantizer.mode == "off"
+                and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    if left_off:
+        shown = ", ".join(left_off[:_SHOWN_SITES]) + (", ..." if len(left_off) > _SHOWN_SITES else "")
+        raise SealError(f"{len(left_off)} of {len(sites)} quantization sites are still off after calibration "
+                        f"({shown}); every site must quantize in evaluation unless the method declares it "
+                        f"in fp_sites")
+    for quantizer in sites.values():
         quantizer.quantize_prob = 1.0
         quantizer.freeze_scale()
     for param in model.parameters():
