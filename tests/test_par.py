@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -12,11 +13,14 @@ from ptqbench.methods.par import (FAST_SETTINGS, PAPER_SETTINGS, CopyIntoReferen
                                   frozen_reference, par_decoder_loss, par_reconstruct, par_settings, par_units,
                                   with_iterations)
 from ptqbench.methods.reconstruction import reconstruct
-from ptqbench.methods.unit_cache import build_cache
+from ptqbench.methods.unit_cache import build_cache, capture
+from ptqbench.methods.unit_step import unit_inputs
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
+from ptqbench.quant.unit import HookPoint
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.quantized import quantize_sam
+from ptqbench.sam.units import TRANSFORMER
 
 
 def _calibration(images: int = 2, boxes: int = 3, size: int = 256) -> CalibrationSet:
@@ -187,3 +191,59 @@ def test_transformer_keys_are_the_transformer_outputs(sam_tiny):
                                           torch.cat([tokens, sparse], dim=1))
         keys = transformer_keys(decoder, embedding, image_pe, sparse, dense)
     assert torch.equal(keys, expected)
+
+
+def _hybrid_decoder_tokens(qmodel, reference, first_fp_layer: int, sample: CalibrationSample) -> torch.Tensor:
+    """The reference code's alpha-term path: the quantized model's own forward on the image
+    (unmixed quantized image embedding, quantized decoder layers before `first_fp_layer`), with
+    the transformer's later layers and final attention FP; its final tokens [N, T, 256]."""
+    hybrid = copy.deepcopy(qmodel)
+    transformer, fp_transformer = hybrid.mask_decoder.transformer, reference.mask_decoder.transformer
+    for index in range(first_fp_layer, len(transformer.layers)):
+        transformer.layers[index] = fp_transformer.layers[index]
+    transformer.final_attn_token_to_image = fp_transformer.final_attn_token_to_image
+    found = capture(hybrid, (HookPoint(TRANSFORMER, "post", lambda args, kwargs, output: {"tokens": output[0]}),),
+                    engine_settings(FAST_SETTINGS).forward, sample)
+    return found["tokens"]
+
+
+@pytest.mark.parametrize("unit_index, layer_index", [(3, 0), (4, 1)])
+def test_decoder_alpha_term_runs_the_layer_on_its_unmixed_quantized_input(sam_tiny, unit_index, layer_index):
+    calib = _calibration(images=1)
+    qmodel = _calibrated(sam_tiny, calib)
+    reference = frozen_reference(sam_tiny)
+    unit = par_units(qmodel, reference, FAST_SETTINGS)[unit_index]
+    assert unit.name == f"{TRANSFORMER}.layers.{layer_index}" and unit.unmixed_inputs
+    entry = build_cache(unit, qmodel, reference, calib.samples, engine_settings(FAST_SETTINGS).forward,
+                        torch.device("cpu")).get(0)
+    layer = qmodel.get_submodule(unit.root)
+    expected_tokens = _hybrid_decoder_tokens(qmodel, reference, layer_index + 1, calib.samples[0])
+    with torch.no_grad():
+        plain_queries, _ = layer(**entry.quant_inputs, query_pe=entry.fp_inputs["query_pe"],
+                                 key_pe=entry.fp_inputs["key_pe"])
+        for seed in (0, 1):
+            inputs = unit_inputs(unit, entry, 0.5, torch.Generator().manual_seed(seed))
+            assert not torch.equal(inputs["keys"], entry.quant_inputs["keys"])
+            queries, keys, tokens = unit.run(layer, inputs)
+            assert torch.equal(tokens, expected_tokens)  # mixing changes the beta terms only
+            assert not torch.equal(queries, plain_queries)
+        target_tokens = entry.target[2]
+    assert tokens.shape == target_tokens.shape == (3, 7, 256)
+    assert not torch.equal(tokens, target_tokens)
+
+
+def test_final_unit_is_the_bare_final_attention_with_a_channel_sum_loss(sam_tiny):
+    calib = _calibration(images=1)
+    qmodel = _calibrated(sam_tiny, calib)
+    units = par_units(qmodel, frozen_reference(sam_tiny), FAST_SETTINGS)
+    neck, final = units[2], units[-1]
+    assert (neck.sum_dim, final.sum_dim) == (-1, -1)
+    path = f"{TRANSFORMER}.final_attn_token_to_image"
+    assert (final.name, final.root, final.trained) == (path, path, (path,))
+    last = HookPoint(f"{path}.out_proj", "post", lambda args, kwargs, output: {"out": output})
+    with torch.no_grad():
+        found = capture(qmodel, final.inputs + (last,), engine_settings(FAST_SETTINGS).forward, calib.samples[0])
+        output = final.run(qmodel.get_submodule(path), found)
+    assert set(found) == {"q", "k", "v", "out"} and torch.equal(output, found["out"])
+    target = torch.zeros_like(output)
+    assert final.loss(output, target, {}).item() == pytest.approx(float(output.square().sum(-1).mean()), rel=1e-6)

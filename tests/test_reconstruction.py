@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from ptqbench.config import BitSpec
+from ptqbench.methods import brecq
 from ptqbench.methods.base import observe_activations, set_weight_ranges
-from ptqbench.methods.brecq import FisherWeights
+from ptqbench.methods.brecq import Brecq, FisherWeights
 from ptqbench.methods.qdrop import qdrop_config
 from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
 from ptqbench.methods.unit_cache import build_cache
@@ -191,11 +193,16 @@ def tiny_calibration(images: int, boxes: int = 2) -> CalibrationSet:
     return CalibrationSet(samples=tuple(samples), fingerprint="tiny")
 
 
+def calibrated_ranges(qmodel: nn.Module, calib: CalibrationSet) -> None:
+    """Min/max weight ranges, AvgMinMax activation ranges: every site quantizing."""
+    set_weight_ranges(qmodel, "minmax")
+    observe_activations(qmodel, calib, lambda site, b: make_observer("avgminmax", bits=b), progress=False)
+
+
 def calibrated_tiny(calib: CalibrationSet, bits: int = 4):
     fp = build_sam_tiny()
     qmodel = quantize_sam(fp, bits, bits)
-    set_weight_ranges(qmodel, "minmax")
-    observe_activations(qmodel, calib, lambda site, b: make_observer("avgminmax", bits=b), progress=False)
+    calibrated_ranges(qmodel, calib)
     return fp, qmodel
 
 
@@ -232,3 +239,40 @@ def test_fisher_weights_are_at_least_one_and_shaped_like_the_unit_output() -> No
     assert bool((weights >= 1).all()) and float(weights.max()) > 1.0
     # The later units' quantizers are back in quantize mode afterwards.
     assert qmodel.mask_decoder.transformer.layers[1].mlp.lin1.input_quantizer.mode == "quantize"
+
+
+@pytest.mark.parametrize("mixed_inputs", [True, False])
+def test_brecq_mixes_unit_inputs_half_and_half_with_the_activations_off(monkeypatch, mixed_inputs: bool) -> None:
+    """`brecq` (the reference's --brecq mode) trains each unit on `where(U < 0.5, quantized-model
+    input, FP input)`, activation quantizers off; `mixed_inputs=False` (brecq-fisher's setting)
+    trains on the quantized-model input only. One decoder MLP unit, fast preset (50 steps), min/max
+    weight ranges instead of MSE (quicker; the ranges do not matter here)."""
+    calib = tiny_calibration(1)
+    fp = build_sam_tiny()
+    qmodel = quantize_sam(fp, 4, 4)
+    path = "mask_decoder.transformer.layers.0.mlp"
+    monkeypatch.setattr(brecq, "sam_units", lambda model, config: [u for u in sam_units(model, config)
+                                                                   if u.name == path])
+    monkeypatch.setattr(brecq, "initial_ranges", lambda model, calib, preset, progress: calibrated_ranges(model, calib))
+    module = qmodel.get_submodule(path)
+    activations = [q for q in module.modules() if isinstance(q, FakeQuantizer) and not q.is_weight]
+    fp_inputs, captures, steps = [], [], []
+    fp.get_submodule(path).register_forward_pre_hook(lambda m, args: fp_inputs.append(args[0].clone()))
+
+    def record(m: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled():  # a training step (captures run without gradients)
+            assert all(q.mode == "off" for q in activations)
+            steps.append(args[0].detach().clone())
+        elif not steps:
+            captures.append(args[0].clone())
+
+    module.register_forward_pre_hook(record)
+    Brecq(mixed_inputs=mixed_inputs, progress=False).calibrate(qmodel, fp, calib, BitSpec(4, 4), "fast", seed=0)
+    quant_input, fp_input = captures[-1], fp_inputs[-1]  # the unit's cache: the last capture of each model
+    assert len(steps) == 50 and all(q.mode == "quantize" and q.quantize_prob == 1.0 for q in activations)
+    mixed = torch.stack(steps)
+    assert bool(((mixed == quant_input) | (mixed == fp_input)).all())
+    differ = (quant_input != fp_input).expand_as(mixed)
+    share = float((mixed == quant_input)[differ].float().mean())
+    assert float(differ.float().mean()) > 0.5
+    assert abs(share - 0.5) < 0.02 if mixed_inputs else share == 1.0
