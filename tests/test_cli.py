@@ -111,3 +111,45 @@ def test_evaluate_commands_rescore_a_runs_artefacts_to_the_same_numbers(small_de
         metrics = json.loads(metrics_json.read_text())
         headline = {"coco": "mask_AP", "dota": "mAP", "ade20k": "mIoU"}[task]
         assert round(metrics[headline], 4) == float(row[headline])
+
+
+class Boom:
+    """A method whose calibration fails with an unexpected exception (two lines of message)."""
+
+    name = "boom"
+
+    def calibrate(self, qmodel, fp_model, calib, spec, preset, seed) -> None:
+        raise RuntimeError("boom in calibrate\nsecond line of the message")
+
+
+def test_unexpected_cell_exception_is_one_line_keeps_finished_cells_and_logs_the_traceback(
+        small_demo, tmp_path, capsys, monkeypatch):
+    from ptqbench.methods.base import METHODS
+
+    monkeypatch.setitem(METHODS._factories, Boom.name, Boom)
+    code = main(["run", "--data-root", str(small_demo), "--tasks", "coco", "--methods", "minmax,boom,percentile",
+                 "--bits", "8", "--calib-size", "1", "--limit", "1", "--out", str(tmp_path), "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("ptqbench: error:")]
+    traceback_file = tmp_path / "errors" / "sam_tiny-coco-boom-W8A8.log"
+    assert line == ("ptqbench: error: cell (model sam_tiny, task coco, method boom, bits W8A8) failed with "
+                    f"RuntimeError: boom in calibrate ... (traceback in {traceback_file})")
+    logged = traceback_file.read_text()
+    assert logged.startswith("Traceback (most recent call last):") and 'raise RuntimeError("boom in calibrate' in logged
+    assert [(r["method"], r["bits"]) for r in _rows(tmp_path / "leaderboard_coco.csv")] == [
+        ("fp", "fp"), ("minmax", "W8A8")]
+
+
+def test_a_checkpoint_that_is_not_the_official_one_is_accepted_and_labelled(small_demo, tmp_path):
+    import torch
+
+    from ptqbench.sam.models import load_model
+
+    weights = tmp_path / "sam_tiny_fp32.pth"  # the shipped weights, stored in float32: other bytes
+    torch.save(load_model("sam_tiny").model.state_dict(), weights)
+    assert main(["run", "--checkpoint", str(weights), "--data-root", str(small_demo), "--tasks", "coco",
+                 "--methods", "fp", "--limit", "1", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    (row,) = _rows(tmp_path / "leaderboard_coco.csv")
+    assert row["labels"] == "unofficial-checkpoint"
