@@ -79,11 +79,13 @@ def test_apply_big_folds_a_bimodal_key_and_keeps_sam_output(sam_tiny):
     boxes = torch.tensor([[10.0, 20.0, 120.0, 200.0], [100.0, 40.0, 250.0, 90.0]])
     calib = CalibrationSet((CalibrationSample(image, boxes),), "test")
 
-    bimodal = apply_big(qmodel, sam_tiny, calib)
+    decisions = apply_big(qmodel, sam_tiny, calib)
 
-    assert bimodal[path]
-    assert set(bimodal) == {path, "mask_decoder.transformer.layers.1.cross_attn_token_to_image",
-                            "mask_decoder.transformer.final_attn_token_to_image"}
+    assert decisions[path].bimodal and decisions[path].folded
+    assert len(decisions) == 7  # every decoder attention is judged, as the reference's sign quantizers
+    folded = {name for name, decision in decisions.items() if decision.folded}
+    assert folded <= {path, "mask_decoder.transformer.layers.1.cross_attn_token_to_image",
+                      "mask_decoder.transformer.final_attn_token_to_image"}
     keys = capture_keys(qmodel, calib.samples[0], [path])[path]
     assert (keys.mean(dim=(0, 1)) >= 0).all()
     assert not is_bimodal(keys[0])
@@ -92,8 +94,8 @@ def test_apply_big_folds_a_bimodal_key_and_keeps_sam_output(sam_tiny):
         q_masks, q_iou = sam_forward(qmodel, image, boxes)
     torch.testing.assert_close(q_masks, fp_masks, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(q_iou, fp_iou, rtol=1e-4, atol=1e-5)
-    for name, was_bimodal in bimodal.items():  # folded exactly where bimodal; the FP model untouched
+    for name, decision in decisions.items():  # folded exactly where decided; the FP model untouched
         for proj in ("q_proj", "k_proj"):
             fp_weight = sam_tiny.get_submodule(f"{name}.{proj}").weight
-            assert torch.equal(qmodel.get_submodule(f"{name}.{proj}").weight, fp_weight) != was_bimodal
+            assert torch.equal(qmodel.get_submodule(f"{name}.{proj}").weight, fp_weight) != decision.folded
     assert torch.equal(sam_tiny.get_submodule(path).k_proj.bias, bias_before)

@@ -9,29 +9,31 @@ PTQ4SAM (Lv et al., CVPR 2024) adds two things to the common setup of section 1:
 
 `ptq4sam-s` is statistics only (MSE per-channel weights, AvgMinMax activations); `ptq4sam` then
 runs the QDrop reconstruction (AdaRound + LSQ + drop 0.5) from those ranges, with the log2
-scales learnable and tau fixed. The calibration order is: BIG fold, weight ranges, AGQ (the
-maps are captured with quantized weights and FP activations), then the remaining activation
-sites observed with the softmax already on its log2 grid.
+scales learnable and tau fixed. The calibration order is the reference's (`test_quant.py:527-553`):
+BIG fold on the first image, then one pass over the calibration images with every quantizer off
+in which the activation observers and the AGQ searches are fed together, then the weight ranges.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
+from typing import NamedTuple
 
 import torch
 from segment_anything.modeling import Sam
+from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ptqbench.config import BitSpec
-from ptqbench.methods.base import METHODS, observe_activations, set_weight_ranges
+from ptqbench.methods.base import METHODS, forward_all, observing, set_weight_ranges
 from ptqbench.methods.mse import FAST_SEARCH_ITERATIONS, mse_observer_options
 from ptqbench.quant.agq import AGQ_P, AGQ_TAUS, AgqCapture, AgqResult
 from ptqbench.quant.big import channel_signs, fold_channel_signs, is_bimodal
 from ptqbench.quant.observers import Observer, make_observer
+from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
 from ptqbench.sam.quantized import QuantDecoderAttention, QuantEncoderAttention
 
@@ -63,23 +65,35 @@ def capture_keys(model: Sam, sample: CalibrationSample, attention_paths: list[st
     return keys
 
 
-def apply_big(qmodel: Sam, fp_model: Sam, calib: CalibrationSet) -> dict[str, bool]:
+class BigDecision(NamedTuple):
+    """BIG's outcome for one decoder attention: whether its K was judged bimodal, whether folded."""
+
+    bimodal: bool
+    folded: bool
+
+
+def apply_big(qmodel: Sam, fp_model: Sam, calib: CalibrationSet) -> dict[str, BigDecision]:
     """BIG: detect bimodal K in the FP model on the first calibration image, fold the signs into `qmodel`.
 
-    For each token-to-image attention, K of the first box prompt decides bimodality
-    (`is_bimodal`); where bimodal, gamma = sign of K's per-channel mean over all boxes and tokens
-    of that image is folded into the q_proj and k_proj of `qmodel` (before weight calibration).
-    Returns attention path -> whether it was bimodal (and folded).
+    As the reference (`LSQSignFakeQuantize.judge_bimodal` on every decoder attention's k,
+    `bimodal_adjust` on the token-to-image ones): K of the first box prompt of every decoder
+    attention is judged (`is_bimodal`); in the token-to-image attentions whose K is bimodal,
+    gamma = sign of K's per-channel mean over all boxes and tokens of that image is folded into
+    the q_proj and k_proj of `qmodel` (before weight calibration).
+    Returns attention path -> its decision, for all decoder attentions in forward order.
     """
-    paths = list(token_to_image_attentions(fp_model))
+    folding = set(token_to_image_attentions(fp_model))
+    paths = [f"{DECODER}.{name}" for name, module in fp_model.mask_decoder.transformer.named_modules()
+             if isinstance(module, DecoderAttention)]
     keys = capture_keys(fp_model, calib.samples[0], paths)
-    bimodal = {}
+    decisions = {}
     for path in paths:
-        bimodal[path] = is_bimodal(keys[path][0])
-        if bimodal[path]:
+        bimodal = is_bimodal(keys[path][0])
+        decisions[path] = BigDecision(bimodal, bimodal and path in folding)
+        if decisions[path].folded:
             fold_channel_signs(qmodel.get_submodule(path), channel_signs(keys[path]))
-        log.info("BIG: %s is %s", path, "bimodal, signs folded" if bimodal[path] else "not bimodal")
-    return bimodal
+        log.info("BIG: %s is %s", path, "bimodal" if bimodal else "not bimodal")
+    return decisions
 
 
 def softmax_attentions(qmodel: Sam) -> dict[str, nn.Module]:
@@ -88,25 +102,11 @@ def softmax_attentions(qmodel: Sam) -> dict[str, nn.Module]:
             if isinstance(module, (QuantEncoderAttention, QuantDecoderAttention))}
 
 
-@torch.no_grad()
-def apply_agq(qmodel: Sam, calib: CalibrationSet, *, taus: tuple[int, ...] = AGQ_TAUS, p: float = AGQ_P,
-              max_iter: int | None = None, progress: bool = True) -> dict[str, AgqResult]:
-    """AGQ: search tau and scale of every softmax site over the calibration set, then set the log2 grids.
-
-    One forward per calibration image with `qmodel` as it is (sites already set quantize, the
-    others are FP); each attention map is searched when it is produced and then released.
-    Returns attention path -> search result; the site `<path>.softmax` is left quantizing.
-    max_iter caps each bounded search (the `fast` preset's cut; None = scipy's default).
-    """
-    attentions = softmax_attentions(qmodel)
-    with AgqCapture(attentions, taus, p, max_iter) as capture:
-        for sample in tqdm(calib.samples, desc="AGQ softmax search", disable=not progress, leave=False):
-            sam_forward(qmodel, sample.image, sample.boxes)
-    results = capture.results()
+def set_log2_grids(attentions: dict[str, nn.Module], results: dict[str, AgqResult]) -> None:
+    """Put each attention's softmax site on the log2 grid its AGQ search chose (quantize mode)."""
     for path, result in results.items():
         attentions[path].softmax_quantizer.set_log2(result.tau, torch.tensor(result.scale))
         log.debug("AGQ: %s tau=%d scale=%.4g", path, result.tau, result.scale)
-    return results
 
 
 @METHODS.register("ptq4sam-s")
@@ -114,38 +114,58 @@ class Ptq4SamS:
     """PTQ4SAM-S: BIG + AGQ + MSE per-channel weights + AvgMinMax activations (averaged MSE on decoder k).
 
     big / agq: switch either part off (ablations); p: the AGQ error exponent (2.4 as the
-    reference code, 2 as the paper).
+    reference code, 2 as the paper); activation_observer: the observer of every other activation
+    site ("avgminmax" as PTQ4SAM's config; SAQ-SAM uses "mse", its AvgMSEFast).
     """
 
     name = "ptq4sam-s"
     weight_observer = "mse"
-    activation_observer = "avgminmax"
     key_observer_with_big = "mse"
 
-    def __init__(self, *, big: bool = True, agq: bool = True, p: float = AGQ_P, progress: bool = True) -> None:
+    def __init__(self, *, big: bool = True, agq: bool = True, p: float = AGQ_P, activation_observer: str = "avgminmax",
+                 progress: bool = True) -> None:
         self.big, self.agq, self.p, self.progress = big, agq, p, progress
+        self.activation_observer = activation_observer
 
     def activation_observer_for(self, site: str, bits: int, preset: str = "paper") -> Observer:
-        """AvgMinMax; with BIG on, the averaged-MSE observer for the k sites of every decoder attention.
+        """The activation observer; with BIG on, the averaged-MSE observer for the k sites of every
+        decoder attention (the reference's SignAvgMSEFast with its sign unset).
 
         `bits` lets the MSE observer search each image as it comes (no copy of every update).
         """
+        name = self.activation_observer
         if self.big and fnmatch.fnmatchcase(site, DECODER_KEY_SITES):
-            return make_observer(self.key_observer_with_big, bits=bits,
-                                 **mse_observer_options(preset, weights=False))
-        return make_observer(self.activation_observer, bits=bits)
+            name = self.key_observer_with_big
+        options = mse_observer_options(preset, weights=False) if name == "mse" else {}
+        return make_observer(name, bits=bits, **options)
 
-    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet, preset: str) -> list[tuple[str, Callable[[], object]]]:
-        """The weight, AGQ and activation steps (after BIG), with the `fast` preset's search cuts."""
-        steps = [("weights", lambda: set_weight_ranges(qmodel, self.weight_observer,
-                                                       **mse_observer_options(preset, weights=True)))]
-        if self.agq:
-            max_iter = FAST_SEARCH_ITERATIONS if preset == "fast" else None
-            steps.append(("AGQ", lambda: apply_agq(qmodel, calib, p=self.p, max_iter=max_iter,
-                                                   progress=self.progress)))
-        steps.append(("activations", lambda: observe_activations(
-            qmodel, calib, partial(self.activation_observer_for, preset=preset), progress=self.progress)))
-        return steps
+    @torch.no_grad()
+    def observe(self, qmodel: Sam, calib: CalibrationSet, preset: str, *, skip: Collection[str] = (),
+                before: Callable[[AgqCapture, dict[str, FakeQuantizer]], object] | None = None) -> object:
+        """The reference's statistics pass (`calibrate`): one forward per calibration image with
+        the weights FP, every activation observer and (AGQ on) every softmax search fed together.
+
+        skip: activation sites left alone (SAQ-SAM's PCC sites). before(capture, observed sites):
+        forwards run first with the observers and AGQ searches attached (SAQ-SAM's PCC forwards,
+        which the reference's observers see). Returns what `before` returned (None without it).
+        """
+        attentions = softmax_attentions(qmodel) if self.agq else {}
+        skip = set(skip) | {f"{path}.softmax" for path in attentions}
+        max_iter = FAST_SEARCH_ITERATIONS if preset == "fast" else None
+        with observing(qmodel, partial(self.activation_observer_for, preset=preset), skip) as observed, \
+                AgqCapture(attentions, AGQ_TAUS, self.p, max_iter) as capture:
+            before_result = before(capture, observed) if before is not None else None
+            forward_all(qmodel, calib, "observing activations", progress=self.progress)
+        if attentions:
+            set_log2_grids(attentions, capture.results())
+        return before_result
+
+    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet, preset: str, *, skip: Collection[str] = (),
+                         before: Callable[[AgqCapture, dict[str, FakeQuantizer]], object] | None = None) -> list[tuple[str, Callable[[], object]]]:
+        """The activation (with AGQ) and weight steps after BIG, in the reference's order."""
+        return [("activations", lambda: self.observe(qmodel, calib, preset, skip=skip, before=before)),
+                ("weights", lambda: set_weight_ranges(qmodel, self.weight_observer,
+                                                      **mse_observer_options(preset, weights=True)))]
 
     def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
                   preset: str, seed: int) -> None:

@@ -14,12 +14,13 @@ p = 2.4 follows the reference code (the paper writes p = 2).
 `AgqSearch` accumulates one site; `AgqCapture` feeds it from forward hooks on an attention's
 `softmax_quantizer` (its input is A) and `v_quantizer` (its output is V), so no forward code is
 copied. Each map is searched as soon as it exists and then released: memory stays at one
-attention map (plus its temporaries, bounded by chunking) however many images are calibrated.
+attention map (plus a few temporaries of its size) however many images are calibrated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,6 @@ from ptqbench.quant import functional as qf
 
 AGQ_TAUS: tuple[int, ...] = (1, 2, 4)
 AGQ_P = 2.4
-_CHUNK_ELEMENTS = 1 << 26
 
 
 def agq_scale_bounds(attn_max: float) -> tuple[float, float]:
@@ -41,26 +41,21 @@ def agq_scale_bounds(attn_max: float) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def agq_error(attn: Tensor, value: Tensor, scale: float, tau: int, bits: int, p: float = AGQ_P) -> float:
-    """mean(|(A_hat - A) V|^p) with A_hat the log2 fake-quantized A.
+def agq_error(attn: Tensor, value: Tensor, scale: float, tau: int, bits: int, p: float = AGQ_P,
+              target: Tensor | None = None) -> float:
+    """mean(|A_hat V - A V|^p) with A_hat the log2 fake-quantized A, in float32 as the reference's
+    `LogAvgMSEFastObserver.loss_fx` (two products, then the difference; one scalar read back).
 
     attn: [..., Nq, Nk] non-negative; value: [..., Nk, D] with the same leading dims (as the SAM
     attentions multiply them: encoder [B*heads, N, N] and [B*heads, N, D], decoder
-    [B, heads, Nq, Nk] and [B, heads, Nk, D]). The leading dims are processed in chunks of at
-    most 2^26 map elements so temporaries stay bounded; the sum is accumulated in float64.
+    [B, heads, Nq, Nk] and [B, heads, Nk, D]). target: A V when already computed (it does not
+    depend on the scale, so a search computes it once).
     """
-    a = attn.reshape(-1, attn.shape[-2], attn.shape[-1])
-    v = value.reshape(-1, value.shape[-2], value.shape[-1])
-    if a.shape[0] != v.shape[0] or a.shape[-1] != v.shape[-2]:
+    if attn.shape[:-2] != value.shape[:-2] or attn.shape[-1] != value.shape[-2]:
         raise PtqbenchError(f"AGQ: attention map {tuple(attn.shape)} and values {tuple(value.shape)} do not multiply")
-    s = torch.tensor(scale, dtype=a.dtype, device=a.device)
-    step = max(1, _CHUNK_ELEMENTS // (a.shape[1] * a.shape[2]))
-    total = 0.0
-    for start in range(0, a.shape[0], step):
-        a_chunk, v_chunk = a[start:start + step], v[start:start + step]
-        diff = (qf.fake_quant_log2(a_chunk, s, tau, bits) - a_chunk) @ v_chunk
-        total += diff.abs().pow(p).sum(dtype=torch.float64).item()
-    return total / (a.shape[0] * a.shape[1] * v.shape[-1])
+    target = attn @ value if target is None else target
+    quantized = qf.fake_quant_log2(attn, torch.tensor(scale, dtype=attn.dtype, device=attn.device), tau, bits)
+    return float((quantized @ value - target).abs().pow(p).mean())
 
 
 def split_heads(attn: Tensor, value: Tensor) -> Tensor:
@@ -108,9 +103,10 @@ class AgqSearch:
         attn = attn.detach().float()
         value = split_heads(attn, value.detach().float())
         low, high = agq_scale_bounds(attn.max().item())
+        target = attn @ value
         for tau in self.taus:
             options = {} if self.max_iter is None else {"maxiter": self.max_iter}
-            best = minimize_scalar(lambda s: agq_error(attn, value, s, tau, self.bits, self.p),
+            best = minimize_scalar(lambda s: agq_error(attn, value, s, tau, self.bits, self.p, target),
                                    bounds=(low, high), method="bounded", options=options)
             self.scale_sums[tau] = self.scale_sums.get(tau, 0.0) + float(best.x)
             self.error_sums[tau] = self.error_sums.get(tau, 0.0) + float(best.fun)
@@ -141,6 +137,16 @@ class AgqCapture:
                          for name, module in self.attentions.items()}
         self._pending: dict[str, dict[str, Tensor]] = {name: {} for name in self.attentions}
         self._handles: list[RemovableHandle] = []
+        self._only: frozenset[str] | None = None
+
+    @contextmanager
+    def restricted_to(self, names: Iterable[str]) -> Iterator[None]:
+        """Inside the block only the attentions `names` are searched; the others ignore their calls."""
+        self._only = frozenset(names)
+        try:
+            yield
+        finally:
+            self._only = None
 
     def __enter__(self) -> "AgqCapture":
         for name, module in self.attentions.items():
@@ -158,6 +164,8 @@ class AgqCapture:
             pending.clear()
 
     def _receive(self, name: str, kind: str, tensor: Tensor) -> None:
+        if self._only is not None and name not in self._only:
+            return
         pending = self._pending[name]
         pending[kind] = tensor.detach()
         if len(pending) == 2:

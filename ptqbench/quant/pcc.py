@@ -12,24 +12,27 @@ SAM's decoder QK activations (about [-167, 177] in SAM-B while most values lie i
 MSE search keeps.
 
 The search (`pcc_search`) covers the 7 attentions of `mask_decoder.transformer` (self-attention,
-token-to-image and image-to-token of both two-way layers, and the final token-to-image) in
-forward order; in each, greedily, the 4 QK quantizers `q_proj.input`, `k_proj.input`, `q`, `k`,
-each frozen at its best candidate before the next is searched. Candidates are the 29 symmetric
-percentile clips `(quantile(X, 1 - p), quantile(X, p))` of the site's activation X on one
-calibration image; the lowest distance wins (first on ties). Weights, softmax and every other site
-stay FP; the reference maps come from the FP model. The whole search runs twice: in the first
-pass every other attention's QK sites are FP (each attention is searched on its own), in the
-second pass the other attentions quantize at their latest ranges, so each attention is searched
-again seeing its upstream attentions already clipped. The ranges of the last pass stay set (the
-sites are left in quantize mode; an LSQ scale made learnable later starts from them).
+token-to-image and image-to-token of both two-way layers, and the final token-to-image); in each,
+greedily, the 4 QK quantizers `q_proj.input`, `k_proj.input`, `q`, `k`, each left quantizing at
+its best candidate before the next is searched. Candidates are the 29 symmetric percentile clips
+`(quantile(X, 1 - p), quantile(X, p))` of the site's activation X on one calibration image; the
+lowest distance wins (first on ties). Weights, softmax and every other site stay FP; the reference
+maps come from the FP model. As in the reference, the search runs inside two real forwards of the
+model on the search image: in the first, each attention is searched when the forward reaches it
+and then runs with its QK sites quantizing, so later attentions already see the upstream
+clipping; in the second, each site is searched again with its attention's other three sites at
+their latest picks. The picks of the second pass stay set (an LSQ scale made learnable later
+starts from them).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
@@ -39,8 +42,7 @@ from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.sam.calibration import CalibrationSample
-from ptqbench.sam.inference import sam_decode
+from ptqbench.sam.calibration import CalibrationSample, sam_forward
 from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
 
 log = logging.getLogger(__name__)
@@ -81,42 +83,58 @@ def focus_distance(reference: Tensor, quantized: Tensor, theta: float = DEFAULT_
     return float((1.0 - focus_iou(reference, quantized, theta)).mean())
 
 
+TORCH_QUANTILE_LIMIT = 2**24
+"""Above this many elements torch 1.10's `torch.quantile` refuses a tensor and the reference falls
+back to `numpy.percentile` (`quant_model.py:359-372`)."""
+
+
+def reference_quantile(values: Tensor, q: float) -> Tensor:
+    """The q-quantile of sorted float32 `values` [N] with the reference's arithmetic (0-d float32).
+
+    Up to `TORCH_QUANTILE_LIMIT` elements as `torch.quantile`: the rank q (N - 1) and the
+    interpolation weight in float32, then `lerp`; above it as `numpy.percentile(x, 100 q)`: rank
+    and interpolation in float64 (numpy's two-sided lerp), rounded to float32 at the end.
+    """
+    n = values.numel()
+    if n <= TORCH_QUANTILE_LIMIT:
+        rank = np.float32(q) * np.float32(n - 1)
+        below, above = int(np.floor(rank)), int(np.ceil(rank))
+        return torch.lerp(values[below], values[above], float(rank - np.float32(below)))
+    rank = (q * 100.0 / 100.0) * (n - 1)
+    below, above = int(math.floor(rank)), int(math.ceil(rank))
+    low, high, weight = float(values[below]), float(values[above]), rank - below
+    value = low + (high - low) * weight if weight < 0.5 else high - (high - low) * (1.0 - weight)
+    return torch.tensor(value, dtype=torch.float32, device=values.device)
+
+
 def percentile_candidates(x: Tensor, percentiles: Sequence[float] = PCC_PERCENTILES) -> list[tuple[Tensor, Tensor]]:
     """The symmetric percentile clips `(quantile(x, 1 - p), quantile(x, p))` for each p.
 
-    x: any shape (flattened; any size: one sort, then linear interpolation between order
-    statistics as `torch.quantile` does). Returns 0-d float32 tensors on x's device, in the order
-    of `percentiles`.
+    x: any shape (flattened; one sort, then `reference_quantile` per clip). Returns 0-d float32
+    tensors on x's device, in the order of `percentiles`.
     """
     values = x.detach().float().flatten().sort().values
-    n = values.numel()
-    if n == 0:
+    if values.numel() == 0:
         raise PtqbenchError("PCC got an empty activation")
-
-    def quantile(q: float) -> Tensor:
-        pos = q * (n - 1)
-        below = min(int(pos), n - 1)
-        above = min(below + 1, n - 1)
-        return torch.lerp(values[below], values[above], pos - below)
-
     candidates = []
     for p in percentiles:
         if not 0.5 <= p <= 1.0:
             raise ConfigError(f"PCC percentile {p} must lie in [0.5, 1]")
-        candidates.append((quantile(1.0 - p), quantile(p)))
+        candidates.append((reference_quantile(values, 1.0 - p), reference_quantile(values, p)))
     return candidates
 
 
 @dataclass(frozen=True)
 class ClipChoice:
     """The outcome of one site's search: the winning percentile, its range, its focus distance,
-    and the distance of every candidate (in the order of the percentiles)."""
+    and every candidate range with its distance (in the order of the percentiles)."""
 
     percentile: float
     x_min: float
     x_max: float
     distance: float
     distances: tuple[float, ...]
+    candidates: tuple[tuple[float, float], ...]
 
 
 def search_clip(quantizer: FakeQuantizer, activation: Tensor, distance: Callable[[], float],
@@ -135,7 +153,8 @@ def search_clip(quantizer: FakeQuantizer, activation: Tensor, distance: Callable
     best = min(range(len(candidates)), key=distances.__getitem__)
     x_min, x_max = candidates[best]
     quantizer.set_range(x_min, x_max)
-    return ClipChoice(float(percentiles[best]), float(x_min), float(x_max), distances[best], tuple(distances))
+    return ClipChoice(float(percentiles[best]), float(x_min), float(x_max), distances[best], tuple(distances),
+                      tuple((float(lo), float(hi)) for lo, hi in candidates))
 
 
 @dataclass(frozen=True)
@@ -202,60 +221,66 @@ def read_input(model: nn.Module, path: str, forward: Callable[[nn.Module], objec
     return found[0]
 
 
+def _query_and_key(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """The q and k arguments of a decoder attention call `attention(q, k, v)` (positional or named)."""
+    bound = dict(zip(("q", "k", "v"), args))
+    bound.update(kwargs)
+    return bound["q"].detach(), bound["k"].detach()
+
+
+def search_attention(attention: QuantDecoderAttention, q: Tensor, k: Tensor, reference_map: Tensor,
+                     config: PccConfig, pass_index: int = 0, prefix: str = "") -> list[PccChoice]:
+    """One PCC pass over the QK sites of one attention called with (q, k), in `config.sites` order.
+
+    Each site's activation is read with the attention's other sites as they are now (earlier
+    sites of this pass at their picks, later ones as the previous pass left them, or off), its
+    candidates are scored by the focus distance of `attention.attention_map(q, k)` to
+    `reference_map` [B, heads, Nq, Nk], and the site is left quantizing at its pick: SAQ-SAM's
+    `search_range_AOL` (`quant_model.py:349-419`). `prefix` names the attention in the results.
+    """
+    results = []
+    for site in config.sites:
+        quantizer = attention.get_submodule(f"{site}_quantizer")
+        activation = read_input(attention, f"{site}_quantizer", lambda module: module.attention_map(q, k))
+
+        def distance() -> float:
+            return focus_distance(reference_map, attention.attention_map(q, k), config.theta)
+
+        choice = search_clip(quantizer, activation, distance, config.percentiles)
+        results.append(PccChoice(f"{prefix}{site}", pass_index, choice))
+        log.debug("PCC pass %d %s%s: p=%s range [%.4g, %.4g] distance %.4f", pass_index, prefix, site,
+                  choice.percentile, choice.x_min, choice.x_max, choice.distance)
+    return results
+
+
+@torch.no_grad()
+def reference_maps(fp_model: Sam, image: Tensor, boxes: Tensor) -> dict[str, Tensor]:
+    """The FP attention map [B, heads, Nq, Nk] of every decoder attention on one image, by path
+    (one forward of the FP twin: the reference's `set_ori_ATM` pass)."""
+    reference = quantize_sam(fp_model, 8, 8)
+    maps: dict[str, Tensor] = {}
+
+    def hook(path: str) -> Callable:
+        return lambda module, args, kwargs: maps.__setitem__(path, module.attention_map(*_query_and_key(args, kwargs)))
+
+    handles = [module.register_forward_pre_hook(hook(path), with_kwargs=True)
+               for path, module in decoder_attentions(reference).items()]
+    try:
+        sam_forward(reference, image, boxes)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maps
+
+
 def _check_only_qk_sites(qmodel: nn.Module, searched: set[str]) -> None:
-    """PCC runs with weights, softmax and every other site FP: refuse a model where one is set."""
-    busy = [name for name, q in quantizer_sites(qmodel).items() if name not in searched and q.mode != "off"]
+    """PCC runs with weights, softmax and every other site FP: refuse a model where one quantizes
+    (sites that only observe are identities and may stay, as the reference's observers do)."""
+    busy = [name for name, q in quantizer_sites(qmodel).items() if name not in searched and q.mode == "quantize"]
     frozen = [path for path, m in qmodel.named_modules() if isinstance(m, QuantWeightLayer) and m.frozen_weight is not None]
     if busy or frozen:
-        raise PtqbenchError(f"PCC needs every site other than the decoder QK sites off (weights and softmax FP "
+        raise PtqbenchError(f"PCC needs every site other than the decoder QK sites FP (weights and softmax FP "
                             f"during the search); set already: {(busy + frozen)[:5]}")
-
-
-class _Arguments:
-    """The call arguments of the decoder attentions of one model on the search image.
-
-    The encoder runs once; each `capture` runs the decoder up to the attention asked for. An
-    attention's map depends only on its inputs (fixed while it is searched) and its own
-    quantizers, so each candidate re-runs just that attention (`attention_read`).
-    """
-
-    def __init__(self, model: Sam, sample: CalibrationSample, max_prompts: int | None) -> None:
-        self.model = model
-        self.boxes = sample.boxes if max_prompts is None else sample.boxes[:max_prompts]
-        self.embedding = model.image_encoder(sample.image)
-
-    def capture(self, path: str) -> tuple[tuple, dict]:
-        """(args, kwargs) of the call of attention `path` in a decoder run (detached).
-
-        The values `v` are cut to their first token: every read stops at or before the softmax,
-        which does not depend on them, so projecting all of them would be wasted work.
-        """
-        found: list[tuple[tuple, dict]] = []
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            kwargs = {k: v.detach() for k, v in kwargs.items()}
-            if "v" in kwargs:
-                kwargs["v"] = kwargs["v"][:, :1]
-            found.append((tuple(a.detach() for a in args), kwargs))
-            raise _Reached
-
-        handle = self.model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            sam_decode(self.model, self.embedding, self.boxes)
-        except _Reached:
-            pass
-        finally:
-            handle.remove()
-        if not found:
-            raise RuntimeError(f"the decoder never called {path}")
-        return found[0]
-
-
-def attention_read(attention: nn.Module, arguments: tuple[tuple, dict], path: str) -> Tensor:
-    """The input of `attention`'s submodule `path` (e.g. "softmax_quantizer": the map A) when the
-    attention runs on `arguments`; the attention stops there."""
-    args, kwargs = arguments
-    return read_input(attention, path, lambda module: module(*args, **kwargs))
 
 
 @torch.no_grad()
@@ -263,61 +288,43 @@ def pcc_search(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: Pc
                *, progress: bool = True) -> list[PccChoice]:
     """Run PCC on `qmodel` with the search image `sample`; returns every site choice of every pass.
 
-    qmodel: the quantizable twin (`quantize_sam`), every site off except possibly the searched QK
-    sites (their previous state is discarded). fp_model: the FP model the reference maps come
-    from (a folded BIG sign leaves the maps unchanged). On return the 4 x 7 QK sites quantize at
-    the ranges of the last pass; every other site is untouched.
+    As the reference (SAQ-SAM `test_quant_SAQ_m.py:786-803`, `quant_model.py:426-467`): the FP
+    maps come from one FP forward; then each pass is one real forward of `qmodel` in which every
+    decoder attention, when the forward reaches it, searches its QK sites (`search_attention`) on
+    the arguments it was called with and then runs with them quantizing, so later attentions see
+    the upstream clipping. In the second pass each site is searched with its attention's other
+    sites at their latest picks. Sites that observe (other methods' observers) see those forwards
+    as the reference's observers do. qmodel: the quantizable twin, nothing but the QK sites
+    quantizing (`_check_only_qk_sites`). On return the 4 x 7 QK sites quantize at their last picks.
     """
     attentions = decoder_attentions(qmodel)
-    site_names = {path: [f"{path}.{site}" for site in config.sites] for path in attentions}
     sites = quantizer_sites(qmodel)
-    missing = [name for names in site_names.values() for name in names if name not in sites]
+    searched = {f"{path}.{site}" for path in attentions for site in config.sites}
+    missing = sorted(searched - set(sites))
     if missing:
         raise ConfigError(f"PCC sites {missing[:3]} do not exist in the model")
-    _check_only_qk_sites(qmodel, {name for names in site_names.values() for name in names})
-    reference = quantize_sam(fp_model, 8, 8)  # every site off: bit-exact FP, with a readable softmax input
-    ref_arguments = _Arguments(reference, sample, config.max_prompts)
-    maps = {path: attention_read(reference.get_submodule(path), ref_arguments.capture(path), "softmax_quantizer")
-            for path in attentions}
-    del reference, ref_arguments
-    arguments = _Arguments(qmodel, sample, config.max_prompts)
-    chosen: dict[str, ClipChoice] = {}
+    _check_only_qk_sites(qmodel, searched)
+    for name in searched:
+        sites[name].mode = "off"
+    boxes = sample.boxes if config.max_prompts is None else sample.boxes[:config.max_prompts]
+    maps = reference_maps(fp_model, sample.image, boxes)
     results: list[PccChoice] = []
-    total = config.passes * sum(len(names) for names in site_names.values())
-    bar = tqdm(total=total, desc="PCC search", disable=not progress, leave=False)
+    bar = tqdm(total=config.passes * len(attentions), desc="PCC search", disable=not progress, leave=False)
+
+    def hook(path: str, pass_index: int) -> Callable:
+        def search(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            q, k = _query_and_key(args, kwargs)
+            results.extend(search_attention(module, q, k, maps[path], config, pass_index, f"{path}."))
+            bar.update()
+        return search
+
     for pass_index in range(config.passes):
-        for names in site_names.values():
-            for name in names:
-                _apply(sites[name], chosen.get(name) if pass_index > 0 else None)
-        for path, names in site_names.items():
-            for name in names:
-                sites[name].mode = "off"
-            attention, inputs = attentions[path], arguments.capture(path)
-
-            def distance(attention: nn.Module = attention, inputs: tuple = inputs, path: str = path) -> float:
-                return focus_distance(maps[path], attention_read(attention, inputs, "softmax_quantizer"), config.theta)
-
-            for site, name in zip(config.sites, names):
-                activation = attention_read(attention, inputs, f"{site}_quantizer")
-                choice = search_clip(sites[name], activation, distance, config.percentiles)
-                chosen[name] = choice
-                results.append(PccChoice(name, pass_index, choice))
-                log.debug("PCC pass %d %s: p=%s range [%.4g, %.4g] distance %.4f", pass_index, name,
-                          choice.percentile, choice.x_min, choice.x_max, choice.distance)
-                bar.update()
-            if pass_index == 0:
-                for name in names:
-                    sites[name].mode = "off"
+        handles = [module.register_forward_pre_hook(hook(path, pass_index), with_kwargs=True)
+                   for path, module in attentions.items()]
+        try:
+            sam_forward(qmodel, sample.image, boxes)
+        finally:
+            for handle in handles:
+                handle.remove()
     bar.close()
-    for names in site_names.values():
-        for name in names:
-            _apply(sites[name], chosen[name])
     return results
-
-
-def _apply(quantizer: FakeQuantizer, choice: ClipChoice | None) -> None:
-    """Set a site to a chosen range (quantize mode), or switch it off for None."""
-    if choice is None:
-        quantizer.mode = "off"
-    else:
-        quantizer.set_range(torch.tensor(choice.x_min), torch.tensor(choice.x_max))

@@ -7,7 +7,8 @@ each twin returns exactly what the original returns (tested bit-exactly).
 Sites (relative to each swapped module):
 - image encoder attention: `qkv.input`, `qkv.weight`, `q`, `k`, `v` (after the qkv projection),
   `softmax` (attention probabilities), `proj.input`, `proj.weight`; the decomposed
-  relative-position term is computed from the unquantized q and added in FP (`add_rel_pos`:
+  relative-position term is added in FP, computed from the quantized q (PTQ4SAM's and AHCPTQ's
+  reference, the default) or from the unquantized q (SAQ-SAM's, `use_fp_query_for_rel_pos`) (`add_rel_pos`:
   segment_anything's arithmetic with the gather index kept on the device, so the forward never
   waits for the GPU and can be captured in a CUDA graph, and in evaluation on a GPU one fused pass);
 - MLP blocks (encoder and decoder): `lin1.input`, `lin1.weight`, `lin2.input` (post-activation), `lin2.weight`;
@@ -76,7 +77,11 @@ class QuantEncoderAttention(EncoderAttention):
     """Image-encoder attention with quantized qkv/proj, q, k, v and softmax output.
 
     x: [B, H, W, C] -> [B, H, W, C].
+    rel_pos_from_quantized_q: whether the relative-position term reads the quantized q (PTQ4SAM
+    `quant_model.py:387,394`, the default) or the FP q (SAQ-SAM `quant_model.py:775-782`).
     """
+
+    rel_pos_from_quantized_q = True
 
     @classmethod
     def from_float(cls, attn: EncoderAttention, w_bits: int, a_bits: int) -> "QuantEncoderAttention":
@@ -97,7 +102,8 @@ class QuantEncoderAttention(EncoderAttention):
         q_hat, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
         attn = (q_hat * self.scale) @ k.transpose(-2, -1)
         if self.use_rel_pos:
-            attn = add_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (H, W))
+            attn = add_rel_pos(attn, q_hat if self.rel_pos_from_quantized_q else q, self.rel_pos_h, self.rel_pos_w,
+                               (H, W))
         attn = self.softmax_quantizer(attn.softmax(dim=-1))
         x = (attn @ v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         return self.proj(x)
@@ -119,14 +125,22 @@ class QuantDecoderAttention(DecoderAttention):
         _activation_quantizers(twin, a_bits)
         return twin
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attention_map(self, q: Tensor, k: Tensor) -> Tensor:
+        """A = softmax(Q K^T / sqrt(d)) [B, heads, Nq, Nk] before the softmax site, with the
+        q_proj / k_proj input sites and the q / k sites as they are (PCC's attention map).
+
+        q: [B, Nq, C], k: [B, Nk, C]. The values are not touched (no v site runs).
+        """
         q = self._separate_heads(self.q_quantizer(self.q_proj(q)), self.num_heads)
         k = self._separate_heads(self.k_quantizer(self.k_proj(k)), self.num_heads)
-        v = self._separate_heads(self.v_quantizer(self.v_proj(v)), self.num_heads)
         _, _, _, c_per_head = q.shape
         attn = q @ k.permute(0, 1, 3, 2)
         attn = attn / math.sqrt(c_per_head)
-        attn = self.softmax_quantizer(torch.softmax(attn, dim=-1))
+        return torch.softmax(attn, dim=-1)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        v = self._separate_heads(self.v_quantizer(self.v_proj(v)), self.num_heads)
+        attn = self.softmax_quantizer(self.attention_map(q, k))
         return self.out_proj(self._recombine_heads(attn @ v))
 
 
@@ -156,6 +170,14 @@ def quantize_sam(model: Sam, w_bits: int, a_bits: int) -> Sam:
     encoder.neck[2] = QuantConv2d(encoder.neck[2], w_bits, a_bits)
     _swap(qmodel.mask_decoder.transformer, w_bits, a_bits, encoder=False)
     return qmodel
+
+
+def use_fp_query_for_rel_pos(qmodel: Sam) -> None:
+    """Make every encoder attention of `qmodel` compute its relative-position term from the FP q
+    (SAQ-SAM's reference) instead of the quantized q (the default)."""
+    for module in qmodel.image_encoder.modules():
+        if isinstance(module, QuantEncoderAttention):
+            module.rel_pos_from_quantized_q = False
 
 
 def fp_twin(model: Sam) -> Sam:

@@ -1,0 +1,110 @@
+"""Reference parity at the model level: PCC on one attention and the whole `saqsam-s` calibration of
+the shipped sam_tiny, against numbers the SAQ-SAM reference code produced (`tests/parity/`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything.modeling.transformer import Attention
+
+from parity_fixtures import PARITY, compare, fixtures_of, load
+from ptqbench.config import BitSpec
+from ptqbench.methods.saqsam import SaqSamS
+from ptqbench.quant.pcc import PccConfig, search_attention
+from ptqbench.quant.sites import quantizer_sites
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
+from ptqbench.sam.models import load_model
+from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
+
+PCC_SEARCH = fixtures_of("pcc_attention_search")
+MODEL = fixtures_of("model_calibration")
+KNOWN_MISMATCHES = {
+    # Open (issue 15): a near-tie of focus distances (0.2159 vs 0.2166) in the final attention's
+    # second pass flips its q and k picks, and what depends on them; the neck input's AvgMSEFast
+    # minimum (1 %) and two weight zero points (one element each) are not yet reproduced.
+    "pcc_pass1__mask_decoder.transformer.final_attn_token_to_image.q",
+    "scale__mask_decoder.transformer.final_attn_token_to_image.q",
+    "pcc_pass1__mask_decoder.transformer.final_attn_token_to_image.k",
+    "scale__mask_decoder.transformer.final_attn_token_to_image.k",
+    "min__mask_decoder.transformer.final_attn_token_to_image.out_proj.input",
+    "max__mask_decoder.transformer.final_attn_token_to_image.out_proj.input",
+    "scale__mask_decoder.transformer.final_attn_token_to_image.softmax",
+    "min__image_encoder.neck.0.input",
+    "zero_point__image_encoder.blocks.0.attn.qkv.weight",
+    "zero_point__mask_decoder.transformer.layers.0.mlp.lin1.weight",
+}
+
+
+@pytest.mark.parametrize("fixture", PCC_SEARCH, ids=[f["name"] for f in PCC_SEARCH])
+def test_pcc_attention_search(fixture: dict) -> None:
+    inputs, expected = load(fixture)
+    params = fixture["params"]
+    attention = Attention(params["embedding_dim"], params["num_heads"], params["downsample_rate"])
+    state = {key[2:].replace("_proj_", "_proj."): torch.from_numpy(value) for key, value in inputs.items()
+             if key.startswith("w_")}
+    attention.load_state_dict(state)
+    twin = QuantDecoderAttention.from_float(attention, params["bits"], params["bits"])
+    q, k = torch.from_numpy(inputs["q_in"]), torch.from_numpy(inputs["k_in"])
+    with torch.no_grad():
+        reference_map = twin.attention_map(q, k)
+        choices = search_attention(twin, q, k, reference_map, PccConfig(theta=params["theta"]))
+    got = {}
+    for choice in choices:
+        site, clip = choice.site, choice.choice
+        quantizer = twin.get_submodule(f"{site}_quantizer")
+        got[f"scores_{site}"] = np.array(clip.distances)
+        got[f"chosen_{site}"] = np.array([clip.x_min, clip.x_max])
+        got[f"scale_{site}"] = quantizer.scale.numpy()
+        got[f"zero_point_{site}"] = quantizer.zero_point.numpy()
+        got[f"candidates_{site}"] = np.array(clip.candidates)
+    problems = compare(fixture, got, expected)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def saqsam_s_calibrated():
+    """The shipped sam_tiny calibrated by `saqsam-s` (paper preset, W4A4) on the fixtures' two samples."""
+    model = load_model("sam_tiny").model.eval()
+    with np.load(PARITY / MODEL[0]["inputs_file"]) as data:
+        raw = {key: data[key] for key in data.files}
+    samples = []
+    for index in range(MODEL[0]["params"]["samples"]):
+        image = torch.from_numpy(raw[f"image{index}"]).permute(2, 0, 1)[None].float()
+        samples.append(CalibrationSample(model.preprocess(image), torch.from_numpy(raw[f"boxes{index}"]).float()))
+    qmodel = quantize_sam(model, 4, 4)
+    method = SaqSamS(progress=False)
+    record: dict[str, object] = {}
+    for name, step in method.steps(qmodel, model, CalibrationSet(tuple(samples), "parity"), BitSpec(4, 4), "paper", 0):
+        record[name] = step()
+    return qmodel, record
+
+
+def _model_values(qmodel, record: dict) -> dict[str, np.ndarray]:
+    """Every recorded quantity of the calibrated model under the fixtures' `<what>__<site>` keys."""
+    values: dict[str, np.ndarray] = {}
+    for name, quantizer in quantizer_sites(qmodel).items():
+        values[f"scale__{name}"] = quantizer.scale.detach().numpy()
+        values[f"zero_point__{name}"] = quantizer.zero_point.detach().numpy()
+        if quantizer.log2_tau is not None:
+            values[f"tau__{name}"] = np.array(quantizer.log2_tau)
+        elif quantizer.set_range_args is not None:
+            values[f"min__{name}"], values[f"max__{name}"] = (np.array(v) for v in quantizer.set_range_args)
+    for path, decision in record["BIG"].items():
+        values[f"bimodal__{path}"] = np.array(int(decision.bimodal))
+        values[f"folded__{path}"] = np.array(int(decision.folded))
+    for choice in record["activations"] or []:
+        values[f"pcc_pass{choice.pass_index}__{choice.site}"] = np.array([choice.choice.x_min, choice.choice.x_max])
+    return values
+
+
+@pytest.mark.parametrize("fixture", MODEL, ids=[f["name"] for f in MODEL])
+def test_saqsam_s_calibration_of_sam_tiny(fixture: dict, saqsam_s_calibrated) -> None:
+    qmodel, record = saqsam_s_calibrated
+    _, expected = load(fixture)
+    compared = tuple(f"{what}__" for what in fixture["params"]["compared"])
+    keys = [key for key in fixture["expected"] if key.startswith(compared)]
+    values = _model_values(qmodel, record)
+    problems = compare({**fixture, "expected": keys}, values, expected)
+    unexpected = [line for line in problems if line.split(":")[0] not in KNOWN_MISMATCHES]
+    assert not unexpected, f"{len(unexpected)} of {len(keys)} keys differ:\n" + "\n".join(unexpected[:20])
