@@ -58,7 +58,8 @@ def linear_setup(bits: int = 3, seed: int = 0) -> tuple[Wrapper, Wrapper, Calibr
 
 
 def linear_unit(config: UnitConfig) -> Unit:
-    return Unit(name="layer", root="layer", trained=("layer",), inputs=(HookPoint("layer", "pre", first_argument("x")),),
+    return Unit(name="layer", root="layer", trained=("layer",),
+                inputs=(HookPoint("layer", "pre", first_argument("x")),),
                 run=lambda layer, inputs: layer(inputs["x"]), loss=lp_error(-1), config=config)
 
 
