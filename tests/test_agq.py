@@ -53,13 +53,12 @@ def test_error_is_the_lp_mean_of_the_attention_output_error():
     assert agq_scale_bounds(20.0) == (0.1, 20.0)
 
 
-def test_chunked_error_equals_one_shot(monkeypatch):
+def test_error_reuses_a_precomputed_target():
     generator = torch.Generator().manual_seed(0)
     attn = torch.softmax(torch.randn(6, 16, 16, generator=generator) * 3, dim=-1)
     value = torch.randn(6, 16, 8, generator=generator)
-    one_shot = agq_error(attn, value, 0.5, 2, 4)
-    monkeypatch.setattr(agq, "_CHUNK_ELEMENTS", 16 * 16 * 4)  # chunks of 4, 2 maps
-    assert agq_error(attn, value, 0.5, 2, 4) == pytest.approx(one_shot, rel=1e-9)
+    assert agq_error(attn, value, 0.5, 2, 4, target=attn @ value) == agq_error(attn, value, 0.5, 2, 4)
+    assert agq_error(attn, value, 0.5, 2, 4, target=torch.zeros(6, 16, 8)) != agq_error(attn, value, 0.5, 2, 4)
 
 
 def _map_on_levels(levels: list[float]) -> torch.Tensor:

@@ -9,11 +9,11 @@ from segment_anything.modeling.transformer import Attention
 
 from ptqbench.errors import PtqbenchError
 from ptqbench.quant.observers import make_observer
-from ptqbench.quant.pcc import (PCC_PERCENTILES, PccConfig, attention_read, decoder_attentions, focus_distance,
-                                focus_iou, focus_masks, pcc_search, percentile_candidates, search_clip)
+from ptqbench.quant.pcc import (PCC_PERCENTILES, PccConfig, decoder_attentions, focus_distance, focus_iou,
+                                focus_masks, pcc_search, percentile_candidates, read_input, search_clip)
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.sam.calibration import CalibrationSample
-from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
+from ptqbench.sam.calibration import CalibrationSample, sam_forward
+from ptqbench.sam.quantized import QuantDecoderAttention, fp_twin, quantize_sam
 
 
 def test_focus_masks_keep_keys_above_theta_times_the_row_max():
@@ -62,16 +62,18 @@ def _attention_with_outliers() -> tuple[QuantDecoderAttention, tuple[tuple, dict
     k[..., 77] = -100.0
     with torch.no_grad():
         attention.k_proj.weight[:, [3, 77]] *= 1e-3
-    return attention, ((), {"q": q, "k": k, "v": k}), k
+    return attention, q, k
 
 
 def test_pcc_clips_far_inside_outliers_and_beats_the_mse_range():
-    attention, arguments, keys = _attention_with_outliers()
-    reference = attention_read(attention, arguments, "softmax_quantizer")
+    attention, queries, keys = _attention_with_outliers()
+    with torch.no_grad():
+        reference = attention.attention_map(queries, keys)
     site = attention.k_proj.input_quantizer
 
     def distance() -> float:
-        return focus_distance(reference, attention_read(attention, arguments, "softmax_quantizer"))
+        with torch.no_grad():
+            return focus_distance(reference, attention.attention_map(queries, keys))
 
     choice = search_clip(site, keys, distance)
     assert site.mode == "quantize"
@@ -92,22 +94,31 @@ def _sample(size: int = 256, boxes: int = 3) -> CalibrationSample:
                              torch.cat([corner, corner + size * 0.3], dim=1))
 
 
-def test_pcc_search_on_sam_greedy_order_two_passes_and_frozen_ranges(sam_tiny):
+def test_pcc_search_on_sam_runs_inside_forwards_greedy_order_two_passes_and_frozen_ranges(sam_tiny):
     qmodel = quantize_sam(sam_tiny, 4, 4)
     config = PccConfig(percentiles=(0.9, 0.99, 0.99999))
-    choices = pcc_search(qmodel, sam_tiny, _sample(), config, progress=False)
+    sample = _sample()
+    choices = pcc_search(qmodel, sam_tiny, sample, config, progress=False)
     attentions = list(decoder_attentions(qmodel))
     assert len(attentions) == 7
     order = [f"{path}.{site}" for path in attentions for site in ("q_proj.input", "k_proj.input", "q", "k")]
     assert [c.site for c in choices] == order + order
     assert [c.pass_index for c in choices] == [0] * 28 + [1] * 28
-    first, second = choices[:28], choices[28:]
-    # The first attention has nothing upstream: both passes see the same model.
-    assert [c.choice.distances for c in first[:4]] == [c.choice.distances for c in second[:4]]
-    # Later attentions see their upstream attentions clipped in the second pass only.
-    assert any(a.choice.distances != b.choice.distances for a, b in zip(first[4:], second[4:]))
+    first = {c.site: c.choice for c in choices if c.pass_index == 0}
+    # In the first pass the second attention already sees the first one clipped (a real forward):
+    # its q_proj input is not the FP one, so neither are its candidate clips.
+    path = attentions[1]
+    fp_input = read_input(fp_twin(sam_tiny), f"{path}.q_proj",
+                          lambda model: sam_forward(model, sample.image, sample.boxes))
+    fp_candidates = [(float(lo), float(hi)) for lo, hi in percentile_candidates(fp_input, config.percentiles)]
+    assert first[f"{path}.q_proj.input"].candidates != tuple(fp_candidates)
+    # ... while the very first site of the first pass sees the FP model.
+    first_input = read_input(fp_twin(sam_tiny), f"{attentions[0]}.q_proj",
+                             lambda model: sam_forward(model, sample.image, sample.boxes))
+    assert first[f"{attentions[0]}.q_proj.input"].candidates == tuple(
+        (float(lo), float(hi)) for lo, hi in percentile_candidates(first_input, config.percentiles))
     sites = quantizer_sites(qmodel)
-    for c in second:
+    for c in choices[28:]:
         quantizer = sites[c.site]
         assert quantizer.mode == "quantize"
         lo, hi = torch.tensor(c.choice.x_min), torch.tensor(c.choice.x_max)

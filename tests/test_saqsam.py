@@ -45,11 +45,13 @@ def test_saqsam_keeps_pcc_ranges_then_trains_from_them_and_seals_deterministical
     qmodel = quantize_sam(sam_tiny, 4, 4)
     method = SaqSam(pcc=QUICK_PCC, par=with_iterations(FAST_SETTINGS, 3), progress=False)
     steps = method.steps(qmodel, sam_tiny, calib, BitSpec(4, 4), "fast", 0)
-    assert [name for name, _ in steps] == ["BIG", "PCC", "weights", "AGQ", "activations", "PAR"]
+    assert [name for name, _ in steps] == ["rel-pos from FP q", "BIG", "activations", "weights", "PAR"]
     results = {name: step() for name, step in steps[:-1]}
 
-    # saqsam-s ends here: the statistics step left the PCC ranges of the last pass alone.
-    pcc_ranges = {c.site: c.choice for c in results["PCC"] if c.pass_index == 1}
+    # saqsam-s ends here: the statistics pass (which ran PCC inside its first forwards) left the
+    # PCC ranges of the last pass alone; the encoder's relative-position term reads the FP q.
+    pcc_ranges = {c.site: c.choice for c in results["activations"] if c.pass_index == 1}
+    assert not any(m.rel_pos_from_quantized_q for m in qmodel.modules() if hasattr(m, "rel_pos_from_quantized_q"))
     for name, quantizer in _qk_sites(qmodel).items():
         expected = (max(pcc_ranges[name].x_max, 0.0) - min(pcc_ranges[name].x_min, 0.0)) / 15
         assert quantizer.scale.item() == pytest.approx(expected, rel=1e-6)
@@ -81,7 +83,18 @@ def test_saqsam_keeps_pcc_ranges_then_trains_from_them_and_seals_deterministical
 def test_saqsam_s_has_no_reconstruction_step(sam_tiny):
     steps = SaqSamS(pcc=QUICK_PCC).steps(quantize_sam(sam_tiny, 4, 4), sam_tiny, _calibration(), BitSpec(4, 4),
                                         "fast", 0)
-    assert [name for name, _ in steps] == ["BIG", "PCC", "weights", "AGQ", "activations"]
+    assert [name for name, _ in steps] == ["rel-pos from FP q", "BIG", "activations", "weights"]
+
+
+def test_reference_order_swaps_images_0_and_8():
+    from ptqbench.methods.saqsam import reference_order
+
+    calib = _calibration(images=10, boxes=1, size=16)
+    swapped = reference_order(calib)
+    assert swapped.samples[0] is calib.samples[8] and swapped.samples[8] is calib.samples[0]
+    assert swapped.samples[1:8] == calib.samples[1:8] and swapped.samples[9] is calib.samples[9]
+    short = _calibration(images=8, boxes=1, size=16)
+    assert reference_order(short) is short
 
 
 def test_search_image_must_exist(sam_tiny):
