@@ -260,17 +260,16 @@ def grid_search_per_channel(rows: Tensor, bits: int, p: float, num_ranges: int =
     """Per-channel search over (range, zero point) minimising mean(|Q(x) - x|^p), p >= 1.
 
     rows: [C, K] -> (x_min [C], x_max [C]).
-    Candidates per channel: widths r_i = span * i / num_ranges, i = 1..num_ranges, where span is
+    Candidates per channel: widths r_i = span / num_ranges * i, i = 1..num_ranges, where span is
     the channel's range widened to include 0 (`max(x_max, 0) - min(x_min, 0)`, i.e.
-    x_max - x_min for two-sided data), scale s_i = max(r_i, 1e-8) / (qmax - qmin); times every
-    integer zero point z in [qmin, qmax] for two-sided data (the 2-D grid), only z = qmin when all
-    of `rows` is >= 0 and only z = qmax when all of it is <= 0 (the 1-D search). Candidate (s, z)
-    is the range (-z s, (qmax - z) s), from which `affine_qparams` recovers (s, z). The result is
-    the grid's minimiser, the first one in (i, z) order on ties, as an exhaustive loop finds it.
+    x_max - x_min for two-sided data); times every integer zero point z in [qmin, qmax] for
+    two-sided data (the 2-D grid), only z = qmin when all of `rows` is >= 0 and only z = qmax
+    when all of it is <= 0 (the 1-D search). Candidate (r, z) is the range (-z d, r - z d),
+    d = r / (qmax - qmin) (`candidate_range`), scored with the qparams `affine_qparams` recovers
+    from it, in the reference's float32 arithmetic (`x / s`, `pow`, mean). The result is the grid's
+    minimiser, the first one in (i, z) order on ties, as the reference's exhaustive loop finds it.
 
-    Speed without giving up exactness: in Q(x) = (clamp(round(x/s) + z, qmin, qmax) - z) s,
-    round(x/s) is computed once per range and shared by all zero points; and for a
-    fixed scale each element's error |clamp(k, -z, qmax - z) - x/s|^p (k = round(x/s) the nearest
+    Speed without giving up exactness: for a fixed scale each element's error |clamp(k, -z, qmax - z) - x/s|^p (k = round(x/s) the nearest
     level) is a convex function of the integer z when p >= 1 (constant while k is inside, then
     |c - x/s|^p with c moving away from x/s one level per step), so the loss, a sum of such terms,
     is convex in z. The zero-point scan is therefore a descent walk per channel, started from the
@@ -298,19 +297,35 @@ def grid_search_per_channel(rows: Tensor, bits: int, p: float, num_ranges: int =
     return torch.cat(x_min), torch.cat(x_max)
 
 
-def _error_sum(
-    x: Tensor, levels: Tensor, scale: Tensor, zero_points: Tensor, bits: int, p: float, z_range: tuple[int, int]
-) -> Tensor:
-    """sum_K |Q(x) - x|^p per channel (K is fixed, so it ranks candidates as the mean does).
+def candidate_range(width: Tensor, zero_points: Tensor, bits: int, z_range: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The reference's grid candidate (MSEObserver `perform_2D_search` / `perform_1D_search`) in float32.
 
-    x, levels (= round(x / scale)): [C, K]; scale: [C]; zero_points: [W, C] -> [W, C], +inf where
-    a zero point lies outside z_range.
+    width: [C] the candidate range (span / num_ranges * i); zero_points: [W, C] ->
+    (lo, hi) [W, C]: (-z d, width - z d) with d = width / (qmax - qmin); (-width, 0) for data
+    that is all <= 0 (z_range (qmax, qmax)).
+    """
+    qmin, qmax = quant_range(bits)
+    if z_range == (qmax, qmax):
+        return (-width).expand_as(zero_points), torch.zeros_like(zero_points)
+    step = width / float(qmax - qmin)
+    shift = zero_points * step
+    return 0.0 - shift, width - shift
+
+
+def _error_mean(x: Tensor, width: Tensor, zero_points: Tensor, bits: int, p: float,
+                z_range: tuple[int, int]) -> Tensor:
+    """mean_K |Q(x) - x|^p per channel for the candidates `candidate_range(width, zero_points)`, with
+    the qparams recomputed from each candidate as the reference's `calculate_qparams` does.
+
+    x: [C, K]; width: [C]; zero_points: [W, C] -> [W, C], +inf where a zero point lies outside z_range.
     """
     qmin, qmax = quant_range(bits)
     z_low, z_high = z_range
-    z = zero_points.clamp(z_low, z_high)[:, :, None]
-    x_hat = (levels[None] + z).clamp_(qmin, qmax).sub_(z).mul_(scale[None, :, None])
-    error = abs_pow_(x_hat.sub_(x[None]), p).sum(dim=2)
+    lo, hi = candidate_range(width, zero_points.clamp(z_low, z_high), bits, z_range)
+    scale, zero_point = affine_qparams(lo, hi, bits)
+    scale, zero_point = scale[:, :, None], zero_point[:, :, None]
+    x_hat = (torch.round(x[None] / scale) + zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+    error = x_hat.sub_(x[None]).abs_().pow_(p).mean(dim=2)
     return error.masked_fill((zero_points < z_low) | (zero_points > z_high), math.inf)
 
 
@@ -327,9 +342,8 @@ def _grid_search_block(
     best_min = torch.zeros(num_channels, device=x.device)
     best_max = torch.zeros(num_channels, device=x.device)
     for i in range(1, num_ranges + 1):
-        scale = torch.clamp(span * (i / num_ranges), min=1e-8) / (qmax - qmin)
-        levels = torch.round(x / scale[:, None])
-        errors = _error_sum(x, levels, scale, torch.stack([z - 1, z, z + 1]), bits, p, z_range)
+        width = span / num_ranges * i
+        errors = _error_mean(x, width, torch.stack([z - 1, z, z + 1]), bits, p, z_range)
         down, here, up = errors[0], errors[1], errors[2]
         moving_down = down <= here
         moving_up = ~moving_down & (up < here)
@@ -338,17 +352,16 @@ def _grid_search_block(
         for step, moving in ((-1.0, moving_down), (1.0, moving_up)):
             channels = torch.nonzero(moving).flatten()
             while channels.numel() > 0:
-                candidate = _error_sum(
-                    x[channels], levels[channels], scale[channels], (z[channels] + step)[None], bits, p, z_range
-                )[0]
+                candidate = _error_mean(x[channels], width[channels], (z[channels] + step)[None], bits, p, z_range)[0]
                 accept = candidate <= here[channels] if step < 0 else candidate < here[channels]
                 channels = channels[accept]
                 z[channels] += step
                 here[channels] = candidate[accept]
         better = here < best_error
+        lo, hi = candidate_range(width, z[None], bits, z_range)
         best_error = torch.where(better, here, best_error)
-        best_min = torch.where(better, -z * scale, best_min)
-        best_max = torch.where(better, (qmax - z) * scale, best_max)
+        best_min = torch.where(better, lo[0], best_min)
+        best_max = torch.where(better, hi[0], best_max)
     return best_min, best_max
 
 
