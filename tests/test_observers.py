@@ -161,25 +161,28 @@ def test_mse_per_tensor_averages_updates_and_lazy_matches_eager() -> None:
 
 
 def brute_force_grid(rows: torch.Tensor, bits: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exhaustive 100 x zero-point loop of methods.md, one channel and candidate at a time."""
+    """The reference's exhaustive loop (PTQ4SAM `MSEObserver.perform_2D_search` / `perform_1D_search`),
+    one channel and candidate at a time: width w = span / 100 * i, range (-z d, w - z d) with
+    d = w / qmax ((0, w) / (-w, 0) for one-sided data), qparams recomputed from the range, strict <."""
     qmax = 2**bits - 1
-    if bool(rows.min() >= 0):
-        zero_points = [0]
-    elif bool(rows.max() <= 0):
-        zero_points = [qmax]
-    else:
-        zero_points = list(range(qmax + 1))
+    one_sided = "pos" if bool(rows.min() >= 0) else "neg" if bool(rows.max() <= 0) else None
+    zero_points = [0] if one_sided else list(range(qmax + 1))
     x_min, x_max = torch.zeros(rows.shape[0]), torch.zeros(rows.shape[0])
     for c, x in enumerate(rows):
         span = x.max().clamp(min=0) - x.min().clamp(max=0)
         best = float("inf")
         for i in range(1, 101):
-            scale = torch.clamp(span * (i / 100), min=1e-8) / qmax
+            width = span / 100 * i
             for z in zero_points:
-                zero_point = torch.tensor(float(z))
-                loss = (fake_quant_affine(x, scale, zero_point, bits) - x).abs().pow(p).mean().item()
+                if one_sided == "neg":
+                    lo, hi = -width, torch.zeros(())
+                else:
+                    lo, hi = 0.0 - z * (width / qmax), width - z * (width / qmax)
+                scale, zero_point = affine_qparams(lo, hi, bits)
+                x_hat = (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax) - zero_point) * scale
+                loss = (x_hat - x).abs().pow(p).mean().item()
                 if loss < best:
-                    best, x_min[c], x_max[c] = loss, -zero_point * scale, (qmax - zero_point) * scale
+                    best, x_min[c], x_max[c] = loss, lo, hi
     return x_min, x_max
 
 
