@@ -8,14 +8,13 @@ import torch
 
 from ptqbench.errors import ConfigError, PtqbenchError, UnknownNameError
 from ptqbench.quant.functional import affine_qparams, fake_quant_affine
+from ptqbench.quant.mse_search import bounded_search_per_tensor, grid_search_per_channel
 from ptqbench.quant.observers import (
     AvgMinMaxObserver,
     MinMaxObserver,
     MSEObserver,
     OMSEObserver,
     PercentileObserver,
-    bounded_search_per_tensor,
-    grid_search_per_channel,
     make_observer,
     row_quantile,
 )
@@ -253,7 +252,7 @@ def test_make_observer() -> None:
 
 
 def test_strided_sample_keeps_extremes_and_caps_size():
-    from ptqbench.quant.observers import strided_sample
+    from ptqbench.quant.mse_search import strided_sample
 
     x = torch.arange(100_000, dtype=torch.float32).roll(777)
     sample = strided_sample(x, 1000)

@@ -1,0 +1,221 @@
+"""The MSE range searches of the reference's observers: the per-channel grid of `MSEObserver`
+(weights) and the nested bounded search of `AvgMSEFastObserver` (per-tensor activations).
+
+Both minimise `mean(|Q(x) - x|^p)` (p = 2.4 in the reference) and score each candidate in the
+reference's float32 arithmetic, so that near-ties resolve as there. `ptqbench.quant.observers`
+wraps them into observers (`make_observer("mse")`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from scipy.optimize import minimize_scalar
+from torch import Tensor
+
+from ptqbench.errors import ConfigError
+from ptqbench.quant.functional import affine_qparams, quant_range
+
+MSE_NUM_RANGES = 100
+# Elements per [3, channels, K] block of the per-channel grid search.
+_GRID_BLOCK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 26}
+
+
+def grid_search_per_channel(rows: Tensor, bits: int, p: float, num_ranges: int = MSE_NUM_RANGES) -> tuple[Tensor, Tensor]:
+    """Per-channel search over (range, zero point) minimising mean(|Q(x) - x|^p), p >= 1.
+
+    rows: [C, K] -> (x_min [C], x_max [C]).
+    Candidates per channel: widths r_i = span / num_ranges * i, i = 1..num_ranges, where span is
+    the channel's range widened to include 0 (`max(x_max, 0) - min(x_min, 0)`, i.e.
+    x_max - x_min for two-sided data); times every integer zero point z in [qmin, qmax] for
+    two-sided data (the 2-D grid), only z = qmin when all of `rows` is >= 0 and only z = qmax
+    when all of it is <= 0 (the 1-D search). Candidate (r, z) is the range (-z d, r - z d),
+    d = r / (qmax - qmin) (`candidate_range`), scored with the qparams `affine_qparams` recovers
+    from it, in the reference's float32 arithmetic (`x / s`, `pow`, mean). The result is the grid's
+    minimiser, the first one in (i, z) order on ties, as the reference's exhaustive loop finds it.
+
+    Speed without giving up exactness: for a fixed scale each element's error |clamp(k, -z, qmax - z) - x/s|^p (k = round(x/s) the nearest
+    level) is a convex function of the integer z when p >= 1 (constant while k is inside, then
+    |c - x/s|^p with c moving away from x/s one level per step), so the loss, a sum of such terms,
+    is convex in z. The zero-point scan is therefore a descent walk per channel, started from the
+    previous range's minimiser: a few evaluations per range instead of 2^bits. Channels and
+    walkers are vectorised in blocks of bounded size.
+    """
+    if p < 1:
+        raise ConfigError(f"the per-channel MSE grid search needs p >= 1 (convex loss), got p={p}")
+    qmin, qmax = quant_range(bits)
+    num_channels, k = rows.shape
+    span = rows.amax(dim=1).clamp(min=0.0) - rows.amin(dim=1).clamp(max=0.0)
+    if bool(rows.min() >= 0):
+        z_range = (qmin, qmin)
+    elif bool(rows.max() <= 0):
+        z_range = (qmax, qmax)
+    else:
+        z_range = (qmin, qmax)
+    budget = _GRID_BLOCK_ELEMENTS["cpu" if rows.device.type == "cpu" else "other"]
+    c_block = max(1, min(num_channels, budget // (3 * k)))
+    x_min, x_max = [], []
+    for c0 in range(0, num_channels, c_block):
+        block_min, block_max = _grid_search_block(rows[c0 : c0 + c_block], span[c0 : c0 + c_block], bits, p, num_ranges, z_range)
+        x_min.append(block_min)
+        x_max.append(block_max)
+    return torch.cat(x_min), torch.cat(x_max)
+
+
+def candidate_range(width: Tensor, zero_points: Tensor, bits: int, z_range: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The reference's grid candidate (MSEObserver `perform_2D_search` / `perform_1D_search`) in float32.
+
+    width: [C] the candidate range (span / num_ranges * i); zero_points: [W, C] ->
+    (lo, hi) [W, C]: (-z d, width - z d) with d = width / (qmax - qmin); (-width, 0) for data
+    that is all <= 0 (z_range (qmax, qmax)).
+    """
+    qmin, qmax = quant_range(bits)
+    if z_range == (qmax, qmax):
+        return (-width).expand_as(zero_points), torch.zeros_like(zero_points)
+    step = width / float(qmax - qmin)
+    shift = zero_points * step
+    return 0.0 - shift, width - shift
+
+
+def _error_mean(x: Tensor, width: Tensor, zero_points: Tensor, bits: int, p: float,
+                z_range: tuple[int, int]) -> Tensor:
+    """mean_K |Q(x) - x|^p per channel for the candidates `candidate_range(width, zero_points)`, with
+    the qparams recomputed from each candidate as the reference's `calculate_qparams` does.
+
+    x: [C, K]; width: [C]; zero_points: [W, C] -> [W, C], +inf where a zero point lies outside z_range.
+    """
+    qmin, qmax = quant_range(bits)
+    z_low, z_high = z_range
+    lo, hi = candidate_range(width, zero_points.clamp(z_low, z_high), bits, z_range)
+    scale, zero_point = affine_qparams(lo, hi, bits)
+    scale, zero_point = scale[:, :, None], zero_point[:, :, None]
+    x_hat = (torch.round(x[None] / scale) + zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+    error = x_hat.sub_(x[None]).abs_().pow_(p).mean(dim=2)
+    return error.masked_fill((zero_points < z_low) | (zero_points > z_high), math.inf)
+
+
+def _grid_search_block(
+    x: Tensor, span: Tensor, bits: int, p: float, num_ranges: int, z_range: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """`grid_search_per_channel` on one block: x [C, K], span [C] -> (x_min [C], x_max [C])."""
+    qmin, qmax = quant_range(bits)
+    z_low, z_high = z_range
+    num_channels = x.shape[0]
+    zero_fraction = torch.where(span > 0, -x.amin(dim=1).clamp(max=0.0) / span, torch.zeros_like(span))
+    z = torch.round(zero_fraction * (qmax - qmin)).clamp(z_low, z_high)
+    best_error = torch.full((num_channels,), math.inf, device=x.device)
+    best_min = torch.zeros(num_channels, device=x.device)
+    best_max = torch.zeros(num_channels, device=x.device)
+    for i in range(1, num_ranges + 1):
+        width = span / num_ranges * i
+        errors = _error_mean(x, width, torch.stack([z - 1, z, z + 1]), bits, p, z_range)
+        down, here, up = errors[0], errors[1], errors[2]
+        moving_down = down <= here
+        moving_up = ~moving_down & (up < here)
+        here = torch.where(moving_down, down, torch.where(moving_up, up, here))
+        z = z - moving_down.float() + moving_up.float()
+        for step, moving in ((-1.0, moving_down), (1.0, moving_up)):
+            channels = torch.nonzero(moving).flatten()
+            while channels.numel() > 0:
+                candidate = _error_mean(x[channels], width[channels], (z[channels] + step)[None], bits, p, z_range)[0]
+                accept = candidate <= here[channels] if step < 0 else candidate < here[channels]
+                channels = channels[accept]
+                z[channels] += step
+                here[channels] = candidate[accept]
+        better = here < best_error
+        lo, hi = candidate_range(width, z[None], bits, z_range)
+        best_error = torch.where(better, here, best_error)
+        best_min = torch.where(better, lo[0], best_min)
+        best_max = torch.where(better, hi[0], best_max)
+    return best_min, best_max
+
+
+def _bounded_minimize(fn: Callable[[float], float], lo: float, hi: float,
+                      max_iter: int | None = None) -> tuple[float, float]:
+    """(argmin, min) of fn on [lo, hi] by scipy's bounded Brent search with its default tolerance
+    (xatol 1e-5), as the reference's `minimize_scalar(..., method='Bounded')`; a point interval is
+    evaluated. max_iter: scipy's iteration cap (None = scipy's default, 500)."""
+    if hi <= lo:
+        return lo, fn(lo)
+    options = None if max_iter is None else {"maxiter": max_iter}
+    result = minimize_scalar(fn, bounds=(lo, hi), method="bounded", options=options)
+    return float(result.x), float(result.fun)
+
+
+def strided_sample(x: Tensor, max_elements: int | None) -> Tensor:
+    """x itself when it has at most `max_elements` elements (or no cap is set), else a
+    deterministic strided subset of about `max_elements` elements plus x's min and max
+    (so the searched interval is the full tensor's). Returns a 1-D tensor or x."""
+    if max_elements is None or x.numel() <= max_elements:
+        return x
+    flat = x.reshape(-1)
+    stride = -(-flat.numel() // max_elements)
+    return torch.cat([flat[::stride], torch.stack([flat.min(), flat.max()])])
+
+
+OneSide = Literal["pos", "neg", "no"]
+
+
+def one_sided(x: Tensor) -> OneSide:
+    """'pos' when every element is >= 0, 'neg' when every one is <= 0, else 'no' (the reference's
+    `one_side_dist`, decided on an observer's first update and kept for the later ones)."""
+    x_min, x_max = (float(v) for v in torch.aminmax(x.detach()))
+    return "pos" if x_min >= 0.0 else "neg" if x_max <= 0.0 else "no"
+
+
+def range_loss(x: Tensor, lo: float, hi: float, bits: int, p: float) -> float:
+    """mean(|Q(x) - x|^p) for the grid covering [lo, hi] (one scalar read back to the host).
+
+    The qparams are computed in float64 on the host from the candidate, exactly as the
+    reference's `calculate_qparams` on its float64 candidate tensors, and handed to the fused
+    per-tensor kernel as Python numbers, so nothing of the candidate lives on another device or
+    in another dtype than x. x: float32, any shape, any device.
+    """
+    qmin, qmax = quant_range(bits)
+    low, high = min(lo, 0.0), max(hi, 0.0)
+    scale = max((high - low) / (qmax - qmin), 1e-8)
+    zero_point = int(min(max(qmin - round(low / scale), qmin), qmax))
+    x_hat = (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+    return float((x_hat - x).abs().pow(p).mean())
+
+
+def bounded_search_per_tensor(x: Tensor, bits: int, p: float, side: OneSide | None = None,
+                              max_iter: int | None = None) -> tuple[float, float]:
+    """The per-tensor range of the reference's MSEFast search (SAQ-SAM `observer.py:270-367`).
+
+    x: any shape, on any device (every loss evaluation runs there; one scalar per step comes back).
+    side: the data's sidedness (`one_sided`; None = decide from x).
+    - One-sided ('pos' / 'neg'): a bounded search of r over [min(0.1, 0.01 R), R],
+      R = max(|x_min|, x_max), of the grid [0, r] (or [-r, 0]); returns (0, r) or (-r, 0).
+    - Two-sided: R = x_max - x_min; each width r in [min(0.1, 0.01 R), R] is scored by the best
+      shift t in [0, r] of the grid [-t, r - t] (a nested bounded search), then the best shift of
+      the chosen width; the result is that grid clipped to the data, (max(-t, x_min), min(r - t, x_max)).
+    Every search is scipy's bounded Brent search with its default tolerance; `max_iter` caps each
+    one (the `fast` preset's cut; None = scipy's default).
+    """
+    x = x.detach().float()
+    lo_t, hi_t = torch.aminmax(x)
+    x_min, x_max = float(lo_t), float(hi_t)
+    side = side or one_sided(x)
+    qmin, qmax = quant_range(bits)
+    if side != "no":
+        extent = float(torch.maximum(lo_t.abs(), hi_t))
+
+        def grid(r: float) -> tuple[float, float]:
+            return (0.0 if side == "pos" else -r), (0.0 if side == "neg" else r)
+
+        r_best, _ = _bounded_minimize(lambda r: range_loss(x, *grid(r), bits, p),
+                                      min(0.1, 0.01 * extent), extent, max_iter)
+        return grid(r_best)
+    extent = float(hi_t - lo_t)  # float32 arithmetic, as the reference's bounds
+
+    def best_shift(r: float) -> tuple[float, float]:
+        step = r / (qmax - qmin)
+        return _bounded_minimize(lambda t: range_loss(x, -t, r - t, bits, p), step * qmin, step * qmax, max_iter)
+
+    r_best, _ = _bounded_minimize(lambda r: best_shift(r)[1], min(0.1, 0.01 * extent), extent, max_iter)
+    t_best, _ = best_shift(r_best)
+    return max(-t_best, x_min), min(r_best - t_best, x_max)
