@@ -58,19 +58,23 @@ def test_fake_quant_per_tensor(fixture: dict) -> None:
     _check(fixture, {"scale": scale, "zero_point": zero_point, "y": y_plain, "grad_x": grad_x}, expected)
 
 
-LSQ_TENSOR = fixtures_of("lsq_per_tensor")
+LSQ = fixtures_of("lsq_per_tensor", "lsq_per_channel")
 
 
-@pytest.mark.parametrize("fixture", LSQ_TENSOR, ids=_ids(LSQ_TENSOR))
-def test_lsq_per_tensor(fixture: dict) -> None:
+@pytest.mark.parametrize("fixture", LSQ, ids=_ids(LSQ))
+def test_lsq(fixture: dict) -> None:
     inputs, expected = load(fixture)
-    quantizer = FakeQuantizer(fixture["params"]["bits"], is_weight=False)
-    quantizer._store(_t(expected["scale"]).reshape(()), _t(expected["zero_point"]).reshape(()))
+    channel_axis = fixture["params"].get("ch_axis")
+    quantizer = FakeQuantizer(fixture["params"]["bits"], is_weight=channel_axis is not None, channel_axis=channel_axis)
+    scale, zero_point = _t(expected["scale"]), _t(expected["zero_point"])
+    if channel_axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    quantizer._store(scale, zero_point)
     quantizer.mode = "quantize"
-    scale = quantizer.make_scale_learnable()
+    learnable = quantizer.make_scale_learnable()
     y, grad_x = _forward_backward(quantizer, _t(inputs["x"]), _t(inputs["upstream_grad"]))
     _check(fixture, {"scale": expected["scale"], "zero_point": expected["zero_point"], "y": y, "grad_x": grad_x,
-                     "grad_scale": scale.grad}, expected)
+                     "grad_scale": learnable.grad}, expected)
 
 
 FQ_CHANNEL = fixtures_of("fq_per_channel")
@@ -86,21 +90,6 @@ def test_fake_quant_per_channel(fixture: dict) -> None:
         lambda v: qf.fake_quant_affine(v, scale.reshape(shape), zero_point.reshape(shape), fixture["params"]["bits"]),
         x, _t(inputs["upstream_grad"]))
     _check(fixture, {"scale": scale, "zero_point": zero_point, "y": y, "grad_x": grad_x}, expected)
-
-
-LSQ_CHANNEL = fixtures_of("lsq_per_channel")
-
-
-@pytest.mark.parametrize("fixture", LSQ_CHANNEL, ids=_ids(LSQ_CHANNEL))
-def test_lsq_per_channel(fixture: dict) -> None:
-    inputs, expected = load(fixture)
-    quantizer = FakeQuantizer(fixture["params"]["bits"], is_weight=True, channel_axis=0)
-    quantizer._store(_t(expected["scale"]), _t(expected["zero_point"]))
-    quantizer.mode = "quantize"
-    scale = quantizer.make_scale_learnable()
-    y, grad_x = _forward_backward(quantizer, _t(inputs["x"]), _t(inputs["upstream_grad"]))
-    _check(fixture, {"scale": expected["scale"], "zero_point": expected["zero_point"], "y": y, "grad_x": grad_x,
-                     "grad_scale": scale.grad}, expected)
 
 
 LOG2 = fixtures_of("log2_value")
