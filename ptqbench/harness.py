@@ -182,9 +182,12 @@ class Harness:
 
     def _record(self, loaded: LoadedModel, task: Task, dataset_fingerprint: str, method: str,
                 spec: BitSpec | None, calib_fingerprint: str, labels: tuple[str, ...]) -> dict:
+        """The identity fields of one cell (`RunStore.cell_key`'s arguments): the evaluation set
+        is the dataset fingerprint (data and split) and the number of images `--limit` leaves."""
         return dict(
             model=loaded.name, checkpoint_sha256=loaded.checkpoint_sha256, task=task.name,
-            dataset_fingerprint=dataset_fingerprint, prompts=self.config.prompts or "gt", method=method,
+            dataset_fingerprint=dataset_fingerprint, prompts=self.config.prompts or "gt",
+            images=task.eval_image_count(self.config.limit), method=method,
             bits=spec.label if spec else "fp", preset=self.run.preset if spec else "-",
             seed=self.config.seed, calib_fingerprint=calib_fingerprint, labels=labels)
 
@@ -313,7 +316,6 @@ class Harness:
         record = RunRecord(
             **fields, w_bits=spec.w_bits if spec else None, a_bits=spec.a_bits if spec else None,
             metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
-            images=task.eval_image_count(self.config.limit),
             peak_mem_mb=_peak_memory_mb(device), versions=self.versions,
             device=str(device) if not self.dist.is_distributed else f"{device.type} x{self.dist.world_size}",
             git_commit=self.git_commit, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -1,8 +1,8 @@
 """The run store (one SQLite file per output folder) and the leaderboards exported from it.
 
 `<out>/ptqbench.sqlite` is the source of truth: one row per cell (model, checkpoint, task,
-dataset, prompts, method, bits, preset, seed, calibration set, labels), keyed by `cell_key`,
-so a finished cell is found again on re-run (resume). Each `put` is one transaction; the
+dataset, prompts, evaluated images, method, bits, preset, seed, calibration set, labels), keyed
+by `cell_key`, so a finished cell is found again on re-run (resume). Each `put` is one transaction; the
 file is in WAL mode so readers and a writer can share it. Every operation opens its own
 short-lived connection: several `RunStore` objects (or processes) on one file are fine.
 
@@ -29,9 +29,12 @@ from ptqbench.errors import DataError
 
 STORE_FILENAME = "ptqbench.sqlite"
 FP = "fp"
-SCHEMA_VERSION = 1
-_KEY_FIELDS = ("model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "method", "bits",
-               "preset", "seed", "calib_fingerprint", "labels")
+SCHEMA_VERSION = 2
+_KEY_FIELDS = ("model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "images", "method",
+               "bits", "preset", "seed", "calib_fingerprint", "labels")
+# The fields of a record that fix its evaluation (the FP row a quantized row is compared with
+# shares them all); the task is implied, as a leaderboard is of one task.
+_EVALUATION_FIELDS = ("model", "checkpoint_sha256", "dataset_fingerprint", "prompts", "images")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY,
@@ -74,8 +77,11 @@ class RunRecord:
 
     bits: "fp" for the full-precision row, else e.g. "W4A4" (w_bits/a_bits hold the numbers,
     None for fp). metrics: every value the task returned (percentages); metric: the headline
-    key. calib_fingerprint: hash of the calibration set (None for fp). labels: caveats shown in
-    the leaderboard, e.g. ("untrained",). peak_mem_mb: None where it was not measured.
+    key. images: how many evaluation images were scored, the first `images` of the split in
+    evaluation order (what `--limit` decides), so with dataset_fingerprint (which covers the
+    split) it names the evaluation set. calib_fingerprint: hash of the calibration set (None
+    for fp). labels: caveats shown in the leaderboard, e.g. ("untrained",). peak_mem_mb: None
+    where it was not measured.
     """
 
     model: str
@@ -117,8 +123,9 @@ class RunRecord:
 class RunStore:
     """The SQLite run store at `path` (conventionally `<out>/ptqbench.sqlite`).
 
-    Opening creates the file (and its folder) when missing; a file that is not a readable
-    run store raises DataError naming it.
+    Opening creates the file (and its folder) when missing and migrates a store of schema
+    version 1 (see `_migrate_v1`); a file that is not a readable run store raises DataError
+    naming it.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -126,7 +133,7 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._open() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise DataError(
                     f"run store {self.path} has schema version {version}, this ptqbench reads version "
                     f"{SCHEMA_VERSION}; use a new output folder or a matching ptqbench"
@@ -134,19 +141,22 @@ class RunStore:
             conn.execute("PRAGMA journal_mode=WAL")
             with conn:
                 conn.execute(_SCHEMA)
+                if version == 1:
+                    _migrate_v1(conn)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
     def cell_key(*, model: str, checkpoint_sha256: str, task: str, dataset_fingerprint: str, prompts: str,
-                 method: str, bits: str, preset: str, seed: int, calib_fingerprint: str | None,
+                 images: int, method: str, bits: str, preset: str, seed: int, calib_fingerprint: str | None,
                  labels: tuple[str, ...] = ()) -> str:
         """A stable 16-hex-digit hash of what defines a cell; metrics and timings are not part of it.
 
-        The order of `labels` does not matter.
+        images (the number of evaluation images scored) is part of it, so runs with different
+        `--limit`s are different cells. The order of `labels` does not matter.
         """
         identity = {
             "model": model, "checkpoint_sha256": checkpoint_sha256, "task": task,
-            "dataset_fingerprint": dataset_fingerprint, "prompts": prompts, "method": method,
+            "dataset_fingerprint": dataset_fingerprint, "prompts": prompts, "images": int(images), "method": method,
             "bits": bits, "preset": preset, "seed": int(seed), "calib_fingerprint": calib_fingerprint,
             "labels": sorted(labels),
         }
@@ -205,6 +215,20 @@ class RunStore:
             conn.close()
 
 
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """Re-key the rows of a schema-1 store, whose cell keys did not cover `images`.
+
+    Every row recorded how many images it scored, so its new key is computed from its own
+    columns: the store keeps one row per cell and resume finds its cells again. (A schema-1
+    store kept only the latest of two runs that differed only in `--limit`.)
+    """
+    rows = conn.execute(f"SELECT rowid, {', '.join(_KEY_FIELDS)} FROM runs").fetchall()
+    for row in rows:
+        identity = {name: row[name] for name in _KEY_FIELDS}
+        identity["labels"] = tuple(json.loads(identity["labels"]))
+        conn.execute("UPDATE runs SET key = ? WHERE rowid = ?", (RunStore.cell_key(**identity), row["rowid"]))
+
+
 def _to_row(record: RunRecord) -> dict[str, object]:
     """The SQLite row of `record`: its fields (dicts and labels as JSON) plus the cell key."""
     row: dict[str, object] = {"key": record.key}
@@ -225,31 +249,42 @@ def _is_fp(record: RunRecord) -> bool:
     return record.method == FP and record.bits == FP
 
 
+def _evaluation(record: RunRecord) -> tuple:
+    """What fixed the evaluation of `record` (`_EVALUATION_FIELDS`); its FP row shares it."""
+    return tuple(getattr(record, name) for name in _EVALUATION_FIELDS)
+
+
 def _order(record: RunRecord) -> tuple:
-    """Sort key: per model, the FP row first, then methods by name, then bits numerically, then preset."""
+    """Sort key: the rows of one evaluation together (model, checkpoint, dataset, prompts,
+    images), its FP row first, then methods by name, bits numerically, preset and seed."""
     w_bits = record.w_bits if record.w_bits is not None else math.inf
     a_bits = record.a_bits if record.a_bits is not None else math.inf
-    return record.model, not _is_fp(record), record.method, w_bits, a_bits, record.bits, record.preset
+    return (*_evaluation(record), not _is_fp(record), record.method, w_bits, a_bits, record.bits, record.preset,
+            record.seed, record.labels)
+
+
+def _short_hash(value: str) -> str:
+    """The first 8 characters of a hexadecimal hash; any other value (e.g. "untrained-seed0") as is."""
+    is_hex = all(char in "0123456789abcdef" for char in value.lower())
+    return value[:8] if is_hex else value
 
 
 def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
-    """The leaderboard of `task`: one row per (model, method, bits, preset), the most recent record.
+    """The leaderboard of `task`: one row per cell of the store (rows of different settings
+    never replace each other), grouped by evaluation, the FP row first.
 
     delta_vs_fp is the headline metric minus that of the most recent FP record (method and bits
-    "fp") of the same model, checkpoint, dataset fingerprint and prompts; empty without one.
-    Columns: model, method, bits, w_bits, a_bits, preset, <metrics, headline first>, delta_vs_fp,
-    calib_s, eval_s, images, seed, and labels when any row has labels.
+    "fp") of the same evaluation: model, checkpoint, dataset fingerprint (which covers the
+    split), prompts and evaluated images; empty without one.
+    Columns: model, checkpoint (short sha256), prompts, dataset (short fingerprint), images,
+    method, bits, w_bits, a_bits, preset, <metrics, headline first>, delta_vs_fp, calib_s,
+    eval_s, seed, and labels when any row has labels.
     """
     records = store.records(task)
     if not records:
         raise DataError(f"no runs of task {task!r} in {store.path}; tasks with runs: {store.tasks() or 'none'}")
-    latest: dict[tuple[str, str, str, str], RunRecord] = {}
-    fp_reference: dict[tuple[str, str, str, str], RunRecord] = {}
-    for record in records:
-        latest[(record.model, record.method, record.bits, record.preset)] = record
-        if _is_fp(record):
-            fp_reference[(record.model, record.checkpoint_sha256, record.dataset_fingerprint, record.prompts)] = record
-    rows = sorted(latest.values(), key=_order)
+    fp_reference = {_evaluation(record): record for record in records if _is_fp(record)}  # oldest first: latest wins
+    rows = sorted(records, key=_order)
     metric_names: list[str] = []
     for record in rows:
         for name in (record.metric, *record.metrics):
@@ -257,16 +292,17 @@ def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
                 metric_names.append(name)
     table = []
     for record in rows:
-        fp = fp_reference.get((record.model, record.checkpoint_sha256, record.dataset_fingerprint, record.prompts))
+        fp = fp_reference.get(_evaluation(record))
         delta = None
         if fp is not None and record.metric in fp.metrics:
             delta = record.metrics[record.metric] - fp.metrics[record.metric]
         table.append({
-            "model": record.model, "method": record.method, "bits": record.bits,
-            "w_bits": record.w_bits, "a_bits": record.a_bits, "preset": record.preset,
-            **{name: record.metrics.get(name) for name in metric_names},
+            "model": record.model, "checkpoint": _short_hash(record.checkpoint_sha256), "prompts": record.prompts,
+            "dataset": _short_hash(record.dataset_fingerprint), "images": record.images,
+            "method": record.method, "bits": record.bits, "w_bits": record.w_bits, "a_bits": record.a_bits,
+            "preset": record.preset, **{name: record.metrics.get(name) for name in metric_names},
             "delta_vs_fp": delta, "calib_s": record.calib_s, "eval_s": record.eval_s,
-            "images": record.images, "seed": record.seed, "labels": ",".join(record.labels),
+            "seed": record.seed, "labels": ",".join(record.labels),
         })
     frame = pd.DataFrame(table)
     for column in ("w_bits", "a_bits", "images", "seed"):
@@ -328,7 +364,7 @@ def write_leaderboards(store: RunStore, out_dir: str | Path, task: str | None = 
         _write_atomic(md_path, (
             f"# Leaderboard: {name}\n\n"
             f"Headline metric: `{headline}`. `delta_vs_fp` is the headline metric minus that of the FP row "
-            f"of the same model, checkpoint, dataset and prompts.\n\n{_markdown(frame)}\n"
+            f"of the same model, checkpoint, dataset, prompts and images.\n\n{_markdown(frame)}\n"
         ))
         written += [csv_path, md_path]
     return written

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ptqbench import results
 from ptqbench.errors import DataError
 from ptqbench.results import STORE_FILENAME, RunRecord, RunStore, format_leaderboard, write_leaderboards
 
@@ -58,19 +59,20 @@ def test_cell_key_is_stable_and_covers_the_identity():
     record = _record("minmax", "W4A4")
     identity = {
         "model": "sam_tiny", "checkpoint_sha256": "c0ffee", "task": "coco", "dataset_fingerprint": "d1",
-        "prompts": "gt", "method": "minmax", "bits": "W4A4", "preset": "default", "seed": 0,
+        "prompts": "gt", "images": 5, "method": "minmax", "bits": "W4A4", "preset": "default", "seed": 0,
         "calib_fingerprint": "cal1", "labels": [],
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
     assert record.key == hashlib.sha256(canonical).hexdigest()[:16]
-    assert record.key == "b4883e9b117da6dc"  # pinned: changing the key format breaks resume of old runs
+    # pinned: changing the key format needs a store migration (see test_store_of_schema_1_is_migrated)
+    assert record.key == "e42d47e51cedfae1"
     # results and timings are not part of the identity
     assert replace(record, metrics={"mask_AP": 1.0}, calib_s=9.0, created_at="2030-01-01").key == record.key
     assert replace(record, labels=("b", "a")).key == replace(record, labels=("a", "b")).key
     changed = [replace(record, **{name: value}).key for name, value in [
         ("model", "sam_vit_b"), ("checkpoint_sha256", "beef"), ("dataset_fingerprint", "d2"),
         ("prompts", "det"), ("method", "brecq"), ("bits", "W4A8"), ("preset", "fast"), ("seed", 1),
-        ("calib_fingerprint", "cal2"), ("labels", ("untrained",)), ("task", "dota"),
+        ("calib_fingerprint", "cal2"), ("labels", ("untrained",)), ("task", "dota"), ("images", 2),
     ]]
     assert len(set(changed)) == len(changed) and record.key not in changed
 
@@ -126,6 +128,48 @@ def test_store_of_a_newer_schema_is_refused(tmp_path):
         RunStore(path)
 
 
+_SCHEMA_1 = """CREATE TABLE runs (
+    key TEXT PRIMARY KEY, model TEXT NOT NULL, checkpoint_sha256 TEXT NOT NULL, task TEXT NOT NULL,
+    dataset_fingerprint TEXT NOT NULL, prompts TEXT NOT NULL, method TEXT NOT NULL, bits TEXT NOT NULL,
+    w_bits INTEGER, a_bits INTEGER, preset TEXT NOT NULL, seed INTEGER NOT NULL, calib_fingerprint TEXT,
+    metrics TEXT NOT NULL, metric TEXT NOT NULL, calib_s REAL NOT NULL, eval_s REAL NOT NULL,
+    images INTEGER NOT NULL, peak_mem_mb REAL, device TEXT NOT NULL, versions TEXT NOT NULL, git_commit TEXT,
+    labels TEXT NOT NULL, created_at TEXT NOT NULL)"""
+
+
+def _schema_1_key(record: RunRecord) -> str:
+    """The cell key ptqbench wrote into schema-1 stores (no `images`)."""
+    identity = {name: getattr(record, name) for name in (
+        "model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "method", "bits", "preset",
+        "seed", "calib_fingerprint")}
+    identity["labels"] = sorted(record.labels)
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def test_store_of_schema_1_is_migrated(tmp_path):
+    old = [_record(), _record("minmax", "W4A4", 30.0, labels=("untrained",)), _record("minmax", "W8A8", 39.0)]
+    assert _schema_1_key(replace(old[1], labels=())) == "b4883e9b117da6dc"  # the key schema 1 pinned
+    path = tmp_path / STORE_FILENAME
+    with sqlite3.connect(path) as conn:
+        conn.execute(_SCHEMA_1)
+        for record in old:
+            row = results._to_row(record)
+            row["key"] = _schema_1_key(record)
+            conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                         tuple(row.values()))
+        conn.execute("PRAGMA user_version = 1")
+    store = RunStore(path)
+    assert store.records() == old
+    assert all(store.has(r.key) and store.get(r.key) == r for r in old)  # resume finds the old cells
+    assert not any(store.has(_schema_1_key(r)) for r in old)
+    store.put(_record("minmax", "W8A8", 38.0, images=2))  # a --limit 2 run is another cell
+    assert len(RunStore(path).records()) == 4 and store.get(old[2].key).metrics["mask_AP"] == 39.0
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == results.SCHEMA_VERSION == 2
+    assert len(results.leaderboard_frame(store, "coco")) == 4
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
@@ -137,45 +181,61 @@ def test_leaderboard_rows_order_and_delta(store, tmp_path):
     store.put(_record("minmax", "W10A10", 39.75))
     store.put(_record("brecq", "W4A4", 30.0))
     store.put(_record("minmax", "W4A4", 10.0))
-    # a newer record of the same (model, method, bits, preset) with another seed wins
+    # another seed is another cell: both rows are shown
     store.put(_record("minmax", "W4A4", 20.0, seed=1, created_at="2024-02-01T00:00:00+00:00"))
-    # an FP row of other prompts is not the reference of the gt-prompt rows
-    store.put(_record("fp", "fp", 10.0, prompts="det", model="sam_vit_b"))
-    store.put(_record("ptq4sam", "W4A4", 12.0, prompts="det", model="sam_vit_b"))
+    # an FP row of other prompts is shown too, and is the reference of its own prompts' rows only
+    store.put(_record("fp", "fp", 10.0, prompts="det"))
+    store.put(_record("ptq4sam", "W4A4", 12.0, prompts="det"))
+    # so is an FP row of fewer images (a --limit run)
+    store.put(_record("fp", "fp", 50.0, images=2))
+    store.put(_record("minmax", "W4A4", 45.0, images=2))
     store.put(_record("minmax", "W4A4", 12.0, task="dota", metrics={"mAP50": 12.0}, metric="mAP50"))
 
     written = write_leaderboards(store, tmp_path / "out")
     assert sorted(p.name for p in written) == [
         "leaderboard_coco.csv", "leaderboard_coco.md", "leaderboard_dota.csv", "leaderboard_dota.md"]
     rows = _read_csv(tmp_path / "out" / "leaderboard_coco.csv")
-    assert list(rows[0]) == ["model", "method", "bits", "w_bits", "a_bits", "preset", "mask_AP", "mask_AP50",
-                             "delta_vs_fp", "calib_s", "eval_s", "images", "seed"]
-    assert [(r["model"], r["method"], r["bits"]) for r in rows] == [
-        ("sam_tiny", "fp", "fp"), ("sam_tiny", "brecq", "W4A4"), ("sam_tiny", "minmax", "W4A4"),
-        ("sam_tiny", "minmax", "W8A8"), ("sam_tiny", "minmax", "W10A10"),
-        ("sam_vit_b", "fp", "fp"), ("sam_vit_b", "ptq4sam", "W4A4"),
+    assert list(rows[0]) == ["model", "checkpoint", "prompts", "dataset", "images", "method", "bits", "w_bits",
+                             "a_bits", "preset", "mask_AP", "mask_AP50", "delta_vs_fp", "calib_s", "eval_s", "seed"]
+    assert [(r["prompts"], r["images"], r["method"], r["bits"], r["seed"], r["delta_vs_fp"]) for r in rows] == [
+        ("det", "5", "fp", "fp", "0", "0.0000"), ("det", "5", "ptq4sam", "W4A4", "0", "2.0000"),
+        ("gt", "2", "fp", "fp", "0", "0.0000"), ("gt", "2", "minmax", "W4A4", "0", "-5.0000"),
+        ("gt", "5", "fp", "fp", "0", "0.0000"), ("gt", "5", "brecq", "W4A4", "0", "-10.0000"),
+        ("gt", "5", "minmax", "W4A4", "0", "-30.0000"), ("gt", "5", "minmax", "W4A4", "1", "-20.0000"),
+        ("gt", "5", "minmax", "W8A8", "0", "-0.5000"), ("gt", "5", "minmax", "W10A10", "0", "-0.2500"),
     ]
-    assert [r["delta_vs_fp"] for r in rows] == ["0.0000", "-10.0000", "-20.0000", "-0.5000", "-0.2500",
-                                                "0.0000", "2.0000"]
-    assert rows[2]["seed"] == "1" and rows[2]["mask_AP"] == "20.0000" and rows[2]["mask_AP50"] == "30.0000"
-    assert rows[0]["w_bits"] == "" and rows[1]["w_bits"] == "4" and rows[1]["images"] == "5"
+    assert {(r["model"], r["checkpoint"], r["dataset"]) for r in rows} == {("sam_tiny", "c0ffee", "d1")}
+    assert rows[7]["mask_AP"] == "20.0000" and rows[7]["mask_AP50"] == "30.0000"
+    assert rows[0]["w_bits"] == "" and rows[1]["w_bits"] == "4"
     dota = _read_csv(tmp_path / "out" / "leaderboard_dota.csv")
     assert len(dota) == 1 and dota[0]["delta_vs_fp"] == "" and dota[0]["mAP50"] == "12.0000"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)  # no temp files
 
 
+def test_delta_needs_the_fp_row_of_the_same_evaluation(store):
+    store.put(_record("fp", "fp", 40.0, images=2))
+    for changes in ({"images": 3}, {"prompts": "det"}, {"checkpoint_sha256": "beef"}, {"dataset_fingerprint": "d2"}):
+        store.put(_record("minmax", "W8A8", 39.0, **changes))
+    frame = results.leaderboard_frame(store, "coco")
+    assert frame["delta_vs_fp"].isna().sum() == 4 and frame["delta_vs_fp"].notna().sum() == 1
+
+
 def test_leaderboard_labels_column_and_markdown(store, tmp_path):
-    store.put(_record())
-    store.put(_record("qdrop", "W4A4", 25.0, labels=("leaky-qdrop", "untrained")))
+    sha256 = "0123456789abcdef" * 4
+    store.put(_record(checkpoint_sha256=sha256))
+    store.put(_record("qdrop", "W4A4", 25.0, checkpoint_sha256=sha256, labels=("leaky-qdrop", "untrained")))
+    store.put(_record(checkpoint_sha256="untrained-seed0", dataset_fingerprint="0123456789abcdef"))
     write_leaderboards(store, tmp_path, task="coco")
     rows = _read_csv(tmp_path / "leaderboard_coco.csv")
-    assert [r["labels"] for r in rows] == ["", "leaky-qdrop,untrained"]
+    assert [(r["checkpoint"], r["dataset"], r["labels"]) for r in rows] == [
+        ("01234567", "d1", ""), ("01234567", "d1", "leaky-qdrop,untrained"), ("untrained-seed0", "01234567", "")]
     markdown = (tmp_path / "leaderboard_coco.md").read_text()
     assert markdown.startswith("# Leaderboard: coco\n")
     table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    assert len(table_lines) == 4
+    assert len(table_lines) == 5
     cells = [cell.strip() for cell in table_lines[3].strip("|").split("|")]
-    assert cells[:3] == ["sam_tiny", "qdrop", "W4A4"] and "25.00" in cells and "-15.00" in cells
+    assert cells[:7] == ["sam_tiny", "01234567", "gt", "d1", "5", "qdrop", "W4A4"]
+    assert "25.00" in cells and "-15.00" in cells
     assert cells[-1] == "leaky-qdrop,untrained"
     assert format_leaderboard(store, "coco").splitlines()[0] == "coco (headline: mask_AP)"
     assert table_lines[3] in format_leaderboard(store)
