@@ -50,6 +50,26 @@ def test_grid_writes_leaderboard_and_resumes(small_demo, tmp_path, caplog):
     assert len(_rows(tmp_path / "leaderboard_coco.csv")) == 5
 
 
+def test_a_run_of_another_limit_is_recomputed_and_compared_with_its_own_fp_row(small_demo, tmp_path, caplog):
+    args = ["run", "--data-root", str(small_demo), "--tasks", "coco", "--methods", "minmax", "--bits", "8",
+            "--calib-size", "1", "--out", str(tmp_path), "--device", "cpu"]
+    caplog.set_level(logging.INFO, logger="ptqbench")
+    assert main(args + ["--limit", "1"]) == 0
+    assert main(args + ["--limit", "2"]) == 0
+    assert not any("already in the store" in m for m in caplog.messages)
+    rows = _rows(tmp_path / "leaderboard_coco.csv")
+    assert [(r["images"], r["method"]) for r in rows] == [("1", "fp"), ("1", "minmax"), ("2", "fp"), ("2", "minmax")]
+    for fp, quantized in (rows[0:2], rows[2:4]):
+        expected = float(quantized["mask_AP"]) - float(fp["mask_AP"])
+        assert float(quantized["delta_vs_fp"]) == pytest.approx(expected, abs=2e-4)
+    assert float(rows[0]["mask_AP"]) != float(rows[2]["mask_AP"])  # the two FP rows are two evaluations
+
+    caplog.clear()
+    assert main(args + ["--limit", "1"]) == 0
+    assert sum("already in the store" in m for m in caplog.messages) == 1  # the minmax cell (FP skips silently)
+    assert len(_rows(tmp_path / "leaderboard_coco.csv")) == 4
+
+
 @pytest.mark.parametrize("argv, message", [
     (["run", "--methods", "minmx"], "unknown method 'minmx'. Did you mean 'minmax'?"),
     (["run", "--tasks", "coc"], "unknown task 'coc'. Did you mean 'coco'?"),
