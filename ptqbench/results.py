@@ -276,9 +276,9 @@ def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
     delta_vs_fp is the headline metric minus that of the most recent FP record (method and bits
     "fp") of the same evaluation: model, checkpoint, dataset fingerprint (which covers the
     split), prompts and evaluated images; empty without one.
-    Columns: model, checkpoint (short sha256), prompts, dataset (short fingerprint), images,
-    method, bits, w_bits, a_bits, preset, <metrics, headline first>, delta_vs_fp, calib_s,
-    eval_s, seed, and labels when any row has labels.
+    Columns: model, method, bits, w_bits, a_bits, preset, <metrics, headline first>, delta_vs_fp,
+    calib_s, eval_s, images, seed, prompts, checkpoint (short sha256), dataset (short
+    fingerprint), and labels when any row has labels.
     """
     records = store.records(task)
     if not records:
@@ -297,12 +297,13 @@ def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
         if fp is not None and record.metric in fp.metrics:
             delta = record.metrics[record.metric] - fp.metrics[record.metric]
         table.append({
-            "model": record.model, "checkpoint": _short_hash(record.checkpoint_sha256), "prompts": record.prompts,
-            "dataset": _short_hash(record.dataset_fingerprint), "images": record.images,
-            "method": record.method, "bits": record.bits, "w_bits": record.w_bits, "a_bits": record.a_bits,
-            "preset": record.preset, **{name: record.metrics.get(name) for name in metric_names},
+            "model": record.model, "method": record.method, "bits": record.bits,
+            "w_bits": record.w_bits, "a_bits": record.a_bits, "preset": record.preset,
+            **{name: record.metrics.get(name) for name in metric_names},
             "delta_vs_fp": delta, "calib_s": record.calib_s, "eval_s": record.eval_s,
-            "seed": record.seed, "labels": ",".join(record.labels),
+            "images": record.images, "seed": record.seed, "prompts": record.prompts,
+            "checkpoint": _short_hash(record.checkpoint_sha256), "dataset": _short_hash(record.dataset_fingerprint),
+            "labels": ",".join(record.labels),
         })
     frame = pd.DataFrame(table)
     for column in ("w_bits", "a_bits", "images", "seed"):
