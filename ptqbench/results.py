@@ -124,8 +124,8 @@ class RunStore:
     """The SQLite run store at `path` (conventionally `<out>/ptqbench.sqlite`).
 
     Opening creates the file (and its folder) when missing and migrates a store of schema
-    version 1 (see `_migrate_v1`); a file that is not a readable run store raises DataError
-    naming it.
+    version 1 (see `_migrate_v1`); it writes nothing to a current store (the committed demo store
+    stays byte for byte). A file that is not a readable run store raises DataError naming it.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -138,6 +138,8 @@ class RunStore:
                     f"run store {self.path} has schema version {version}, this ptqbench reads version "
                     f"{SCHEMA_VERSION}; use a new output folder or a matching ptqbench"
                 )
+            if version == SCHEMA_VERSION:
+                return  # a current store is only read here: opening it writes nothing
             conn.execute("PRAGMA journal_mode=WAL")
             with conn:
                 conn.execute(_SCHEMA)

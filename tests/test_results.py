@@ -254,3 +254,18 @@ def test_leaderboard_of_unknown_task(store):
         format_leaderboard(store, "ade20k")
     with pytest.raises(DataError, match="no runs"):
         format_leaderboard(RunStore(store.path.with_name("empty.sqlite")))
+
+
+DEMO = Path(__file__).resolve().parents[1] / "results" / "demo"
+
+
+def test_committed_demo_store_renders_the_committed_leaderboards_and_stays_unchanged(tmp_path):
+    """`ptqbench leaderboard --out results/demo` in a fresh clone: the committed store is read
+    without a byte changing, and it renders exactly the committed leaderboards."""
+    before = (DEMO / STORE_FILENAME).read_bytes()
+    written = write_leaderboards(RunStore(DEMO / STORE_FILENAME), tmp_path)
+    assert (DEMO / STORE_FILENAME).read_bytes() == before
+    assert sorted(path.name for path in written) == sorted(
+        path.name for path in DEMO.iterdir() if path.name.startswith("leaderboard_"))
+    for path in written:
+        assert path.read_text() == (DEMO / path.name).read_text(), path.name
