@@ -43,14 +43,16 @@ def parse_bits(text: str) -> tuple[BitSpec, ...]:
     """A comma-separated list: `4,6` -> (W4A4, W6A6); duplicates removed, order kept."""
     specs = [BitSpec.parse(part) for part in text.split(",") if part.strip()]
     if not specs:
-        raise ConfigError("--bits is empty")
+        raise ConfigError("--bits is empty: give bit widths like 4,6 or w4a8")
     return tuple(dict.fromkeys(specs))
 
 
-def split_names(text: str) -> tuple[str, ...]:
+def split_names(text: str, option: str = "name list") -> tuple[str, ...]:
+    """A comma-separated list of names, lower-cased, duplicates removed; `option` names the
+    option in the error for an empty list."""
     names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
     if not names:
-        raise ConfigError(f"empty name list {text!r}")
+        raise ConfigError(f"{option} is empty: give at least one name")
     return names
 
 
@@ -82,6 +84,9 @@ class RunConfig:
     task_options: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
+        self._check_types()
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         if self.calib_size < 1:
             raise ConfigError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.limit is not None and self.limit < 1:
@@ -91,13 +96,56 @@ class RunConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
 
+    def _check_types(self) -> None:
+        """ConfigError naming the first field whose value has the wrong type."""
+        for name, expected in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+                continue
+            what = {str: "a string", int: "an integer", bool: "true or false"}[expected]
+            raise ConfigError(f"{name} must be {what}, got {value!r}")
+        for name in ("tasks", "methods"):
+            if not all(isinstance(item, str) for item in getattr(self, name)):
+                raise ConfigError(f"{name} must be a name or a list of names, got {getattr(self, name)!r}")
+
     def with_overrides(self, **overrides: Any) -> "RunConfig":
         """A copy with the given (non-None) fields replaced."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+_FIELD_TYPES = {
+    "model": str, "checkpoint": str, "data_root": str, "prompts": str, "calib_prompts": str,
+    "calib_split": str, "calib_size": int, "limit": int, "device": str, "seed": int, "preset": str,
+    "out": str, "resume": bool,
+}
+_OPTIONAL = {"checkpoint", "data_root", "prompts", "calib_prompts", "calib_split", "limit", "preset"}
+
+
+def _config_value(name: str, value: Any) -> Any:
+    """A YAML value of option `name` in RunConfig form: name lists and bit widths parsed (a
+    single value or a list; a bare number is a bit width like `--bits 8`), task options from a
+    mapping. Other values pass unchanged; RunConfig checks their types."""
+    if name in ("tasks", "methods", "bits"):
+        items = value if isinstance(value, list) else [value]
+        allowed = (str, int) if name == "bits" else (str,)
+        if not all(isinstance(item, allowed) and not isinstance(item, bool) for item in items):
+            what = "a bit width or a list of them" if name == "bits" else "a name or a list of names"
+            raise ConfigError(f"{name} must be {what}, got {value!r}")
+        text = ",".join(map(str, items))
+        return parse_bits(text) if name == "bits" else split_names(text, name)
+    if name == "task_options":
+        if not isinstance(value, dict):
+            raise ConfigError(f"task_options must be a mapping of option names to values, got {value!r}")
+        return tuple((str(k), str(v)) for k, v in value.items())
+    return value
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML run configuration into RunConfig field values (lists and bit specs parsed)."""
+    """Read a YAML run configuration into RunConfig field values (lists and bit specs parsed);
+    ConfigError naming the file and the key for an unknown key or a value of the wrong type
+    or range."""
     import yaml
 
     path = Path(path)
@@ -115,11 +163,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file {path}: unknown option {key!r}")
-        if name in ("tasks", "methods"):
-            value = split_names(value if isinstance(value, str) else ",".join(map(str, value)))
-        elif name == "bits":
-            value = parse_bits(value if isinstance(value, str) else ",".join(map(str, value)))
-        elif name == "task_options":
-            value = tuple((str(k), str(v)) for k, v in dict(value).items())
-        values[name] = value
+        try:
+            values[name] = _config_value(name, value)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    try:
+        RunConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     return values

@@ -159,6 +159,7 @@ class Harness:
         self.git_commit = _git_commit()
 
     def execute(self) -> None:
+        tasks = self._checked_tasks()
         loaded = self.dist.main_first(lambda: load_model(self.config.model, self.config.checkpoint,
                                                          progress=self.progress))
         labels = _model_labels(loaded)
@@ -168,16 +169,34 @@ class Harness:
         elif labels:
             log.warning("model %s: %s is not its official checkpoint; its rows are labelled %s",
                         loaded.name, loaded.checkpoint_path, UNOFFICIAL)
-        for task_name in self.config.tasks:
-            task = self._make_task(task_name, loaded)
+        for task in tasks:
             log.info("task %s: %s", task.name, task.describe())
             self._run_task(task, loaded, labels)
 
-    def _make_task(self, name: str, loaded: LoadedModel) -> Task:
+    def _checked_tasks(self) -> list[Task]:
+        """Every task of the grid, its inputs checked before the model loads and the first cell.
+
+        Building a task checks its data and prompt paths; on the main rank its evaluation split
+        is opened and, when a method quantizes, one calibration item is read (which opens the
+        calibration split and parses the calibration prompts), so a missing split or a bad
+        prompts file fails here, not after the FP cell. The tasks cache what they read.
+        """
+        input_size = MODELS.get(self.config.model)().input_size
+        tasks = [self._make_task(name, input_size) for name in self.config.tasks]
+        quantizes = any(METHODS.canonical(name) != "fp" for name in self.config.methods)
+        if self.dist.is_main:
+            for task in tasks:
+                with self._cell_failures(self.config.model, task.name, "inputs", "-"):
+                    task.eval_image_count(self.config.limit)
+                    if quantizes:
+                        task.calibration_items(1, self.config.seed)
+        return tasks
+
+    def _make_task(self, name: str, input_size: int) -> Task:
         factory = TASKS.get(name)
         return factory(TaskConfig(
             data_root=self.run.data_root, prompts=self.config.prompts, calib_prompts=self.config.calib_prompts,
-            calib_split=self.config.calib_split, model_input_size=loaded.input_size,
+            calib_split=self.config.calib_split, model_input_size=input_size,
             options=self.config.task_options))
 
     def _record(self, loaded: LoadedModel, task: Task, dataset_fingerprint: str, method: str,

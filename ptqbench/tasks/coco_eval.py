@@ -140,7 +140,7 @@ def score_results(coco_gt: "COCO", results: list[dict[str, Any]], image_ids: Seq
         evaluator.params.maxDets = list(MAX_DETS)
         evaluator.evaluate()
         evaluator.accumulate()
-    with stdout_into_log(logging.INFO):
+    with stdout_into_log():
         evaluator.summarize()
     return {key: _percent(stat) for key, stat in zip(METRICS, evaluator.stats, strict=True)}
 

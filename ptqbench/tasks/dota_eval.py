@@ -525,7 +525,7 @@ def evaluate_task1(labels: Mapping[str, DotaLabels],
     total = 0.0
     for name in DOTA_CLASSES:
         ap = class_ap(labels, detections.get(name, empty_detections()), name)
-        log.info("DOTA AP %s: %.4f", name, ap)
+        log.debug("DOTA AP %s: %.4f", name, ap)
         aps[name] = ap
         total = total + ap
     result = {"mAP": total / len(DOTA_CLASSES) * 100.0}
