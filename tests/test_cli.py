@@ -173,3 +173,117 @@ def test_a_checkpoint_that_is_not_the_official_one_is_accepted_and_labelled(smal
                  "--methods", "fp", "--limit", "1", "--out", str(tmp_path), "--device", "cpu"]) == 0
     (row,) = _rows(tmp_path / "leaderboard_coco.csv")
     assert row["labels"] == "unofficial-checkpoint"
+
+
+def test_help_describes_the_tool_and_every_flag_has_help(capsys):
+    import argparse
+
+    from ptqbench.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Benchmark post-training quantization (PTQ) methods on Segment Anything" in out
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            else:
+                assert action.help, f"{parser.prog} {action.dest} has no help"
+
+
+@pytest.mark.parametrize("argv", [["-v", "list", "methods"], ["list", "-v", "methods"], ["list", "methods", "-v"],
+                                  ["evaluate", "coco", "-v", "--results", "x.json"]])
+def test_verbose_before_or_after_the_command(argv):
+    from ptqbench.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is True
+    assert build_parser().parse_args([arg for arg in argv if arg != "-v"]).verbose is False
+
+
+def test_list_methods_has_one_line_description_each(capsys):
+    from ptqbench.methods.base import METHODS
+
+    assert main(["list", "methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == METHODS.names()
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
+    assert any(line.startswith("fp") and "Leaves every site off." in line for line in lines)
+
+
+def test_builtin_name_catalogue_matches_the_registries():
+    from ptqbench.methods.base import METHODS
+    from ptqbench.registry import BUILTIN_NAMES
+    from ptqbench.sam.models import MODELS
+    from ptqbench.tasks.base import TASKS
+
+    for registry in (METHODS, TASKS, MODELS):
+        catalogue = BUILTIN_NAMES[registry.kind]
+        assert sorted(catalogue) == registry.names()
+        assert {alias: name for name, aliases in catalogue.items() for alias in aliases} == registry._aliases
+
+
+def test_an_unknown_name_is_answered_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ptqbench.cli import main; code = main(['run', '--methods', 'minmx']); "
+            "print(code, sorted(m for m in sys.modules if m.split('.')[0] == 'torch'"
+            " or m.startswith(('ptqbench.methods', 'ptqbench.tasks'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["2", "[]"]
+    assert done.stderr.startswith("ptqbench: error: unknown method 'minmx'")
+
+
+def test_yaml_bits_may_be_a_bare_number(tmp_path):
+    from ptqbench.config import BitSpec, load_config_file
+
+    config = tmp_path / "run.yaml"
+    config.write_text("bits: 8\nmethods: [minmax, mse]\n")
+    assert load_config_file(config) == {"bits": (BitSpec(8, 8),), "methods": ("minmax", "mse")}
+
+
+def test_the_tiny_alias_gets_the_fast_preset(small_demo, tmp_path):
+    assert main(["run", "--model", "tiny", "--data-root", str(small_demo), "--tasks", "coco", "--methods", "minmax",
+                 "--bits", "8", "--calib-size", "1", "--limit", "1", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert [r["preset"] for r in _rows(tmp_path / "leaderboard_coco.csv")] == ["-", "fast"]
+
+
+def test_threads_flag_and_capped_default(monkeypatch):
+    import torch
+
+    from ptqbench.cli import MAX_DEFAULT_THREADS, build_parser, configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert build_parser().parse_args(["run", "--threads", "3"]).threads == 3
+        assert configure_threads(3) == 3 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert configure_threads(None) == 3  # the environment's choice is kept
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        torch.set_num_threads(MAX_DEFAULT_THREADS + 4)
+        assert configure_threads(None) == MAX_DEFAULT_THREADS
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sigterm_ends_like_ctrl_c_with_one_line(small_demo, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from ptqbench import harness
+
+    def terminated(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(harness.Harness, "execute", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    code = main(["run", "--data-root", str(small_demo), "--tasks", "coco", "--methods", "fp", "--out", str(tmp_path),
+                 "--device", "cpu"])
+    assert code == 143
+    assert capsys.readouterr().err == "ptqbench: terminated; finished cells are kept in the store\n"
+    assert signal.getsignal(signal.SIGTERM) == previous
