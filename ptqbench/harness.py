@@ -215,7 +215,9 @@ class Harness:
         dataset_fingerprint = task.fingerprint() if main else ""
         with self._cell_failures(loaded.name, task.name, "fp", "fp"):
             fp_fields = self._record(loaded, task, dataset_fingerprint, "fp", None, "-", labels) if main else None
-            if not self._finished(fp_fields):
+            if self._finished(fp_fields):
+                log.info("skipping %s fp: already in the store", task.name)
+            else:
                 self._evaluate_cell(task, fp_twin(loaded.model).to(self.device), fp_fields, None, calib_s=0.0)
         calib: CalibrationSet | None = None
         for method_name in self.config.methods:
@@ -324,7 +326,7 @@ class Harness:
         cell_dir = None
         if self.dist.is_main:
             cell = f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
-            cell_dir = self.out / "runs" / cell
+            cell_dir = self.out / "runs" / f"{cell}-{RunStore.cell_key(**fields)[:8]}"  # one folder per cell
             cell_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(self.config.seed)
         start = time.perf_counter()

@@ -57,8 +57,8 @@ METRICS = ("mask_AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "AR300", "AR
 
 
 @contextlib.contextmanager
-def stdout_into_log(level: int = logging.DEBUG) -> Iterator[None]:
-    """Capture what pycocotools prints and send it to this module's log instead."""
+def stdout_into_log() -> Iterator[None]:
+    """Capture what pycocotools prints and send it to this module's debug log instead."""
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
@@ -66,7 +66,7 @@ def stdout_into_log(level: int = logging.DEBUG) -> Iterator[None]:
     finally:
         text = buffer.getvalue().strip()
         if text:
-            log.log(level, "pycocotools:\n%s", text)
+            log.debug("pycocotools:\n%s", text)
 
 
 def mask_results(image_id: int, masks: np.ndarray, category_ids: np.ndarray,
