@@ -104,7 +104,7 @@ def evaluations(monkeypatch) -> dict[str, list[Evaluation]]:
             with watching(model) as evaluation:
                 metrics = original(self, task, model, cell_dir)
             runs.append(evaluation)
-        seen[cell_dir.name] = runs
+        seen[cell_dir.name.rsplit("-", 1)[0]] = runs  # the folder name without its cell-key suffix
         return metrics
 
     monkeypatch.setattr(Harness, "_evaluate", evaluate_twice)
