@@ -98,7 +98,7 @@ def pcc_config(preset: str) -> PccConfig:
 
 @METHODS.register("saqsam-s", aliases=("saq-sam-s",))
 class SaqSamS:
-    """SAQ-SAM with PCC only (BIG + PCC + PTQ4SAM-S statistics), no reconstruction.
+    """SAQ-SAM with PCC only (BIG, PCC, AvgMSEFast activations, AGQ softmax, MSE weights), no reconstruction.
 
     pcc: override the preset's PCC settings; search_image: index of the calibration image PCC
     searches on (the reference: the first); big / agq / p: as `ptq4sam-s`.
