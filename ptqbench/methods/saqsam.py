@@ -35,9 +35,9 @@ from ptqbench.methods.par import ParSettings, par_reconstruct, par_settings
 from ptqbench.methods.ptq4sam import Ptq4SamS, apply_big
 from ptqbench.methods.reconstruction import preset_value
 from ptqbench.quant.agq import AGQ_P, AgqCapture
-from ptqbench.quant.pcc import PccChoice, PccConfig, decoder_attentions, pcc_search
+from ptqbench.quant.pcc import PccChoice, PccConfig, decoder_attentions, pcc_search, reference_maps
 from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.quantized import use_fp_query_for_rel_pos
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,16 @@ def pcc_forwards(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: 
                  observed: dict[str, FakeQuantizer], *, progress: bool = True) -> list[PccChoice]:
     """The reference's PCC forwards inside the statistics pass (`test_quant_SAQ_m.py:786-803`).
 
-    First the FP-map forward on the search image (`enable_get_ori_ATM`): in the reference its
-    `get_ATM` re-enables each decoder softmax observer, so the decoder AGQ searches (only they)
-    see this FP forward as one more update. Then the two PCC passes (`pcc_search`), which every
-    observer and AGQ search sees. qmodel is FP at this point (nothing quantizes yet).
+    First the FP-map forward on the search image (`enable_get_ori_ATM`), on qmodel itself, which
+    is FP at this point (nothing quantizes yet; BIG's sign folds leave the maps exact): it gives
+    PCC its reference maps, and since the reference's `get_ATM` re-enables each decoder softmax
+    observer, the decoder AGQ searches (only they) see it as one more update. Then the two PCC
+    passes (`pcc_search`), which every observer and AGQ search sees.
     """
     boxes = sample.boxes if config.max_prompts is None else sample.boxes[:config.max_prompts]
     with observers_paused(observed), capture.restricted_to(decoder_attentions(qmodel)):
-        sam_forward(qmodel, sample.image, boxes)
-    return pcc_search(qmodel, fp_model, sample, config, progress=progress)
+        maps = reference_maps(qmodel, sample.image, boxes)
+    return pcc_search(qmodel, fp_model, sample, config, maps=maps, progress=progress)
 
 
 def pcc_config(preset: str) -> PccConfig:

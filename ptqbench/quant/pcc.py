@@ -43,7 +43,7 @@ from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.sam.calibration import CalibrationSample, sam_forward
-from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
+from ptqbench.sam.quantized import QuantDecoderAttention, fp_twin
 
 log = logging.getLogger(__name__)
 
@@ -254,19 +254,19 @@ def search_attention(attention: QuantDecoderAttention, q: Tensor, k: Tensor, ref
 
 
 @torch.no_grad()
-def reference_maps(fp_model: Sam, image: Tensor, boxes: Tensor) -> dict[str, Tensor]:
-    """The FP attention map [B, heads, Nq, Nk] of every decoder attention on one image, by path
-    (one forward of the FP twin: the reference's `set_ori_ATM` pass)."""
-    reference = quantize_sam(fp_model, 8, 8)
+def reference_maps(model: Sam, image: Tensor, boxes: Tensor) -> dict[str, Tensor]:
+    """The FP attention map [B, heads, Nq, Nk] of every decoder attention on one image, by path:
+    one forward of `model` (the reference's `set_ori_ATM` pass), a quantizable twin that computes
+    in FP (every site off or observing, e.g. `fp_twin`, or the twin before calibration)."""
     maps: dict[str, Tensor] = {}
 
     def hook(path: str) -> Callable:
         return lambda module, args, kwargs: maps.__setitem__(path, module.attention_map(*_query_and_key(args, kwargs)))
 
     handles = [module.register_forward_pre_hook(hook(path), with_kwargs=True)
-               for path, module in decoder_attentions(reference).items()]
+               for path, module in decoder_attentions(model).items()]
     try:
-        sam_forward(reference, image, boxes)
+        sam_forward(model, image, boxes)
     finally:
         for handle in handles:
             handle.remove()
@@ -285,7 +285,7 @@ def _check_only_qk_sites(qmodel: nn.Module, searched: set[str]) -> None:
 
 @torch.no_grad()
 def pcc_search(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: PccConfig = PccConfig(),
-               *, progress: bool = True) -> list[PccChoice]:
+               *, maps: dict[str, Tensor] | None = None, progress: bool = True) -> list[PccChoice]:
     """Run PCC on `qmodel` with the search image `sample`; returns every site choice of every pass.
 
     As the reference (SAQ-SAM `test_quant_SAQ_m.py:786-803`, `quant_model.py:426-467`): the FP
@@ -295,7 +295,9 @@ def pcc_search(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: Pc
     the upstream clipping. In the second pass each site is searched with its attention's other
     sites at their latest picks. Sites that observe (other methods' observers) see those forwards
     as the reference's observers do. qmodel: the quantizable twin, nothing but the QK sites
-    quantizing (`_check_only_qk_sites`). On return the 4 x 7 QK sites quantize at their last picks.
+    quantizing (`_check_only_qk_sites`). maps: the FP maps (`reference_maps`) when the caller
+    already computed them, else from one forward of `fp_twin(fp_model)`. On return the 4 x 7 QK
+    sites quantize at their last picks.
     """
     attentions = decoder_attentions(qmodel)
     sites = quantizer_sites(qmodel)
@@ -307,7 +309,8 @@ def pcc_search(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: Pc
     for name in searched:
         sites[name].mode = "off"
     boxes = sample.boxes if config.max_prompts is None else sample.boxes[:config.max_prompts]
-    maps = reference_maps(fp_model, sample.image, boxes)
+    if maps is None:
+        maps = reference_maps(fp_twin(fp_model), sample.image, boxes)
     results: list[PccChoice] = []
     bar = tqdm(total=config.passes * len(attentions), desc="PCC search", disable=not progress, leave=False)
 
