@@ -18,14 +18,13 @@ from ptqbench.tasks.dota_eval import (
     class_ap,
     evaluate_task1,
     list_split,
-    poly_iou,
-    poly_iou_batch,
     read_dota_labels,
     read_task1_file,
     read_task1_folder,
     score_task1_folder,
     voc07_ap,
 )
+from ptqbench.tasks.polygon_iou import poly_iou, poly_iou_batch
 
 REAL_DOTA = Path(__file__).parents[2] / "shared" / "realdata"
 

@@ -21,7 +21,8 @@ from ptqbench.tasks.dota import (
     split_windows,
     window_starts,
 )
-from ptqbench.tasks.dota_eval import METRIC_KEYS, poly_iou
+from ptqbench.tasks.dota_eval import METRIC_KEYS
+from ptqbench.tasks.polygon_iou import poly_iou
 
 # image A: 300 x 200 -> windows 256/50 at x 0 and 44; image B: 150 x 260 -> windows at y 0 and 4
 IMAGES = {
