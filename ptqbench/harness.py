@@ -177,9 +177,10 @@ class Harness:
         """Every task of the grid, its inputs checked before the model loads and the first cell.
 
         Building a task checks its data and prompt paths; on the main rank its evaluation split
-        is opened and, when a method quantizes, one calibration item is read (which opens the
-        calibration split and parses the calibration prompts), so a missing split or a bad
-        prompts file fails here, not after the FP cell. The tasks cache what they read.
+        is opened, its evaluation prompts (or semantic priors) are parsed by the reader its
+        evaluation uses (`Task.check_eval_inputs`) and, when a method quantizes, one calibration
+        item is read (which opens the calibration split and parses the calibration prompts), so
+        a missing split or a bad prompts file fails here, not after the FP cell.
         """
         input_size = MODELS.get(self.config.model)().input_size
         tasks = [self._make_task(name, input_size) for name in self.config.tasks]
@@ -188,6 +189,7 @@ class Harness:
             for task in tasks:
                 with self._cell_failures(self.config.model, task.name, "inputs", "-"):
                     task.eval_image_count(self.config.limit)
+                    task.check_eval_inputs()
                     if quantizes:
                         task.calibration_items(1, self.config.seed)
         return tasks

@@ -1,9 +1,11 @@
 """The bad-input table: every case is one `ptqbench: error:` line and exit code 2, before any
-work, with a pre-filled results store left byte for byte intact."""
+work, with a pre-filled results store left byte for byte intact (no new file or folder: a cell
+that started would have made its artefact folder)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -27,8 +29,33 @@ def prefilled(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    """Every file's sha256 and every folder below `folder`, by relative path."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file()
+            else "folder" for path in sorted(folder.rglob("*"))}
+
+
+def _bad_inputs(folder: Path, data: Path) -> dict[str, str]:
+    """Malformed input files written under `folder`, by their placeholder in the cases."""
+    coco = json.loads((data / "coco" / "annotations" / "instances_val2017.json").read_text())
+    known = {"image_id": coco["images"][0]["id"], "category_id": coco["categories"][0]["id"], "score": 0.5}
+    files = {
+        "{file}": "this is not JSON",
+        "{no_keys}": json.dumps([{"image_id": known["image_id"]}]),
+        "{text_box}": json.dumps([{**known, "bbox": ["a", 0, 10, 10]}]),
+        "{not_list}": json.dumps({"annotations": []}),
+    }
+    fill = {}
+    for key, text in files.items():
+        path = folder / f"{key.strip('{}')}.json"
+        path.write_text(text)
+        fill[key] = str(path)
+    task1 = folder / "task1"
+    task1.mkdir()
+    (task1 / "Task1_plane.txt").write_text("P0001 0.9 1 2 3 4\n")
+    (folder / "no_priors").mkdir()
+    fill.update({"{task1}": str(task1), "{missing}": str(folder / "missing"),
+                 "{no_priors}": str(folder / "no_priors")})
+    return fill
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -44,6 +71,9 @@ def _yaml(text: str) -> tuple[str, str]:
 
 
 RUN = ["run", "--data-root", DATA, "--tasks", "coco", "--out", STORE, "--device", "cpu", "--limit", "2"]
+DOTA = RUN[:3] + ["--tasks", "dota"] + RUN[5:]
+ADE = RUN[:3] + ["--tasks", "ade20k"] + RUN[5:]
+SSA = ADE + ["--task-option", "mode=ssa", "--task-option"]
 
 CASES = {
     "yaml methods int": (_yaml("methods: 5"), "methods must be a name or a list of names, got 5"),
@@ -61,6 +91,21 @@ CASES = {
     "empty tasks": (RUN[:3] + RUN[5:] + ["--tasks", ""], "--tasks is empty"),
     "bad calib prompts": (RUN + ["--methods", "minmax", "--calib-prompts", "{file}"], "{file}"),
     "missing calib split": (RUN + ["--methods", "minmax", "--calib-split", "nosuch"], "nosuch"),
+    "calib prompts without keys": (RUN + ["--calib-prompts", "{no_keys}"], "missing key(s) category_id, bbox, score"),
+    "missing calib prompts": (RUN + ["--calib-prompts", "{missing}"], "{missing} does not exist"),
+    "prompts not JSON": (RUN + ["--prompts", "{file}"], "{file} is not valid JSON"),
+    "prompts only FP": (RUN + ["--methods", "fp", "--prompts", "{file}"], "{file} is not valid JSON"),
+    "prompts without keys": (RUN + ["--prompts", "{no_keys}"], "entry 0: missing key(s) category_id, bbox, score"),
+    "prompts text box": (RUN + ["--prompts", "{text_box}"], "is not a list of 4 finite numbers"),
+    "prompts not a list": (RUN + ["--prompts", "{not_list}"], "expected a JSON list"),
+    "missing prompts": (RUN + ["--prompts", "{missing}"], "{missing} does not exist"),
+    "dota prompts bad line": (DOTA + ["--prompts", "{task1}"], "Task1_plane.txt, line 1: expected"),
+    "dota calib prompts bad line": (DOTA + ["--calib-prompts", "{task1}"], "Task1_plane.txt, line 1: expected"),
+    "dota prompts not a folder": (DOTA + ["--prompts", "{file}"], "DOTA prompt folder {file} does not exist"),
+    "dota missing prompts": (DOTA + ["--prompts", "{missing}"], "DOTA prompt folder {missing} does not exist"),
+    "ade20k prompts file": (ADE + ["--prompts", "{file}"], "ade20k takes no prompts file"),
+    "ade20k missing priors": (SSA + ["semantic_prior={missing}"], "semantic prior folder {missing} does not exist"),
+    "ade20k prior map missing": (SSA + ["semantic_prior={no_priors}"], "missing semantic prior map {no_priors}/"),
     "unknown method": (RUN + ["--methods", "minmx"], "Did you mean 'minmax'?"),
     "threads zero": (RUN + ["--threads", "0"], "--threads"),
     "limit word": (RUN + ["--limit", "two"], "--limit"),
@@ -74,9 +119,7 @@ def test_bad_input_is_one_line_exit_2_and_keeps_the_store(argv, message, prefill
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
     before = _digests(copy)
-    not_json = tmp_path / "not_json.json"
-    not_json.write_text("this is not JSON")
-    fill = {DATA: str(data), STORE: str(copy), "{file}": str(not_json)}
+    fill = {DATA: str(data), STORE: str(copy), **_bad_inputs(tmp_path, data)}
 
     def filled(text: str) -> str:
         for key, value in fill.items():

@@ -348,6 +348,23 @@ class Ade20kTask:
     def eval_image_count(self, limit: int | None) -> int:
         return len(self.samples[:limit])
 
+    def check_eval_inputs(self) -> None:
+        """ssa mode: the semantic prior folder holds a map for every evaluation image (DataError
+        otherwise); gt mode reads nothing besides the split."""
+        if self.mode == "ssa":
+            self._check_priors()
+
+    def _check_priors(self) -> None:
+        """DataError unless `prior_dir` exists and holds `<stem>.png` for every evaluation image."""
+        if not self.prior_dir.is_dir():
+            raise DataError(f"semantic prior folder {self.prior_dir} does not exist (set the "
+                            f"ade20k option semantic_prior=DIR: one <stem>.png per image)")
+        for sample in self.samples:
+            path = self.prior_dir / f"{sample.stem}.png"
+            if not path.is_file():
+                raise DataError(f"missing semantic prior map {path} (the folder {self.prior_dir} "
+                                f"needs one <stem>.png per image)")
+
     def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False
                 ) -> list[AdePrediction]:
         """The predicted label maps of the evaluation images at `indices` (positions in the
@@ -409,9 +426,7 @@ class Ade20kTask:
         """segment_anything's SamAutomaticMaskGenerator on `predictor.model` with SSA settings."""
         from segment_anything import SamAutomaticMaskGenerator
 
-        if not self.prior_dir.is_dir():
-            raise DataError(f"semantic prior folder {self.prior_dir} does not exist (set the "
-                            f"ade20k option semantic_prior=DIR: one <stem>.png per image)")
+        self._check_priors()
         points_per_batch = self.points_per_batch
         if points_per_batch is None:
             points_per_batch = 256 if predictor.device.type == "cuda" else 64

@@ -82,6 +82,11 @@ class Task(Protocol):
     def eval_image_count(self, limit: int | None) -> int:
         """How many evaluation images `evaluate(limit=limit)` scores."""
 
+    def check_eval_inputs(self) -> None:
+        """Read the evaluation inputs `predict` uses besides the split itself (a detector prompt
+        file or folder, semantic prior maps) with the readers `predict` uses, so that a missing
+        or malformed one raises DataError before the model loads; nothing for GT prompts."""
+
     def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False) -> list[Any]:
         """Phase 1 of `evaluate`: the per-image results of the evaluation images at `indices`.
 

@@ -375,6 +375,11 @@ class CocoTask:
     def eval_image_count(self, limit: int | None) -> int:
         return len(evaluation_image_ids(self._split(self.eval_split), limit))
 
+    def check_eval_inputs(self) -> None:
+        """Read and check the evaluation detection file (when given) against the val2017
+        annotation file, as `predict` does; DataError for a malformed one."""
+        self._prompt_lookup(self._split(self.eval_split), self.prompts)
+
     def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False
                 ) -> list[CocoImageResult]:
         """Segment every prompt box of the evaluation images at `indices` (positions in the

@@ -494,6 +494,11 @@ class DotaTask:
     def eval_image_count(self, limit: int | None) -> int:
         return len(self._items(EVAL_SPLIT)[:limit])
 
+    def check_eval_inputs(self) -> None:
+        """Read the evaluation prompt folder (when given) as `predict` does; DataError for a
+        malformed Task1 file."""
+        self._prompt_source(self.prompt_dir, self._items(EVAL_SPLIT))
+
     def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False
                 ) -> list[DotaImageResult]:
         """Rotated boxes (after per-class NMS) of the val images at `indices` (positions in the
