@@ -89,7 +89,8 @@ def _add_run_parser(sub: argparse._SubParsersAction, parents: list[argparse.Argu
     p.add_argument("--prompts", help="evaluation prompts: COCO detection JSON or DOTA Task1 folder (default: GT boxes)")
     p.add_argument("--calib-prompts", help="calibration prompts file (default: GT boxes)")
     p.add_argument("--calib-split", help="calibration split name (default: the task's train split)")
-    p.add_argument("--calib-size", type=_positive_int, help="number of calibration images (default 32)")
+    p.add_argument("--calib-size", type=_positive_int,
+                   help="number of calibration samples (default 32, or all the calibration split has when fewer)")
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")

@@ -11,6 +11,7 @@ from ptqbench.errors import ConfigError
 
 MIN_BITS, MAX_BITS = 2, 16
 PRESETS = ("paper", "fast")
+DEFAULT_CALIB_SIZE = 32
 
 
 @dataclass(frozen=True, order=True)
@@ -62,7 +63,9 @@ class RunConfig:
 
     data_root None means: the demo data (generated offline on first use) when no model was named
     either, else $PTQBENCH_DATASETS, else ./datasets. preset None means: `fast` for sam_tiny,
-    `paper` for full-size SAM.
+    `paper` for full-size SAM. calib_size None means: DEFAULT_CALIB_SIZE calibration samples, or
+    all the calibration split has when it has fewer (the demo's splits are small on purpose);
+    an explicit size larger than the split is calibrated on all of it with a warning.
     """
 
     model: str = "sam_tiny"
@@ -74,7 +77,7 @@ class RunConfig:
     prompts: str | None = None
     calib_prompts: str | None = None
     calib_split: str | None = None
-    calib_size: int = 32
+    calib_size: int | None = None
     limit: int | None = None
     device: str = "auto"
     seed: int = 0
@@ -87,7 +90,7 @@ class RunConfig:
         self._check_types()
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
-        if self.calib_size < 1:
+        if self.calib_size is not None and self.calib_size < 1:
             raise ConfigError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
@@ -120,7 +123,8 @@ _FIELD_TYPES = {
     "calib_split": str, "calib_size": int, "limit": int, "device": str, "seed": int, "preset": str,
     "out": str, "resume": bool,
 }
-_OPTIONAL = {"checkpoint", "data_root", "prompts", "calib_prompts", "calib_split", "limit", "preset"}
+_OPTIONAL = {"checkpoint", "data_root", "prompts", "calib_prompts", "calib_split", "calib_size", "limit",
+             "preset"}
 
 
 def _config_value(name: str, value: Any) -> Any:

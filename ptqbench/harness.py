@@ -34,7 +34,7 @@ from typing import Iterator
 import torch
 from segment_anything.modeling import Sam
 
-from ptqbench.config import BitSpec, RunConfig
+from ptqbench.config import DEFAULT_CALIB_SIZE, BitSpec, RunConfig
 from ptqbench.distributed import DistributedContext
 from ptqbench.errors import CellError, ConfigError, PtqbenchError
 from ptqbench.methods.base import METHODS
@@ -45,7 +45,7 @@ from ptqbench.sam.calibration import CalibrationSet, build_calibration_set
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import MODELS, LoadedModel, load_model
 from ptqbench.sam.quantized import fp_twin, quantize_sam
-from ptqbench.tasks.base import TASKS, Task, TaskConfig
+from ptqbench.tasks.base import TASKS, CalibrationItem, Task, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,7 @@ class Harness:
         fields = None
         if self.dist.is_main:
             if calib is None:
-                items = task.calibration_items(self.config.calib_size, self.config.seed)
-                calib = build_calibration_set(loaded.model, items, self.device)
+                calib = build_calibration_set(loaded.model, self._calibration_items(task), self.device)
             fields = self._record(loaded, task, dataset_fingerprint, method_name, spec, calib.fingerprint, labels)
         if self._finished(fields):
             log.info("skipping %s %s %s: already in the store", task.name, method_name, spec.label)
@@ -248,6 +247,20 @@ class Harness:
         qmodel, calib_s = self._calibrated(loaded, method_name, spec, calib)
         self._evaluate_cell(task, qmodel, fields, spec, calib_s=calib_s)
         return calib
+
+    def _calibration_items(self, task: Task) -> list[CalibrationItem]:
+        """The task's calibration items: `--calib-size` of them, else DEFAULT_CALIB_SIZE.
+
+        A calibration split with fewer gives all it has (the cell key's calibration fingerprint
+        hashes the items actually used); a warning only when `--calib-size` asked for more,
+        since the default simply takes what a small split (e.g. the demo's) has.
+        """
+        asked = self.config.calib_size
+        items = task.calibration_items(asked if asked is not None else DEFAULT_CALIB_SIZE, self.config.seed)
+        if asked is not None and len(items) < asked:
+            log.warning("%s: the calibration split gives only %d calibration samples (--calib-size %d); "
+                        "calibrating on %d", task.name, len(items), asked, len(items))
+        return items
 
     @contextmanager
     def _cell_failures(self, model: str, task: str, method: str, bits: str) -> Iterator[None]:

@@ -324,8 +324,8 @@ class Ade20kTask:
         """The first `n` calibration images (sorted by name) that have a GT component.
 
         Boxes: the components of `component_boxes`, at most `MAX_CALIB_BOXES` per image, the
-        largest (component area) first. Images without a component are skipped. The selection
-        is deterministic; `seed` is unused.
+        largest (component area) first. Images without a component are skipped; fewer than `n`
+        such images: all of them. The selection is deterministic; `seed` is unused.
         """
         items: list[CalibrationItem] = []
         for sample in list_samples(self.config.data_root, self.calib_split):
@@ -341,8 +341,6 @@ class Ade20kTask:
         if not items:
             raise DataError(f"no ADE20K calibration image with a GT component in split "
                             f"{self.calib_split!r} under {self.root}")
-        if len(items) < n:
-            log.warning("ADE20K calibration: only %d of %d requested images", len(items), n)
         return items
 
     def eval_image_count(self, limit: int | None) -> int:

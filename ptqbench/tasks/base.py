@@ -77,7 +77,8 @@ class Task(Protocol):
         """One line saying which data and prompts the task uses."""
 
     def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
-        """The first `n` calibration images in file order with their box prompts."""
+        """The first `n` calibration images in file order with their box prompts (all of them,
+        fewer than `n`, when the calibration split has fewer)."""
 
     def eval_image_count(self, limit: int | None) -> int:
         """How many evaluation images `evaluate(limit=limit)` scores."""

@@ -353,8 +353,8 @@ class CocoTask:
         """The first `n` images of the calibration split (annotation file order) that have at
         least one box prompt, with those boxes (xyxy pixels). Images without boxes (only possible
         with GT prompts) are skipped.
-        `seed` is unused: the set is the same for every seed. Fewer than `n` available: a warning
-        and all of them; none at all: DataError."""
+        `seed` is unused: the set is the same for every seed. Fewer than `n` available: all of
+        them; none at all: DataError."""
         split = self._split(self.calib_split)
         lookup = self._prompt_lookup(split, self.calib_prompts)
         items: list[CalibrationItem] = []
@@ -367,9 +367,6 @@ class CocoTask:
             items.append(CalibrationItem(image=split.read_image(image_id), boxes=detections.boxes.copy()))
         if n > 0 and not items:
             raise DataError(f"no image of {split.annotation_file} has a box prompt for calibration")
-        if len(items) < n:
-            log.warning("coco %s has only %d images with box prompts; calibrating on %d instead of %d",
-                        split.name, len(items), len(items), n)
         return items
 
     def eval_image_count(self, limit: int | None) -> int:

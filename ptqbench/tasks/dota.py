@@ -33,7 +33,7 @@ Calibration items (`calibration_items(n, seed)`): calibration images in sorted f
 split into windows exactly like the evaluation images (same window and gap); a window to which
 at least one prompt (GT box, or a `calib_prompts` Task1 folder box) is assigned becomes one item:
 the window crop and its assigned boxes, clipped, in window pixels. The first `n` such windows are
-returned; `seed` is unused (the order is fixed by the files).
+returned (all of them when there are fewer); `seed` is unused (the order is fixed by the files).
 """
 
 from __future__ import annotations
@@ -486,9 +486,6 @@ class DotaTask:
         if not result:
             raise DataError(f"no calibration window with box prompts in DOTA split {self.calib_split} "
                             f"under {Path(self.config.data_root) / 'DOTA'}")
-        if len(result) < n:
-            log.warning("DOTA %s gives only %d calibration windows (asked for %d)",
-                        self.calib_split, len(result), n)
         return result
 
     def eval_image_count(self, limit: int | None) -> int:

@@ -116,7 +116,8 @@ class DemoSizes:
 
     The calibration (train) splits are small on purpose: the CPU demo must finish in minutes
     even for search-heavy observers (mse), so runs on the demo calibrate on 8 images (COCO,
-    ADE20K) or the windows of 2 images (DOTA) and say so, instead of the default 32.
+    ADE20K) or the windows of 2 images (DOTA): the default calibration size (32) takes every
+    sample of a split that has fewer (the log says how many), without a warning.
     """
 
     coco_val: int = 24
