@@ -18,7 +18,7 @@ from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
 from ptqbench.config import BitSpec
-from ptqbench.quant.observers import Observer, make_observer
+from ptqbench.quant.observers import DeferredSearches, Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, weight_layers
 from ptqbench.registry import Registry
@@ -62,13 +62,18 @@ def observing(qmodel: Sam, observer_for: Callable[[str, int], Observer],
     `with` block, then turn their statistics into ranges (the sites then quantize).
 
     `observer_for(site_name, bits)` returns the observer of a site; every forward run inside the
-    block is one update of each observer it reaches. Yields the observed sites by name.
+    block is one update of each observer it reaches. The observers' per-update searches run
+    batched across sites (`DeferredSearches`). Yields the observed sites by name.
     """
     sites = {name: q for name, q in quantizer_sites(qmodel).items()
              if not q.is_weight and q.mode == "off" and name not in skip}
+    searches = DeferredSearches()
     for name, quantizer in sites.items():
-        quantizer.observe_with(observer_for(name, quantizer.bits))
+        observer = observer_for(name, quantizer.bits)
+        observer.defer_searches(searches)
+        quantizer.observe_with(observer)
     yield sites
+    searches.flush()
     for quantizer in sites.values():
         quantizer.finish_observing()
 
@@ -107,10 +112,15 @@ class RangeSettingMethod:
         """Extra options of the activation observer under `preset` (none by default)."""
         return {}
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
-                  preset: str, seed: int) -> None:
+    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet, preset: str) -> list[tuple[str, Callable[[], object]]]:
         """Activations observed on the FP model, then weights (the reference's `calibrate` order)."""
         options = self.activation_observer_options(preset)
-        observe_activations(qmodel, calib,
-                            lambda site, bits: make_observer(self.activation_observer, bits=bits, **options))
-        set_weight_ranges(qmodel, self.weight_observer, **self.weight_observer_options(preset))
+        return [("activations", lambda: observe_activations(
+                    qmodel, calib, lambda site, bits: make_observer(self.activation_observer, bits=bits, **options))),
+                ("weights", lambda: set_weight_ranges(qmodel, self.weight_observer,
+                                                      **self.weight_observer_options(preset)))]
+
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
+                  preset: str, seed: int) -> None:
+        for _, step in self.statistics_steps(qmodel, calib, preset):
+            step()

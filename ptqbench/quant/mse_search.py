@@ -9,15 +9,17 @@ wraps them into observers (`make_observer("mse")`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Generator, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
 from torch import Tensor
 
 from ptqbench.errors import ConfigError
+from ptqbench.quant.bounded_brent import bounded_brent, drive, loss_of
 from ptqbench.quant.functional import affine_qparams, quant_range
+from ptqbench.quant.lockstep import LpErrorRows, run_lockstep
 
 MSE_NUM_RANGES = 100
 # Elements per [3, channels, K] block of the per-channel grid search.
@@ -133,18 +135,6 @@ def _grid_search_block(
     return best_min, best_max
 
 
-def _bounded_minimize(fn: Callable[[float], float], lo: float, hi: float,
-                      max_iter: int | None = None) -> tuple[float, float]:
-    """(argmin, min) of fn on [lo, hi] by scipy's bounded Brent search with its default tolerance
-    (xatol 1e-5), as the reference's `minimize_scalar(..., method='Bounded')`; a point interval is
-    evaluated. max_iter: scipy's iteration cap (None = scipy's default, 500)."""
-    if hi <= lo:
-        return lo, fn(lo)
-    options = None if max_iter is None else {"maxiter": max_iter}
-    result = minimize_scalar(fn, bounds=(lo, hi), method="bounded", options=options)
-    return float(result.x), float(result.fun)
-
-
 def strided_sample(x: Tensor, max_elements: int | None) -> Tensor:
     """x itself when it has at most `max_elements` elements (or no cap is set), else a
     deterministic strided subset of about `max_elements` elements plus x's min and max
@@ -159,63 +149,102 @@ def strided_sample(x: Tensor, max_elements: int | None) -> Tensor:
 OneSide = Literal["pos", "neg", "no"]
 
 
-def one_sided(x: Tensor) -> OneSide:
+def side_of(x_min: float, x_max: float) -> OneSide:
     """'pos' when every element is >= 0, 'neg' when every one is <= 0, else 'no' (the reference's
     `one_side_dist`, decided on an observer's first update and kept for the later ones)."""
-    x_min, x_max = (float(v) for v in torch.aminmax(x.detach()))
     return "pos" if x_min >= 0.0 else "neg" if x_max <= 0.0 else "no"
 
 
-def range_loss(x: Tensor, lo: float, hi: float, bits: int, p: float) -> float:
-    """mean(|Q(x) - x|^p) for the grid covering [lo, hi] (one scalar read back to the host).
+def one_sided(x: Tensor) -> OneSide:
+    """`side_of` x's min and max."""
+    x_min, x_max = (float(v) for v in torch.aminmax(x.detach()))
+    return side_of(x_min, x_max)
 
-    The qparams are computed in float64 on the host from the candidate, exactly as the
-    reference's `calculate_qparams` on its float64 candidate tensors, and handed to the fused
-    per-tensor kernel as Python numbers, so nothing of the candidate lives on another device or
-    in another dtype than x. x: float32, any shape, any device.
+
+def tensor_extrema(xs: Sequence[Tensor]) -> list[tuple[float, float]]:
+    """(min, max) of each tensor (float32 values as Python floats), read back in one transfer."""
+    if not xs:
+        return []
+    stacked = torch.stack([torch.stack(torch.aminmax(x.detach().float())) for x in xs]).cpu()
+    return [(float(lo), float(hi)) for lo, hi in stacked]
+
+
+Range = tuple[float, float]
+
+
+def mse_fast_search(side: OneSide, x_min: float, x_max: float, bits: int,
+                    max_iter: int | None = None) -> Generator[Range, np.float32, Range]:
+    """The reference's per-tensor MSEFast search (SAQ-SAM `observer.py:270-367`) as a search
+    generator: yields candidate grids (lo, hi), receives each one's mean(|Q(x) - x|^p), returns
+    the chosen range. x_min, x_max: the data's float32 min and max; side: its sidedness.
+
+    - One-sided ('pos' / 'neg'): a bounded search of r over [min(0.1, 0.01 R), R],
+      R = max(|x_min|, x_max), of the grid [0, r] (or [-r, 0]); returns (0, r) or (-r, 0).
+    - Two-sided: R = x_max - x_min (float32); each width r in [min(0.1, 0.01 R), R] is scored by
+      the best shift t in [qmin d, qmax d] (d = r / (qmax - qmin)) of the grid [-t, r - t]
+      (a nested bounded search), then the best shift of the chosen width is searched again;
+      the result is that grid clipped to the data, (max(-t, x_min), min(r - t, x_max)).
+    Every search is scipy's bounded Brent search with its default tolerance (`bounded_brent`);
+    `max_iter` caps each one (the `fast` preset's cut; None = scipy's default).
     """
     qmin, qmax = quant_range(bits)
-    low, high = min(lo, 0.0), max(hi, 0.0)
-    scale = max((high - low) / (qmax - qmin), 1e-8)
-    zero_point = int(min(max(qmin - round(low / scale), qmin), qmax))
-    x_hat = (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
-    return float((x_hat - x).abs().pow(p).mean())
+    if side != "no":
+        extent = max(abs(x_min), x_max)
+
+        def grid(r: float) -> Range:
+            return (0.0 if side == "pos" else -r), (0.0 if side == "neg" else r)
+
+        r_best, _ = yield from drive(bounded_brent(min(0.1, 0.01 * extent), extent, max_iter),
+                                     lambda r: loss_of(grid(r)))
+        return grid(r_best)
+    extent = float(np.float32(x_max) - np.float32(x_min))
+
+    def best_shift(r: float) -> Generator[Range, np.float32, tuple[float, np.float32]]:
+        step = r / float(qmax - qmin)
+        return drive(bounded_brent(step * qmin, step * qmax, max_iter), lambda t: loss_of((0.0 - t, r - t)))
+
+    def loss_of_width(r: float) -> Generator[Range, np.float32, np.float32]:
+        _, loss = yield from best_shift(r)
+        return loss
+
+    r_best, _ = yield from drive(bounded_brent(min(0.1, 0.01 * extent), extent, max_iter), loss_of_width)
+    t_best, _ = yield from best_shift(r_best)
+    return max(0.0 - t_best, x_min), min(r_best - t_best, x_max)
+
+
+def search_tensor_ranges(xs: Sequence[Tensor], sides: Sequence[OneSide], bits: Sequence[int], p: float,
+                         max_iter: int | None = None,
+                         extrema: Sequence[tuple[float, float]] | None = None) -> list[Range]:
+    """`mse_fast_search` for many tensors at once, in lockstep (`run_lockstep`).
+
+    xs: tensors of any shapes, on one device; sides, bits: per tensor; extrema: their
+    `tensor_extrema` when already known. Tensors of the same size, sidedness and bit width are
+    stacked and scored together. Returns each tensor's range, in order; every range equals what
+    the search finds for that tensor alone.
+    """
+    extrema = list(extrema) if extrema is not None else tensor_extrema(xs)
+    members: dict[tuple[int, bool, int], list[int]] = {}
+    for i, x in enumerate(xs):
+        members.setdefault((x.numel(), sides[i] == "no", bits[i]), []).append(i)
+    groups = []
+    for (_, _, group_bits), indices in members.items():
+        rows = torch.stack([xs[i].detach().float().reshape(-1) for i in indices])
+        searches = [mse_fast_search(sides[i], *extrema[i], group_bits, max_iter) for i in indices]
+        groups.append((LpErrorRows(rows, group_bits, p), searches))
+    ranges: list[Range] = [(0.0, 0.0)] * len(xs)
+    for indices, found in zip(members.values(), run_lockstep(groups)):
+        for i, found_range in zip(indices, found):
+            ranges[i] = found_range
+    return ranges
 
 
 def bounded_search_per_tensor(x: Tensor, bits: int, p: float, side: OneSide | None = None,
-                              max_iter: int | None = None) -> tuple[float, float]:
-    """The per-tensor range of the reference's MSEFast search (SAQ-SAM `observer.py:270-367`).
+                              max_iter: int | None = None) -> Range:
+    """The per-tensor range of the reference's MSEFast search for one tensor (`mse_fast_search`).
 
-    x: any shape, on any device (every loss evaluation runs there; one scalar per step comes back).
-    side: the data's sidedness (`one_sided`; None = decide from x).
-    - One-sided ('pos' / 'neg'): a bounded search of r over [min(0.1, 0.01 R), R],
-      R = max(|x_min|, x_max), of the grid [0, r] (or [-r, 0]); returns (0, r) or (-r, 0).
-    - Two-sided: R = x_max - x_min; each width r in [min(0.1, 0.01 R), R] is scored by the best
-      shift t in [0, r] of the grid [-t, r - t] (a nested bounded search), then the best shift of
-      the chosen width; the result is that grid clipped to the data, (max(-t, x_min), min(r - t, x_max)).
-    Every search is scipy's bounded Brent search with its default tolerance; `max_iter` caps each
-    one (the `fast` preset's cut; None = scipy's default).
+    x: any shape, on any device; side: the data's sidedness (None = decide from x).
     """
-    x = x.detach().float()
-    lo_t, hi_t = torch.aminmax(x)
-    x_min, x_max = float(lo_t), float(hi_t)
-    side = side or one_sided(x)
-    qmin, qmax = quant_range(bits)
-    if side != "no":
-        extent = float(torch.maximum(lo_t.abs(), hi_t))
+    extrema = tensor_extrema([x])
+    return search_tensor_ranges([x], [side or side_of(*extrema[0])], [bits], p, max_iter, extrema)[0]
 
-        def grid(r: float) -> tuple[float, float]:
-            return (0.0 if side == "pos" else -r), (0.0 if side == "neg" else r)
 
-        r_best, _ = _bounded_minimize(lambda r: range_loss(x, *grid(r), bits, p),
-                                      min(0.1, 0.01 * extent), extent, max_iter)
-        return grid(r_best)
-    extent = float(hi_t - lo_t)  # float32 arithmetic, as the reference's bounds
-
-    def best_shift(r: float) -> tuple[float, float]:
-        step = r / (qmax - qmin)
-        return _bounded_minimize(lambda t: range_loss(x, -t, r - t, bits, p), step * qmin, step * qmax, max_iter)
-
-    r_best, _ = _bounded_minimize(lambda r: best_shift(r)[1], min(0.1, 0.01 * extent), extent, max_iter)
-    t_best, _ = best_shift(r_best)
-    return max(-t_best, x_min), min(r_best - t_best, x_max)

@@ -32,8 +32,9 @@ from torch import Tensor
 
 from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.quant.functional import affine_qparams, fake_quant_affine
+from ptqbench.quant.lockstep import deferral_limit
 from ptqbench.quant.mse_search import (MSE_NUM_RANGES, OneSide, bounded_search_per_tensor, grid_search_per_channel,
-                                       one_sided, strided_sample)
+                                       one_sided, search_tensor_ranges, side_of, strided_sample, tensor_extrema)
 from ptqbench.registry import Registry
 
 OBSERVERS: Registry[Observer] = Registry("observer")
@@ -91,6 +92,10 @@ class Observer:
         if self.channel_axis is None:
             return x_min[0], x_max[0]
         return x_min, x_max
+
+    def defer_searches(self, batch: DeferredSearches) -> None:
+        """Let `batch` run this observer's per-update searches together with other observers'
+        (`DeferredSearches`); observers without such a search ignore it."""
 
     def reset(self) -> None:
         """Forget every update."""
@@ -244,8 +249,9 @@ class MSEObserver(SearchObserver):
     """Lp clipping search (LAPQ / BRECQ / QDrop / PTQ4SAM), p = 2.4 by default.
 
     Per channel (`channel_axis` given, weights): `grid_search_per_channel` on each update.
-    Per tensor (activations): the reference's AvgMSEFast observer, `bounded_search_per_tensor` on
-    each update with the sidedness of the first update kept for the later ones.
+    Per tensor (activations): the reference's AvgMSEFast observer, `mse_fast_search` on each
+    update with the sidedness of the first update kept for the later ones; searched at once, or,
+    after `defer_searches`, together with other observers' updates (same ranges).
     The per-update ranges are averaged over updates.
     """
 
@@ -258,11 +264,32 @@ class MSEObserver(SearchObserver):
         self.max_iter = max_iter
         self.num_ranges = num_ranges
         self.max_elements = max_elements
+        self._batch: DeferredSearches | None = None
         super().__init__(channel_axis, bits)
 
     def _clear(self) -> None:
         super()._clear()
         self.side: OneSide | None = None
+
+    def defer_searches(self, batch: DeferredSearches) -> None:
+        if self.channel_axis is None and self.bits is not None:
+            self._batch = batch
+
+    def _observe(self, rows: Tensor) -> None:
+        if self._batch is None:
+            super()._observe(rows)
+        else:
+            self._batch.add(self, strided_sample(rows, self.max_elements))
+
+    def _range(self, bits: int) -> tuple[Tensor, Tensor]:
+        if self._batch is not None:
+            self._batch.flush()
+        return super()._range(bits)
+
+    def add_range(self, lo: float, hi: float, device: torch.device) -> None:
+        """Record one update's searched range (from `DeferredSearches`)."""
+        self._ranges.append((torch.tensor([lo], dtype=torch.float32, device=device),
+                             torch.tensor([hi], dtype=torch.float32, device=device)))
 
     def _search(self, rows: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         if self.channel_axis is not None:
@@ -272,6 +299,45 @@ class MSEObserver(SearchObserver):
         lo, hi = bounded_search_per_tensor(sample, bits, self.p, self.side, self.max_iter)
         return (torch.tensor([lo], dtype=torch.float32, device=rows.device),
                 torch.tensor([hi], dtype=torch.float32, device=rows.device))
+
+
+class DeferredSearches:
+    """The per-tensor MSE searches of many observers, collected and run together.
+
+    `observing` hands one to every observer of a statistics pass; each update of a per-tensor
+    `MSEObserver` then waits here instead of being searched at once, and `flush` (automatic
+    once the collected tensors exceed `max_bytes`, and before any of these observers reports
+    its range) searches all of them in lockstep (`search_tensor_ranges`). The ranges are those
+    of searching each update alone, so when the flushes happen changes no number.
+    max_bytes: None = `deferral_limit` of the data's device.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._jobs: list[tuple[MSEObserver, Tensor]] = []
+        self._bytes = 0
+
+    def add(self, observer: MSEObserver, x: Tensor) -> None:
+        """Queue one update of `observer` (a copy of x is kept until the flush)."""
+        self._jobs.append((observer, x.detach().float().clone()))
+        self._bytes += x.numel() * 4
+        if self._bytes > (self.max_bytes or deferral_limit(x.device)):
+            self.flush()
+
+    def flush(self) -> None:
+        """Search every queued update and hand each range to its observer, in queue order."""
+        jobs, self._jobs, self._bytes = self._jobs, [], 0
+        extrema = tensor_extrema([x for _, x in jobs])
+        settings: dict[tuple[float, int | None], list[int]] = {}
+        for i, ((observer, _), (x_min, x_max)) in enumerate(zip(jobs, extrema)):
+            observer.side = observer.side or side_of(x_min, x_max)
+            settings.setdefault((observer.p, observer.max_iter), []).append(i)
+        for (p, max_iter), indices in settings.items():
+            ranges = search_tensor_ranges([jobs[i][1] for i in indices], [jobs[i][0].side for i in indices],
+                                          [jobs[i][0].bits for i in indices], p, max_iter,
+                                          [extrema[i] for i in indices])
+            for i, (lo, hi) in zip(indices, ranges):
+                jobs[i][0].add_range(lo, hi, jobs[i][1].device)
 
 
 @OBSERVERS.register("omse")

@@ -1,0 +1,118 @@
+"""Statistics calibration time: `mse` and the `ptq4sam-s` steps (BIG, activations + AGQ, weights).
+
+The model has random weights; the calibration set is random (`--images` normalised images with
+`--boxes` random boxes each, as `recon_speed.py`). Each step runs exactly as the method runs it and
+is timed once; with `--project-images N` the per-image steps are scaled to N images. Targets
+(issue 16, `sam_vit_b` on one H200, 32 images): `mse` at most 30 s, `ptq4sam-s` at most 45 s.
+
+    python benchmarks/stats_speed.py                         # sam_vit_b, paper preset, GPU
+    python benchmarks/stats_speed.py --model sam_tiny --device cpu --images 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from segment_anything.modeling import Sam
+from tabulate import tabulate
+
+from ptqbench.config import BitSpec
+from ptqbench.methods.mse import Mse
+from ptqbench.methods.ptq4sam import Ptq4SamS, apply_big
+from ptqbench.quant import lockstep
+from ptqbench.quant.sites import quantizer_sites
+from ptqbench.sam.calibration import CalibrationSet
+from ptqbench.sam.quantized import quantize_sam
+from recon_speed import build, random_calibration  # the script folder is on sys.path
+
+TARGETS_S = {"mse": 30.0, "ptq4sam-s": 45.0}
+
+
+def timed(device: torch.device, step: Callable[[], object]) -> float:
+    """Seconds of one call of `step`, the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def compare_with_eager(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, method: str, spec: BitSpec,
+                       preset: str) -> str:
+    """Calibrate a fresh twin without fused kernels; how many site scales differ from `qmodel`'s."""
+    fused = lockstep.FUSE_ON_GPU
+    lockstep.FUSE_ON_GPU = False
+    eager = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(calib.samples[0].image.device)
+    calibrator = Mse() if method == "mse" else Ptq4SamS(progress=False)
+    calibrator.calibrate(eager, fp_model, calib, spec, preset, seed=0)
+    lockstep.FUSE_ON_GPU = fused
+    sites, eager_sites = quantizer_sites(qmodel), quantizer_sites(eager)
+    differ, worst = 0, 0.0
+    for name, quantizer in sites.items():
+        a, b = quantizer.scale.detach().float(), eager_sites[name].scale.detach().float()
+        rel = float(((a - b).abs() / b.abs().clamp(min=1e-12)).max())
+        differ += rel > 0
+        worst = max(worst, rel)
+    return f"{differ} of {len(sites)} site scales differ, worst relative difference {worst:.2e}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sam_vit_b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="paper", choices=("paper", "fast"))
+    parser.add_argument("--bits", default="4")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--boxes", type=int, default=16)
+    parser.add_argument("--project-images", type=int, default=None,
+                        help="scale the per-image steps to this many calibration images")
+    parser.add_argument("--methods", default="mse,ptq4sam-s")
+    parser.add_argument("--eager", action="store_true", help="score search candidates without fused kernels")
+    parser.add_argument("--check-fused", action="store_true",
+                        help="also run each method eagerly and count the sites whose range differs")
+    args = parser.parse_args()
+    lockstep.FUSE_ON_GPU = not args.eager
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    spec = BitSpec.parse(args.bits)
+    fp_model = build(args.model).to(device)
+    calib = random_calibration(fp_model.image_encoder.img_size, args.images, args.boxes, device)
+    scale = (args.project_images or args.images) / args.images
+    rows = []
+    for method in args.methods.split(","):
+        qmodel = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(device)
+        if method == "mse":
+            steps = [(name, name == "activations", step)
+                     for name, step in Mse().statistics_steps(qmodel, calib, args.preset)]
+        else:
+            ptq4sam = Ptq4SamS(progress=False)
+            steps = [("BIG", False, lambda: apply_big(qmodel, fp_model, calib))]
+            steps += [(name, name == "activations", step)
+                      for name, step in ptq4sam.statistics_steps(qmodel, calib, args.preset)]
+        total = 0.0
+        for name, per_image, step in steps:
+            seconds = timed(device, step)
+            projected = seconds * (scale if per_image else 1.0)
+            total += projected
+            rows.append([method, name, f"{seconds:.1f}", f"{projected:.1f}"])
+            print(f"{method} {name}: {seconds:.1f} s", flush=True)
+        if args.check_fused:
+            print(f"{method}: fused vs eager: {compare_with_eager(qmodel, fp_model, calib, method, spec, args.preset)}")
+        verdict = "within" if total <= TARGETS_S[method] else "OVER"
+        rows.append([method, "total", "", f"{total:.1f} ({verdict} {TARGETS_S[method]:g} s)"])
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    images = f"{args.images} images" + (f" (projected to {args.project_images})" if args.project_images else "")
+    print(f"statistics calibration of {args.model} ({spec.label}, {args.preset} preset), {images} x {args.boxes} boxes, "
+          f"{device_name}{peak}")
+    print(tabulate(rows, headers=["method", "step", "measured s", "projected s"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
