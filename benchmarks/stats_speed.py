@@ -17,15 +17,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from segment_anything.modeling import Sam
 from tabulate import tabulate
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.mse import Mse
 from ptqbench.methods.ptq4sam import Ptq4SamS, apply_big
-from ptqbench.quant import lockstep
-from ptqbench.quant.sites import quantizer_sites
-from ptqbench.sam.calibration import CalibrationSet
 from ptqbench.sam.quantized import quantize_sam
 from recon_speed import build, random_calibration  # the script folder is on sys.path
 
@@ -43,25 +39,6 @@ def timed(device: torch.device, step: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def compare_with_eager(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, method: str, spec: BitSpec,
-                       preset: str) -> str:
-    """Calibrate a fresh twin without fused kernels; how many site scales differ from `qmodel`'s."""
-    fused = lockstep.FUSE_ON_GPU
-    lockstep.FUSE_ON_GPU = False
-    eager = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(calib.samples[0].image.device)
-    calibrator = Mse() if method == "mse" else Ptq4SamS(progress=False)
-    calibrator.calibrate(eager, fp_model, calib, spec, preset, seed=0)
-    lockstep.FUSE_ON_GPU = fused
-    sites, eager_sites = quantizer_sites(qmodel), quantizer_sites(eager)
-    differ, worst = 0, 0.0
-    for name, quantizer in sites.items():
-        a, b = quantizer.scale.detach().float(), eager_sites[name].scale.detach().float()
-        rel = float(((a - b).abs() / b.abs().clamp(min=1e-12)).max())
-        differ += rel > 0
-        worst = max(worst, rel)
-    return f"{differ} of {len(sites)} site scales differ, worst relative difference {worst:.2e}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sam_vit_b")
@@ -73,11 +50,7 @@ def main() -> None:
     parser.add_argument("--project-images", type=int, default=None,
                         help="scale the per-image steps to this many calibration images")
     parser.add_argument("--methods", default="mse,ptq4sam-s")
-    parser.add_argument("--eager", action="store_true", help="score search candidates without fused kernels")
-    parser.add_argument("--check-fused", action="store_true",
-                        help="also run each method eagerly and count the sites whose range differs")
     args = parser.parse_args()
-    lockstep.FUSE_ON_GPU = not args.eager
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     spec = BitSpec.parse(args.bits)
@@ -102,8 +75,6 @@ def main() -> None:
             total += projected
             rows.append([method, name, f"{seconds:.1f}", f"{projected:.1f}"])
             print(f"{method} {name}: {seconds:.1f} s", flush=True)
-        if args.check_fused:
-            print(f"{method}: fused vs eager: {compare_with_eager(qmodel, fp_model, calib, method, spec, args.preset)}")
         verdict = "within" if total <= TARGETS_S[method] else "OVER"
         rows.append([method, "total", "", f"{total:.1f} ({verdict} {TARGETS_S[method]:g} s)"])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

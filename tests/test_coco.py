@@ -406,3 +406,29 @@ def test_mask_encoder_pools_give_the_same_entries(in_processes):
     entries = mask_encoder(in_processes).submit(mask_results, *args).result(timeout=120)
     assert entries == mask_results(*args)
     assert [entry["category_id"] for entry in entries] == [1, 2, 3]
+
+
+def _worker_signal_handlers() -> tuple[object, object]:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+
+def test_encoder_workers_do_not_inherit_the_cli_signal_handlers(monkeypatch):
+    """A forked RLE worker must die silently on SIGTERM (a `timeout` or a scheduler signals the
+    whole process group): the CLI's SIGTERM handler, inherited through the fork, printed one
+    traceback per worker."""
+    import signal
+
+    from ptqbench.tasks import coco_eval
+
+    monkeypatch.setattr(coco_eval, "_MASK_ENCODERS", {})
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        pool = mask_encoder(in_processes=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        assert pool.submit(_worker_signal_handlers).result() == (signal.SIG_DFL, signal.SIG_IGN)
+    finally:
+        pool.shutdown()

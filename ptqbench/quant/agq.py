@@ -35,7 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from ptqbench.errors import PtqbenchError
 from ptqbench.quant import functional as qf
 from ptqbench.quant.bounded_brent import Search, bounded_brent
-from ptqbench.quant.lockstep import deferral_limit, on_device, run_lockstep
+from ptqbench.quant.lockstep import deferral_limit, run_lockstep
 
 AGQ_TAUS: tuple[int, ...] = (1, 2, 4)
 AGQ_P = 2.4
@@ -107,8 +107,7 @@ class AgqRows:
 
     def losses(self, rows: Sequence[int], candidates: Sequence[object]) -> Tensor:
         scales = torch.tensor([float(s) for s in candidates], dtype=torch.float32).to(self.attn.device)
-        loss = on_device(agq_loss, self.attn.device)
-        return torch.stack([loss(self.attn, self.value, scale, self.taus[row], self.bits, self.p, self.target)
+        return torch.stack([agq_loss(self.attn, self.value, scale, self.taus[row], self.bits, self.p, self.target)
                             for row, scale in zip(rows, scales)])
 
 

@@ -7,41 +7,21 @@ unfinished search, scores all of them with tensor work on the data's device, and
 losses back in one transfer. Each search still sees exactly the losses it would see alone, so
 the results do not depend on how searches are batched.
 
-The searches of one batch are grouped by a `RowEvaluator`: the data of its B searches stacked
-as rows of one tensor, scored together (for the MSE range search, `LpErrorRows`).
+The searches of one batch are grouped by a `RowEvaluator`, which scores the candidates of its
+searches (one data row each) without reading anything back (for the MSE range search,
+`LpErrorRows`).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Generator, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Generator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ptqbench.quant.functional import quant_range
-
-# Elements per chunk of rows scored at once (bounds the temporaries of one step).
-_CHUNK_ELEMENTS = {"cpu": 1 << 22, "other": 1 << 28}
-# Score candidates on a GPU with kernels fused by torch.compile (one pass over the data per step
-# instead of about ten); `benchmarks/stats_speed.py --eager` turns it off to compare.
-FUSE_ON_GPU = True
-
-Scorer = TypeVar("Scorer", bound=Callable)
-
-
-@functools.cache
-def _fused(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=True)
-
-
-def on_device(fn: Scorer, device: torch.device) -> Scorer:
-    """`fn` compiled into fused kernels on a GPU (FUSE_ON_GPU), `fn` itself elsewhere. Its tensor
-    arguments vary freely; every other argument must take few values (each one compiles once)."""
-    return _fused(fn) if FUSE_ON_GPU and device.type == "cuda" else fn
-
 
 class RowEvaluator(Protocol):
     """Scores candidates for a group of searches, one data row per search."""
@@ -98,39 +78,41 @@ def grid_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
     return scale, zero_point
 
 
-def lp_errors(rows: Tensor, scale: Tensor, zero_point: Tensor, bits: int, p: float) -> Tensor:
-    """mean(|Q(x) - x|^p) of each row x under its own per-tensor grid, in float32.
+def lp_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, p: float,
+             reciprocal: bool | None = None) -> Tensor:
+    """mean(|Q(x) - x|^p) of one tensor under a per-tensor grid, a 0-d float32 tensor on x's device.
 
-    rows: [B, K]; scale, zero_point: [B] float32 -> [B]. Q is the reference's fake quantization
-    (`round(x / s) + z`, clamped to the grid, minus z, times s), as `fake_quantize_per_tensor_affine`.
+    x: float32, any shape; scale, zero_point: 0-d float32 on x's device. Q is the reference's fake
+    quantization (`round(x / s) + z`, clamped to the grid, minus z, times s) in the arithmetic the
+    reference gets on each device for a Python-number scale: true division on the CPU; on a GPU,
+    torch multiplies by the float32 reciprocal of the scale, which is what the fused fake-quant
+    kernel computes (one pass instead of five). reciprocal: force one of the two (None = by the
+    device). x is scored as a tensor of its own, never as a row of a stack: vectorised CPU kernels
+    and GPU reductions order their arithmetic by a tensor's layout, so a stacked row would score
+    differently from the same data alone.
     """
     qmin, qmax = quant_range(bits)
-    s, z = scale[:, None], zero_point[:, None]
-    x_hat = torch.round(rows / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
-    return x_hat.sub_(rows).abs_().pow_(p).mean(dim=1)
+    if x.device.type != "cpu" if reciprocal is None else reciprocal:
+        x_hat = torch.fake_quantize_per_tensor_affine(x, scale, zero_point.int(), qmin, qmax)
+    else:
+        x_hat = torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+    return x_hat.sub_(x).abs_().pow_(p).mean()
 
 
 class LpErrorRows:
-    """The loss of the MSE range searches for B same-size tensors: rows [B, K] on one device.
+    """The loss of the MSE range searches of several tensors (row i: tensors[i]), on one device.
 
-    A candidate is a range (lo, hi); its loss is `lp_errors` under `grid_qparams(lo, hi)`.
-    Rows of finished searches are dropped from the stack as they finish.
+    A candidate is a range (lo, hi); its loss is `lp_error` under `grid_qparams(lo, hi)`.
     """
 
-    def __init__(self, rows: Tensor, bits: int, p: float) -> None:
-        self.rows = rows
+    def __init__(self, tensors: Sequence[Tensor], bits: int, p: float) -> None:
+        self.tensors = list(tensors)
         self.bits, self.p = bits, p
-        self._ids = list(range(rows.shape[0]))
 
     def losses(self, rows: Sequence[int], candidates: Sequence[object]) -> Tensor:
-        if list(rows) != self._ids:
-            keep = torch.tensor([self._ids.index(i) for i in rows], device=self.rows.device)
-            self.rows, self._ids = self.rows.index_select(0, keep), list(rows)
         qparams = [grid_qparams(lo, hi, self.bits) for lo, hi in candidates]
-        scale = torch.tensor([s for s, _ in qparams], dtype=torch.float32).to(self.rows.device)
-        zero_point = torch.tensor([z for _, z in qparams], dtype=torch.float32).to(self.rows.device)
-        budget = _CHUNK_ELEMENTS["cpu" if self.rows.device.type == "cpu" else "other"]
-        step = max(1, budget // self.rows.shape[1])
-        score = on_device(lp_errors, self.rows.device)
-        return torch.cat([score(self.rows[i:i + step], scale[i:i + step], zero_point[i:i + step], self.bits, self.p)
-                          for i in range(0, self.rows.shape[0], step)])
+        device = self.tensors[0].device
+        scales = torch.tensor([s for s, _ in qparams], dtype=torch.float32).to(device)
+        zero_points = torch.tensor([z for _, z in qparams], dtype=torch.float32).to(device)
+        return torch.stack([lp_error(self.tensors[row], scales[i], zero_points[i], self.bits, self.p)
+                            for i, row in enumerate(rows)])

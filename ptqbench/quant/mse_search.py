@@ -218,19 +218,18 @@ def search_tensor_ranges(xs: Sequence[Tensor], sides: Sequence[OneSide], bits: S
     """`mse_fast_search` for many tensors at once, in lockstep (`run_lockstep`).
 
     xs: tensors of any shapes, on one device; sides, bits: per tensor; extrema: their
-    `tensor_extrema` when already known. Tensors of the same size, sidedness and bit width are
-    stacked and scored together. Returns each tensor's range, in order; every range equals what
-    the search finds for that tensor alone.
+    `tensor_extrema` when already known. Returns each tensor's range, in order; every range equals
+    what the search finds for that tensor alone.
     """
     extrema = list(extrema) if extrema is not None else tensor_extrema(xs)
-    members: dict[tuple[int, bool, int], list[int]] = {}
-    for i, x in enumerate(xs):
-        members.setdefault((x.numel(), sides[i] == "no", bits[i]), []).append(i)
+    members: dict[int, list[int]] = {}
+    for i, b in enumerate(bits):
+        members.setdefault(b, []).append(i)
     groups = []
-    for (_, _, group_bits), indices in members.items():
-        rows = torch.stack([xs[i].detach().float().reshape(-1) for i in indices])
+    for group_bits, indices in members.items():
+        tensors = [xs[i].detach().float() for i in indices]
         searches = [mse_fast_search(sides[i], *extrema[i], group_bits, max_iter) for i in indices]
-        groups.append((LpErrorRows(rows, group_bits, p), searches))
+        groups.append((LpErrorRows(tensors, group_bits, p), searches))
     ranges: list[Range] = [(0.0, 0.0)] * len(xs)
     for indices, found in zip(members.values(), run_lockstep(groups)):
         for i, found_range in zip(indices, found):

@@ -39,6 +39,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -109,7 +110,8 @@ def mask_encoder(in_processes: bool) -> Executor:
     if in_processes not in _MASK_ENCODERS:
         if in_processes:
             workers = min(4, max(1, (os.cpu_count() or 2) // 2))
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_quiet_on_signals)
             with warnings.catch_warnings():  # "this process is multi-threaded": CUDA's own threads
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pool.submit(os.getpid).result()  # fork every worker now, before the loader threads start
@@ -117,6 +119,13 @@ def mask_encoder(in_processes: bool) -> Executor:
         else:
             _MASK_ENCODERS[False] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rle")
     return _MASK_ENCODERS[in_processes]
+
+
+def _quiet_on_signals() -> None:
+    """In an encoder worker: SIGTERM ends it silently (the default action, not the CLI's handler
+    inherited through the fork, which would print a traceback) and Ctrl-C is left to the parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _percent(stat: float) -> float:

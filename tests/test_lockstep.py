@@ -1,0 +1,104 @@
+"""The lockstep search engine: scipy's bounded Brent search as a generator, batched searches that
+equal the searches run alone, deferred observer searches, and the loss arithmetic per device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize_scalar
+
+from ptqbench.quant.bounded_brent import bounded_brent, run_alone
+from ptqbench.quant.lockstep import grid_qparams, lp_error
+from ptqbench.quant.mse_search import search_tensor_ranges, side_of, tensor_extrema
+from ptqbench.quant.observers import DeferredSearches, make_observer
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("max_iter", [None, 5, 17])
+def test_bounded_brent_visits_what_scipy_visits(max_iter):
+    """Same points, same minimiser, same minimum as scipy's bounded search, with the float32
+    losses the reference hands it (`loss.cpu().numpy()`), on bumpy functions with plateaus."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        c = rng.normal(size=5)
+
+        def f(x: float) -> np.ndarray:
+            return np.asarray(np.float32(np.sin(c[0] * x) + c[1] * x * x + c[2] * abs(x - c[3]) + 0.1 * np.round(c[4] * x * 7)))
+
+        lo, hi = sorted(rng.normal(size=2) * 3)
+        seen_scipy, seen_ours = [], []
+        options = None if max_iter is None else {"maxiter": max_iter}
+        expected = minimize_scalar(lambda x: seen_scipy.append(x) or f(x), bounds=(lo, hi), method="bounded",
+                                   options=options)
+        got = run_alone(bounded_brent(lo, hi, max_iter), lambda x: seen_ours.append(x) or f(x))
+        assert seen_ours == seen_scipy
+        assert got == (expected.x, expected.fun)
+
+
+def test_point_interval_evaluates_once():
+    calls = []
+    assert run_alone(bounded_brent(2.0, 2.0), lambda x: calls.append(x) or 1.5) == (2.0, np.float32(1.5))
+    assert calls == [2.0]
+
+
+def _tensors() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    xs = []
+    for i, n in enumerate([300, 300, 500, 300, 500, 700, 300]):
+        x = torch.randn(n, generator=g) * (1 + i)
+        xs.append(x.abs() if i % 3 == 0 else -x.abs() if i == 4 else x)
+    return xs
+
+
+def test_batched_searches_equal_the_searches_alone():
+    xs = _tensors()
+    extrema = tensor_extrema(xs)
+    sides = [side_of(*e) for e in extrema]
+    bits = [4, 4, 6, 4, 6, 4, 8]
+    together = search_tensor_ranges(xs, sides, bits, 2.4)
+    alone = [search_tensor_ranges([x], [side], [b], 2.4)[0] for x, side, b in zip(xs, sides, bits)]
+    assert together == alone
+    assert {"pos", "neg", "no"} <= set(sides)
+
+
+@pytest.mark.parametrize("max_bytes", [1, 5000])
+def test_deferred_observer_searches_equal_immediate_ones(max_bytes):
+    """Observers whose updates wait in a `DeferredSearches` (flushed after every update, or
+    after several) report the ranges they report when searching each update at once."""
+    xs = _tensors()
+    immediate = [make_observer("mse", bits=4) for _ in range(3)]
+    deferred = [make_observer("mse", bits=4) for _ in range(3)]
+    batch = DeferredSearches(max_bytes=max_bytes)
+    for observer in deferred:
+        observer.defer_searches(batch)
+    for step, x in enumerate(xs):
+        for i in range(3):
+            immediate[i].update(x * (i + 1) + step)
+            deferred[i].update(x * (i + 1) + step)
+    for a, b in zip(immediate, deferred):
+        assert [float(v) for v in a.compute_range(4)] == [float(v) for v in b.compute_range(4)]
+        assert a.side == b.side
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_arithmetic_per_device(device):
+    """On the CPU the loss quantizes with true division, as the reference's `x / scale`; on a GPU
+    torch computes the reference's `x / scale` (a Python number) as a product with the float32
+    reciprocal, which the fused kernel reproduces. Both paths take float32 data, scales and zero
+    points (a float64 scale or a float zero point reaching the kernel would raise)."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4000, generator=g) * 3).to(device)
+    for lo, hi in [(-2.0, 3.1), (-0.7, 0.9), (0.0, 5.0)]:
+        s, z = grid_qparams(lo, hi, 4)
+        scale = torch.tensor(s, dtype=torch.float32, device=device)
+        zero_point = torch.tensor(float(z), device=device)
+        for reciprocal in (False, True):
+            got = lp_error(x, scale, zero_point, 4, 2.4, reciprocal=reciprocal)
+            assert got.dtype == torch.float32 and got.device == x.device
+            scaled = x * (1.0 / torch.tensor(s, dtype=torch.float32)).item() if reciprocal else x / s
+            x_hat = (torch.clamp(torch.round(scaled) + z, 0, 15) - z) * s
+            assert got == (x_hat - x).abs().pow(2.4).mean()
+        assert lp_error(x, scale, zero_point, 4, 2.4).equal(
+            lp_error(x, scale, zero_point, 4, 2.4, reciprocal=device != "cpu"))
