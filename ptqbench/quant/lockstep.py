@@ -78,22 +78,22 @@ def grid_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
     return scale, zero_point
 
 
-def lp_error(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, p: float,
+def lp_error(x: Tensor, scale: float, zero_point: int, bits: int, p: float,
              reciprocal: bool | None = None) -> Tensor:
     """mean(|Q(x) - x|^p) of one tensor under a per-tensor grid, a 0-d float32 tensor on x's device.
 
-    x: float32, any shape; scale, zero_point: 0-d float32 on x's device. Q is the reference's fake
-    quantization (`round(x / s) + z`, clamped to the grid, minus z, times s) in the arithmetic the
-    reference gets on each device for a Python-number scale: true division on the CPU; on a GPU,
-    torch multiplies by the float32 reciprocal of the scale, which is what the fused fake-quant
-    kernel computes (one pass instead of five). reciprocal: force one of the two (None = by the
-    device). x is scored as a tensor of its own, never as a row of a stack: vectorised CPU kernels
-    and GPU reductions order their arithmetic by a tensor's layout, so a stacked row would score
-    differently from the same data alone.
+    x: float32, any shape; scale, zero_point: Python numbers (`grid_qparams`), as the reference
+    hands them to its fake quantization. Q is that fake quantization (`round(x / s) + z`, clamped to
+    the grid, minus z, times s) in the arithmetic the reference gets on each device: true division
+    by the float32 scale on the CPU; on a GPU, torch multiplies by the float32 reciprocal of the
+    scale, which is what the fused fake-quant kernel computes (one pass instead of five).
+    reciprocal: force one of the two (None = by the device). x is scored as a tensor of its own,
+    never as a row of a stack: vectorised CPU kernels and GPU reductions order their arithmetic by
+    a tensor's layout, so a stacked row would score differently from the same data alone.
     """
     qmin, qmax = quant_range(bits)
     if x.device.type != "cpu" if reciprocal is None else reciprocal:
-        x_hat = torch.fake_quantize_per_tensor_affine(x, scale, zero_point.int(), qmin, qmax)
+        x_hat = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
     else:
         x_hat = torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
     return x_hat.sub_(x).abs_().pow_(p).mean()
@@ -110,9 +110,5 @@ class LpErrorRows:
         self.bits, self.p = bits, p
 
     def losses(self, rows: Sequence[int], candidates: Sequence[object]) -> Tensor:
-        qparams = [grid_qparams(lo, hi, self.bits) for lo, hi in candidates]
-        device = self.tensors[0].device
-        scales = torch.tensor([s for s, _ in qparams], dtype=torch.float32).to(device)
-        zero_points = torch.tensor([z for _, z in qparams], dtype=torch.float32).to(device)
-        return torch.stack([lp_error(self.tensors[row], scales[i], zero_points[i], self.bits, self.p)
-                            for i, row in enumerate(rows)])
+        return torch.stack([lp_error(self.tensors[row], *grid_qparams(lo, hi, self.bits), self.bits, self.p)
+                            for row, (lo, hi) in zip(rows, candidates)])
