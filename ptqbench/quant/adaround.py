@@ -8,7 +8,7 @@ while beta is annealed, and training ends with hard rounding `floor(W/s) + 1[V >
 
 `AdaRoundQuantizer` is a drop-in for the `weight_quantizer` of a
 `ptqbench.quant.layers.QuantWeightLayer` during reconstruction: called with the layer's weight,
-it returns the soft-rounded (or, once `hard` is set, the hard-rounded) fake-quantized weight.
+it returns the soft-rounded fake-quantized weight; `hard_weight` gives the hard-rounded one.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ class AdaRoundQuantizer(nn.Module):
         scaled = weight.detach() * (1.0 / self.scale)  # x * (1/s), as functional.fake_quant_affine
         self.register_buffer("w_floor", torch.floor(scaled))
         self.v = nn.Parameter(inverse_rectified_sigmoid(scaled - self.w_floor))
-        self.hard = False
 
     def _on_grid(self, offsets: Tensor) -> Tensor:
         qmin, qmax = qf.quant_range(self.bits)
@@ -76,14 +75,14 @@ class AdaRoundQuantizer(nn.Module):
         return (self.v.detach() >= 0).to(self.w_floor.dtype)
 
     def forward(self, weight: Tensor) -> Tensor:
-        """The fake-quantized weight, soft (h(V)) or, once `hard` is set, hard-rounded.
+        """The soft-rounded (h(V)) fake-quantized weight (`hard_weight` is the hard-rounded one).
 
         weight: the tensor V was made for (only its shape is checked: floor(W/s) is cached).
         """
         if weight.shape != self.w_floor.shape:
             raise ValueError(f"AdaRound was set up for a weight of shape {tuple(self.w_floor.shape)}, "
                              f"got {tuple(weight.shape)}")
-        return self._on_grid(self.hard_offsets() if self.hard else rectified_sigmoid(self.v))
+        return self._on_grid(rectified_sigmoid(self.v))
 
     def regularizer(self, beta: float) -> Tensor:
         """sum(1 - |2 h(V) - 1|^beta) over every element (0-d tensor)."""
@@ -100,4 +99,4 @@ class AdaRoundQuantizer(nn.Module):
         return float((self.hard_offsets() != nearest_up).float().mean())
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, shape={tuple(self.v.shape)}, hard={self.hard}, zeta={ZETA}, gamma={GAMMA}"
+        return f"bits={self.bits}, shape={tuple(self.v.shape)}, zeta={ZETA}, gamma={GAMMA}"
