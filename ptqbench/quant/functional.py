@@ -1,6 +1,6 @@
 """Pure fake-quantization functions (simulated in floating point).
 
-Conventions (methods.md, section 1): uniform affine, asymmetric, unsigned grid with
+Conventions (shared by every method): uniform affine, asymmetric, unsigned grid with
 qmin = 0 and qmax = 2^b - 1. Per-channel parameters are tensors broadcastable against the
 input (e.g. shape [C, 1] for a [C, K] weight); per-tensor parameters are 0-d tensors.
 """
@@ -16,6 +16,11 @@ from torch import Tensor
 def quant_range(bits: int) -> tuple[int, int]:
     """(qmin, qmax) of the unsigned b-bit grid."""
     return 0, 2**bits - 1
+
+
+def lsq_grad_scale(numel: int, bits: int) -> float:
+    """LSQ's gradient scale 1/sqrt(numel * qmax) for a scale shared by `numel` elements."""
+    return 1.0 / math.sqrt(numel * quant_range(bits)[1])
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -107,7 +112,7 @@ def fake_quant_affine_lsq(x: Tensor, scale: Tensor, zero_point: Tensor, bits: in
     x: any shape; scale (> 0) and zero_point: 0-d tensors.
     """
     qmin, qmax = quant_range(bits)
-    return _LsqFakeQuant.apply(x, scale, zero_point, qmin, qmax, 1.0 / math.sqrt(x.numel() * qmax))
+    return _LsqFakeQuant.apply(x, scale, zero_point, qmin, qmax, lsq_grad_scale(x.numel(), bits))
 
 
 def fake_quant_log2(a: Tensor, scale: Tensor, tau: int, bits: int) -> Tensor:

@@ -7,7 +7,7 @@ A quantizer is in one of three modes:
 
 Granularity is per tensor (`channel_axis=None`, scale and zero point are 0-d) or per channel
 (scale and zero point have shape [C], broadcast along `channel_axis`). Two grids exist:
-the uniform affine grid of methods.md section 1 and, for softmax outputs, the AGQ log2 grid
+the uniform affine grid (`functional`: qmin 0, qmax 2^b - 1) and, for softmax outputs, the AGQ log2 grid
 (`set_log2(tau, scale)`). Options used by reconstruction methods:
 - LSQ: `make_scale_learnable()` turns the scale into an `nn.Parameter` trained with the
   gradient scale 1/sqrt(numel * qmax) and kept positive;
@@ -18,7 +18,6 @@ the uniform affine grid of methods.md section 1 and, for softmax outputs, the AG
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -129,7 +128,7 @@ class FakeQuantizer(nn.Module):
             return scale.abs().clamp(min=1e-8)
         if isinstance(scale, nn.Parameter):
             numel = x.numel() if self.channel_axis is None else x.numel() // x.shape[self.channel_axis]
-            g = 1.0 / math.sqrt(numel * (2**self.bits - 1))
+            g = qf.lsq_grad_scale(numel, self.bits)
             scale = (scale - scale * g).detach() + scale * g
             scale = scale.abs().clamp(min=1e-8)
         return scale
