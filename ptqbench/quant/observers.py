@@ -5,7 +5,7 @@ image); `compute_range(bits)` returns `(x_min, x_max)`: 0-d tensors per tensor, 
 channel (channels along `channel_axis`, 0 for weights). The range is turned into a scale and zero
 point by `functional.affine_qparams`, which widens it to include 0.
 
-Implemented (methods.md, section 2):
+Implemented:
 - `MinMaxObserver`: running global min / max over all updates.
 - `AvgMinMaxObserver`: the mean over updates of each update's min and of its max (PTQ4SAM).
 - `PercentileObserver`: FQ-ViT's observer; per update the (100 - P)th / Pth percentiles, combined
@@ -160,6 +160,12 @@ def row_quantile(rows: Tensor, q: float) -> Tensor:
     rows: [C, N] -> [C]. Works for any N (torch.quantile refuses inputs above 2^24 elements):
     one `topk` fetches the two order statistics around position q * (N - 1) (computed in float64),
     from whichever end of the row is nearer, so extreme percentiles stay cheap.
+
+    Why it is not `ptqbench.quant.pcc.reference_quantile`: that one reproduces the SAQ-SAM
+    reference's arithmetic for PCC (a float32 rank below 2^24 elements, numpy's two-sided lerp
+    above), one row at a time; this one takes the rank in float64 for many rows at once. The two
+    differ in the last float32 bits (e.g. q = 0.999 of 1000 normal samples), so merging them
+    would change the percentile observer's or PCC's numbers.
     """
     n = rows.shape[1]
     pos = q * (n - 1)

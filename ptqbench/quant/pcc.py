@@ -1,4 +1,4 @@
-"""Perceptual-Consistency Clipping (PCC, SAQ-SAM, methods.md section 5): clip ranges of the
+"""Perceptual-Consistency Clipping (PCC, SAQ-SAM, methods/saqsam.md): clip ranges of the
 mask decoder's query/key activations chosen by how well the quantized attention keeps its focus.
 
 The attention map of a decoder attention is `A = softmax(Q K^T / sqrt(d))`, shape
@@ -94,6 +94,10 @@ def reference_quantile(values: Tensor, q: float) -> Tensor:
     Up to `TORCH_QUANTILE_LIMIT` elements as `torch.quantile`: the rank q (N - 1) and the
     interpolation weight in float32, then `lerp`; above it as `numpy.percentile(x, 100 q)`: rank
     and interpolation in float64 (numpy's two-sided lerp), rounded to float32 at the end.
+
+    Why it is not `ptqbench.quant.observers.row_quantile`: that one takes the rank in float64 at
+    every size, so below 2^24 elements it differs from `torch.quantile`'s float32 rank in the last
+    bits, and PCC's candidate clips must match the reference's to the bit.
     """
     n = values.numel()
     if n <= TORCH_QUANTILE_LIMIT:
