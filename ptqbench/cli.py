@@ -257,9 +257,9 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _leaderboard(args: argparse.Namespace) -> None:
-    from ptqbench.results import RunStore, format_leaderboard
+    from ptqbench.results import STORE_FILENAME, RunStore, format_leaderboard
 
-    path = Path(args.out) / "ptqbench.sqlite"
+    path = Path(args.out) / STORE_FILENAME
     if not path.is_file():
         raise ConfigError(f"no results store at {path}: run `ptqbench run` first or pass --out")
     sys.stdout.write(format_leaderboard(RunStore(path), args.task) + "\n")

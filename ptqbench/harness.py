@@ -27,7 +27,6 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -40,7 +39,7 @@ from ptqbench.errors import CellError, ConfigError, PtqbenchError
 from ptqbench.methods.base import METHODS
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
-from ptqbench.results import RunRecord, RunStore, write_leaderboards
+from ptqbench.results import STORE_FILENAME, RunRecord, RunStore, now_iso, write_leaderboards
 from ptqbench.sam.calibration import CalibrationSet, build_calibration_set
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import MODELS, LoadedModel, load_model
@@ -79,7 +78,7 @@ def resolve(config: RunConfig, *, model_given: bool) -> ResolvedRun:
 def _data_root(config: RunConfig, model_given: bool) -> tuple[Path, bool]:
     if config.data_root == DEMO or (config.data_root is None and not model_given
                                     and "PTQBENCH_DATASETS" not in os.environ):
-        from ptqbench.tasks.synthetic import ensure_demo_data
+        from ptqbench.demo.install import ensure_demo_data
 
         return ensure_demo_data(), True
     root = Path(config.data_root or os.environ.get("PTQBENCH_DATASETS", "datasets")).expanduser()
@@ -154,7 +153,7 @@ class Harness:
         self.store: RunStore | None = None
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.store = RunStore(self.out / "ptqbench.sqlite")
+            self.store = RunStore(self.out / STORE_FILENAME)
         self.versions = _versions()
         self.git_commit = _git_commit()
 
@@ -354,7 +353,7 @@ class Harness:
             metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
             peak_mem_mb=_peak_memory_mb(device), versions=self.versions,
             device=str(device) if not self.dist.is_distributed else f"{device.type} x{self.dist.world_size}",
-            git_commit=self.git_commit, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            git_commit=self.git_commit, created_at=now_iso())
         self.store.put(record)
         write_leaderboards(self.store, self.out, task=task.name)
         log.info("%s %s %s: %s = %.2f", task.name, fields["method"], fields["bits"], task.metric, metrics[task.metric])
