@@ -32,6 +32,7 @@ detections between the small/medium/large ranges and changes APs/APm/APl (and AR
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -119,6 +120,14 @@ def mask_encoder(in_processes: bool) -> Executor:
         else:
             _MASK_ENCODERS[False] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rle")
     return _MASK_ENCODERS[in_processes]
+
+
+@atexit.register
+def _close_mask_encoders() -> None:
+    """At interpreter exit: shut the encoder pools down (their workers finish and are joined)."""
+    while _MASK_ENCODERS:
+        _, pool = _MASK_ENCODERS.popitem()
+        pool.shutdown(wait=True)
 
 
 def _quiet_on_signals() -> None:
