@@ -1,8 +1,8 @@
 """Quantizable twins of SAM's modules and `quantize_sam`, which swaps them in by module type.
 
 The twins subclass segment_anything's own modules, share their parameters and replicate their
-forward with quantizers inserted at the sites of methods.md section 1. With every quantizer off,
-each twin returns exactly what the original returns (tested bit-exactly).
+forward with quantizers inserted at the sites listed below (the same for every method). With
+every quantizer off, each twin returns exactly what the original returns (tested bit-exactly).
 
 Sites (relative to each swapped module):
 - image encoder attention: `qkv.input`, `qkv.weight`, `q`, `k`, `v` (after the qkv projection),
@@ -42,7 +42,7 @@ def _activation_quantizers(module: nn.Module, bits: int) -> None:
         setattr(module, f"{name}_quantizer", FakeQuantizer(bits, is_weight=False))
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=32)  # a SAM needs 2-4 keys per device (window and global sizes); bounded all the same
 def _rel_pos_index(q_size: int, k_size: int, table_length: int, device: torch.device) -> Tensor | None:
     """The row index [q_size, k_size] that segment_anything's `get_rel_pos` gathers from a table of
     `table_length` rows, on `device`; None when `get_rel_pos` would interpolate the table instead."""
