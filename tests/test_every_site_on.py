@@ -1,4 +1,4 @@
-"""Every quantizer on at evaluation, enforced (methods.md section 1).
+"""Every quantizer on at evaluation, enforced (the benchmark's fairness rule).
 
 Each registered method runs one real harness cell (`ptqbench run`: sam_tiny, one demo COCO image
 to calibrate and one to evaluate, `fast` preset, W4A4). Hooks on every quantization site record

@@ -1,4 +1,4 @@
-"""The leak-free rule (methods.md section 1): after QDrop reconstruction no quantizer passes
+"""The leak-free rule: after QDrop reconstruction no quantizer passes
 anything through in FP, so a calibrated model is deterministic and fully quantized.
 
 The published PTQ4SAM/QDrop code leaves drop probability 0.5 on reconstructed layers at test

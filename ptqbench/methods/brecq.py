@@ -1,4 +1,4 @@
-"""`brecq` and `brecq-fisher` (Li et al., ICLR 2021), methods.md section 3.
+"""`brecq` and `brecq-fisher` (Li et al., ICLR 2021); card: methods/brecq.md.
 
 `brecq` is BRECQ as the PTQ4SAM codebase runs it on SAM (its `--brecq` flag): per-channel MSE
 weight ranges and AvgMinMax activation ranges, then AdaRound on the weights of every SAM unit

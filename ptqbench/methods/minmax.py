@@ -1,4 +1,4 @@
-"""`minmax` and its AvgMinMax option `minmax-avg` (methods.md section 2)."""
+"""`minmax` and its AvgMinMax option `minmax-avg` (card: methods/minmax.md)."""
 
 from __future__ import annotations
 

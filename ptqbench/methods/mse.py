@@ -1,4 +1,4 @@
-"""`mse` (Lp clipping search, p = 2.4) and `omse` (FQ-ViT's L2 grid), methods.md section 2."""
+"""`mse` (Lp clipping search, p = 2.4) and `omse` (FQ-ViT's L2 grid); card: methods/mse.md."""
 
 from __future__ import annotations
 

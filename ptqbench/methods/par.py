@@ -1,4 +1,4 @@
-"""Prompt-Aware Reconstruction (PAR, SAQ-SAM, methods.md section 5) on the shared reconstruction engine.
+"""Prompt-Aware Reconstruction (PAR, SAQ-SAM, methods/saqsam.md) on the shared reconstruction engine.
 
 PAR is a QDrop-style reconstruction (AdaRound weights + LSQ activation scales + drop 0.5, via
 `ptqbench.methods.reconstruction.reconstruct`) with its own units and losses:

@@ -1,4 +1,4 @@
-"""`percentile` (FQ-ViT's observer, methods.md section 2)."""
+"""`percentile` (FQ-ViT's observer; card: methods/percentile.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""`ptq4sam-s` and `ptq4sam` (= PTQ4SAM-L, alias `ptq4sam-l`), methods.md section 4.
+"""`ptq4sam-s` and `ptq4sam` (= PTQ4SAM-L, alias `ptq4sam-l`); cards: methods/ptq4sam*.md.
 
-PTQ4SAM (Lv et al., CVPR 2024) adds two things to the common setup of section 1:
+PTQ4SAM (Lv et al., CVPR 2024) adds two things to the setup that every method shares:
 - BIG (`ptqbench.quant.big`): in the mask decoder's token-to-image cross-attentions whose
   post-k_proj activation is bimodal, fold the per-channel sign of K into q_proj and k_proj; with
   BIG on, the k sites of every decoder attention use the averaged-MSE observer;

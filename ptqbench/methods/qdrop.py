@@ -1,4 +1,4 @@
-"""`qdrop` (Wei et al., ICLR 2022) as the PTQ4SAM codebase runs it on SAM (methods.md section 3).
+"""`qdrop` (Wei et al., ICLR 2022) as the PTQ4SAM codebase runs it on SAM (card: methods/qdrop.md).
 
 Weights: per-channel MSE ranges, then AdaRound. Activations: AvgMinMax ranges, then LSQ scales
 learned jointly with the rounding, with QDrop's random drop (each element quantized with

@@ -1,4 +1,4 @@
-"""The block-reconstruction engine shared by brecq, qdrop, ptq4sam and saqsam (methods.md section 3).
+"""The block-reconstruction engine shared by brecq, qdrop, ptq4sam and saqsam (methods/qdrop.md).
 
 `reconstruct(units, qmodel, fp_model, calib, settings, seed, progress)` takes the units in
 order; for each one it

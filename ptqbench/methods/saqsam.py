@@ -1,4 +1,4 @@
-"""`saqsam-s` and `saqsam`: SAQ-SAM (Zhang et al., AAAI 2026), methods.md section 5.
+"""`saqsam-s` and `saqsam`: SAQ-SAM (Zhang et al., AAAI 2026); card: methods/saqsam.md.
 
 `saqsam-s` (the paper's "SAQ-SAM*", no reconstruction), as the reference's `calibrate`
 (`solver/test_quant_SAQ_m.py:779-823`, config `exp/config_SA_44.yaml`):

@@ -52,7 +52,7 @@ def weight_layers(model: nn.Module) -> dict[str, QuantWeightLayer]:
 
 
 def seal_for_evaluation(model: nn.Module, fp_sites: Iterable[str] = ()) -> None:
-    """Put a calibrated model in its evaluation state (the fairness rule of methods.md section 1).
+    """Put a calibrated model in its evaluation state (the benchmark's fairness rule).
 
     Every site quantizes every element (mode "quantize", quantize_prob = 1, no random bypass),
     no observer is attached, learned scales become frozen buffers, every parameter stops

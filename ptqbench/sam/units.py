@@ -1,4 +1,4 @@
-"""SAM's reconstruction units (methods.md section 3), as the PTQ4SAM reference code reconstructs them.
+"""SAM's reconstruction units (methods/qdrop.md), as the PTQ4SAM reference code reconstructs them.
 
 A unit is one quantized module, reconstructed on its bare output: no residual, no LayerNorm.
 Units, in forward order:

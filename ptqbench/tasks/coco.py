@@ -1,4 +1,4 @@
-"""COCO instance segmentation with box prompts, scored by pycocotools (tasks.md section 1).
+"""COCO instance segmentation with box prompts, scored by pycocotools.
 
 Layout below the data root (the official COCO 2017 one):
     coco/annotations/instances_{val2017,train2017}.json

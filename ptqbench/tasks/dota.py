@@ -1,6 +1,6 @@
 """DOTA-v1.0 oriented object detection with box-prompted SAM (task `dota`).
 
-The MMRotate-SAM / SAM-RBox protocol, as specified in tasks.md section 2:
+The MMRotate-SAM / SAM-RBox protocol:
 
 - Data: `<data_root>/DOTA/{val,train}/images/*.png` + `labelTxt/*.txt`; evaluation on `val`,
   calibration on `train` (`TaskConfig.calib_split` overrides; without a train split, on `val`
