@@ -95,7 +95,8 @@ def bench_model(name: str, iterations: int, images: int, boxes: int, device: tor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="sam_vit_b", help="comma-separated: sam_tiny, sam_vit_b, sam_vit_l, sam_vit_h")
+    parser.add_argument("--models", default="sam_vit_b",
+                        help="comma-separated: sam_tiny, sam_vit_b, sam_vit_l, sam_vit_h")
     parser.add_argument("--iters", type=int, default=50, help="timed steps per unit type")
     parser.add_argument("--images", type=int, default=4, help="calibration images (random) to capture")
     parser.add_argument("--boxes", type=int, default=8, help="box prompts per image")

@@ -71,6 +71,7 @@ from ptqbench.methods.reconstruction import ReconstructionSettings
 from ptqbench.sam import models as ptqbench_models
 from ptqbench.sam.calibration import CalibrationSet
 from ptqbench.sam.quantized import quantize_sam
+
 from recon_speed import WARMUP_STEPS, bench_model, build, random_calibration  # the script folder is on sys.path
 from stats_speed import timed
 
@@ -368,7 +369,8 @@ def table(reference: dict[str, float], ptqbench: dict[str, float]) -> list[list[
         return [f"{what} ({unit})", f"{scale * ref_value:.2f}", f"{scale * ours:.2f}", f"{ratio:.3f}", verdict]
 
     rows = [row("quantize the model", reference["quantize"], ptqbench["quantize"], "s", None),
-            row("calibrate (BIG, activations + AGQ, weights)", reference["calibrate"], ptqbench["calibrate"], "s", None),
+            row("calibrate (BIG, activations + AGQ, weights)", reference["calibrate"], ptqbench["calibrate"], "s",
+                None),
             row("statistics calibration, total", reference["quantize"] + reference["calibrate"],
                 ptqbench["quantize"] + ptqbench["calibrate"], "s", TARGET_STATISTICS)]
     rows += [row(f"reconstruction step, {kind}", reference[kind], ptqbench[kind], "ms/step", TARGET_STEP)
@@ -389,7 +391,8 @@ def reference_commit(root: Path) -> str:
 def main() -> None:
     """Parse the flags, run both sides on the same model and data, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", type=Path, required=True, help="checkout of PTQ4SAM (github chengtao-lv/PTQ4SAM)")
+    parser.add_argument("--reference", type=Path, required=True,
+                        help="checkout of PTQ4SAM (github chengtao-lv/PTQ4SAM)")
     parser.add_argument("--config", default="exp/config44.yaml", help="the reference's W4A4 config, relative to DIR")
     parser.add_argument("--model", default="sam_vit_b", help="sam_vit_b (sam_vit_l, sam_vit_h, sam_tiny)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -410,7 +413,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     ptqbench = run_ptqbench(fp_model, args.model, calib, args.boxes, args.steps, device)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)")
     print(f"\n{args.model}, W4A4 ({args.config}), {args.images} images x {args.boxes} boxes, "
           f"{args.steps} timed steps per unit after {WARMUP_STEPS}, {device_name}, "
           f"reference {args.reference} ({reference_commit(args.reference)})")

@@ -28,8 +28,8 @@ from ptqbench.config import BitSpec
 from ptqbench.methods.par import par_settings, par_units, with_iterations
 from ptqbench.methods.saqsam import SaqSam
 from ptqbench.sam.quantized import quantize_sam
-from recon_speed import build, random_calibration  # the script folder is on sys.path
 
+from recon_speed import build, random_calibration  # the script folder is on sys.path
 
 PER_IMAGE_STEPS = ("AGQ", "activations")
 
@@ -98,7 +98,8 @@ def main() -> None:
         peak = f", peak memory {measured / 2**30:.1f} GiB"
         if image_scale != 1:
             peak += f" (projected to {args.project_images} images: {(measured + cache_growth) / 2**30:.1f} GiB)"
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)")
     images = f"{args.images} images" + (f" (projected to {args.project_images})" if args.project_images else "")
     print(f"saqsam on {args.model} ({spec.label}, {args.preset} preset), {images} x {args.boxes} boxes, "
           f"{device_name}{peak}")

@@ -23,6 +23,7 @@ from ptqbench.config import BitSpec
 from ptqbench.methods.mse import Mse
 from ptqbench.methods.ptq4sam import Ptq4SamS, apply_big
 from ptqbench.sam.quantized import quantize_sam
+
 from recon_speed import build, random_calibration  # the script folder is on sys.path
 
 TARGETS_S = {"mse": 30.0, "ptq4sam-s": 45.0}
@@ -65,7 +66,7 @@ def main() -> None:
                      for name, step in Mse().statistics_steps(qmodel, calib, args.preset)]
         else:
             ptq4sam = Ptq4SamS(progress=False)
-            steps = [("BIG", False, lambda: apply_big(qmodel, fp_model, calib))]
+            steps = [("BIG", False, lambda: apply_big(qmodel, fp_model, calib))]  # noqa: B023 - run in this iteration
             steps += [(name, name == "activations", step)
                       for name, step in ptq4sam.statistics_steps(qmodel, calib, args.preset)]
         total = 0.0
@@ -77,11 +78,12 @@ def main() -> None:
             print(f"{method} {name}: {seconds:.1f} s", flush=True)
         verdict = "within" if total <= TARGETS_S[method] else "OVER"
         rows.append([method, "total", "", f"{total:.1f} ({verdict} {TARGETS_S[method]:g} s)"])
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)")
     peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
     images = f"{args.images} images" + (f" (projected to {args.project_images})" if args.project_images else "")
-    print(f"statistics calibration of {args.model} ({spec.label}, {args.preset} preset), {images} x {args.boxes} boxes, "
-          f"{device_name}{peak}")
+    print(f"statistics calibration of {args.model} ({spec.label}, {args.preset} preset), "
+          f"{images} x {args.boxes} boxes, {device_name}{peak}")
     print(tabulate(rows, headers=["method", "step", "measured s", "projected s"], tablefmt="github"))
 
 

@@ -26,7 +26,7 @@ class BitSpec:
         return f"W{self.w_bits}A{self.a_bits}"
 
     @classmethod
-    def parse(cls, text: str) -> "BitSpec":
+    def parse(cls, text: str) -> BitSpec:
         """`4` -> W4A4; `w4a8` / `W4A8` -> W4A8. Bit widths must lie in 2..16."""
         token = text.strip().lower()
         match = re.fullmatch(r"(\d+)", token) or re.fullmatch(r"w(\d+)a(\d+)", token)
@@ -113,7 +113,7 @@ class RunConfig:
             if not all(isinstance(item, str) for item in getattr(self, name)):
                 raise ConfigError(f"{name} must be a name or a list of names, got {getattr(self, name)!r}")
 
-    def with_overrides(self, **overrides: Any) -> "RunConfig":
+    def with_overrides(self, **overrides: Any) -> RunConfig:
         """A copy with the given (non-None) fields replaced."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 

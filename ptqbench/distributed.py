@@ -79,7 +79,7 @@ class DistributedContext:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device: torch.device, timeout: timedelta = COLLECTIVE_TIMEOUT) -> "DistributedContext":
+    def from_env(cls, device: torch.device, timeout: timedelta = COLLECTIVE_TIMEOUT) -> DistributedContext:
         """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group.
 
         device: the device the run asked for; with world size > 1 a CUDA device becomes

@@ -25,10 +25,10 @@ import os
 import subprocess
 import time
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from segment_anything.modeling import Sam

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from ptqbench.errors import UnknownNameError
 
@@ -29,7 +30,7 @@ BUILTIN_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 # kind -> the entry-point group through which installed packages add entries of that kind.
 ENTRY_POINT_GROUPS = {"method": "ptqbench.methods"}
-_LIVE: dict[str, "Registry"] = {}  # kind -> its registry, once the module defining it is imported
+_LIVE: dict[str, Registry] = {}  # kind -> its registry, once the module defining it is imported
 
 
 def _unknown(kind: str, name: str, key: str, aliases: dict[str, str], names: list[str]) -> UnknownNameError:

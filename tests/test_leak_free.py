@@ -16,9 +16,9 @@ from ptqbench.methods.base import observe_activations, set_weight_ranges
 from ptqbench.methods.qdrop import qdrop_config
 from ptqbench.methods.reconstruction import reconstruct
 from ptqbench.quant.adaround import AdaRoundQuantizer
+from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation, weight_layers
-from ptqbench.quant.observers import make_observer
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
 from ptqbench.sam.models import build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam

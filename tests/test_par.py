@@ -9,9 +9,19 @@ import pytest
 import torch
 
 from ptqbench.methods.base import observe_activations, set_weight_ranges
-from ptqbench.methods.par import (FAST_SETTINGS, PAPER_SETTINGS, CopyIntoReference, encoder_stages, engine_settings,
-                                  frozen_reference, par_decoder_loss, par_reconstruct, par_settings, par_units,
-                                  with_iterations)
+from ptqbench.methods.par import (
+    FAST_SETTINGS,
+    PAPER_SETTINGS,
+    CopyIntoReference,
+    encoder_stages,
+    engine_settings,
+    frozen_reference,
+    par_decoder_loss,
+    par_reconstruct,
+    par_settings,
+    par_units,
+    with_iterations,
+)
 from ptqbench.methods.reconstruction import reconstruct
 from ptqbench.methods.unit_cache import build_cache, capture
 from ptqbench.methods.unit_step import unit_inputs

@@ -8,7 +8,6 @@ import pytest
 import torch
 from segment_anything.modeling.transformer import Attention
 
-from parity_fixtures import PARITY, compare, fixtures_of, load
 from ptqbench.config import BitSpec
 from ptqbench.methods.saqsam import SaqSamS
 from ptqbench.quant.pcc import PccConfig, search_attention
@@ -16,6 +15,8 @@ from ptqbench.quant.sites import quantizer_sites
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.models import load_model
 from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
+
+from parity_fixtures import PARITY, compare, fixtures_of, load
 
 PCC_SEARCH = fixtures_of("pcc_attention_search")
 MODEL = fixtures_of("model_calibration")

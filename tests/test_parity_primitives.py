@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from parity_fixtures import compare, fixtures_of, load
 from ptqbench.quant import functional as qf
 from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule
 from ptqbench.quant.agq import AgqSearch
@@ -19,6 +18,8 @@ from ptqbench.quant.big import channel_signs, is_bimodal
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.pcc import focus_distance
 from ptqbench.quant.quantizer import FakeQuantizer
+
+from parity_fixtures import compare, fixtures_of, load
 
 
 def _ids(fixtures: list[dict]) -> list[str]:
@@ -224,7 +225,8 @@ def test_big_detection(fixture: dict) -> None:
     keys = _t(inputs["keys"])
     bimodal = is_bimodal(keys[0])
     sign = channel_signs(keys) if bimodal else torch.zeros(keys.shape[-1])
-    _check(fixture, {"is_bimodal": np.array(int(bimodal)), "sign": sign.numpy().astype(expected["sign"].dtype)}, expected)
+    got = {"is_bimodal": np.array(int(bimodal)), "sign": sign.numpy().astype(expected["sign"].dtype)}
+    _check(fixture, got, expected)
 
 
 AOL = fixtures_of("pcc_aol")

@@ -9,8 +9,18 @@ from segment_anything.modeling.transformer import Attention
 
 from ptqbench.errors import PtqbenchError
 from ptqbench.quant.observers import make_observer
-from ptqbench.quant.pcc import (PCC_PERCENTILES, PccConfig, decoder_attentions, focus_distance, focus_iou,
-                                focus_masks, pcc_search, percentile_candidates, read_input, search_clip)
+from ptqbench.quant.pcc import (
+    PCC_PERCENTILES,
+    PccConfig,
+    decoder_attentions,
+    focus_distance,
+    focus_iou,
+    focus_masks,
+    pcc_search,
+    percentile_candidates,
+    read_input,
+    search_clip,
+)
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.sam.calibration import CalibrationSample, sam_forward
 from ptqbench.sam.quantized import QuantDecoderAttention, fp_twin, quantize_sam

@@ -112,7 +112,8 @@ class RangeSettingMethod:
         """Extra options of the activation observer under `preset` (none by default)."""
         return {}
 
-    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet, preset: str) -> list[tuple[str, Callable[[], object]]]:
+    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet,
+                         preset: str) -> list[tuple[str, Callable[[], object]]]:
         """Activations observed on the FP model, then weights (the reference's `calibrate` order)."""
         options = self.activation_observer_options(preset)
         return [("activations", lambda: observe_activations(

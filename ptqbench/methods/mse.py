@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ptqbench.methods.base import METHODS, RangeSettingMethod
 
-
 FAST_SEARCH_ITERATIONS = 6
 FAST_WEIGHT_RANGES = 20
 FAST_SEARCH_ELEMENTS = 2**16

@@ -45,8 +45,7 @@ from torch import Tensor, nn
 from ptqbench.methods.reconstruction import ReconstructionSettings, UnitReport, preset_value, reconstruct
 from ptqbench.quant.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error, unmixed
 from ptqbench.sam.calibration import CalibrationSet
-from ptqbench.sam.units import ENCODER_BLOCKS, FINAL_ATTENTION, TRANSFORMER, attention_unit, first_argument, \
-    neck_unit
+from ptqbench.sam.units import ENCODER_BLOCKS, FINAL_ATTENTION, TRANSFORMER, attention_unit, first_argument, neck_unit
 
 PAR_SUM_DIM = -1
 _LAYER_ARGS = ("queries", "keys", "query_pe", "key_pe")

@@ -161,7 +161,8 @@ class Ptq4SamS:
         return before_result
 
     def statistics_steps(self, qmodel: Sam, calib: CalibrationSet, preset: str, *, skip: Collection[str] = (),
-                         before: Callable[[AgqCapture, dict[str, FakeQuantizer]], object] | None = None) -> list[tuple[str, Callable[[], object]]]:
+                         before: Callable[[AgqCapture, dict[str, FakeQuantizer]], object] | None = None,
+                         ) -> list[tuple[str, Callable[[], object]]]:
         """The activation (with AGQ) and weight steps after BIG, in the reference's order."""
         return [("activations", lambda: self.observe(qmodel, calib, preset, skip=skip, before=before)),
                 ("weights", lambda: set_weight_ranges(qmodel, self.weight_observer,

@@ -33,8 +33,17 @@ from torch import Tensor
 from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.quant.functional import affine_qparams, fake_quant_affine
 from ptqbench.quant.lockstep import deferral_limit
-from ptqbench.quant.mse_search import (MSE_NUM_RANGES, OneSide, bounded_search_per_tensor, grid_search_per_channel,
-                                       one_sided, search_tensor_ranges, side_of, strided_sample, tensor_extrema)
+from ptqbench.quant.mse_search import (
+    MSE_NUM_RANGES,
+    OneSide,
+    bounded_search_per_tensor,
+    grid_search_per_channel,
+    one_sided,
+    search_tensor_ranges,
+    side_of,
+    strided_sample,
+    tensor_extrema,
+)
 from ptqbench.registry import Registry
 
 OBSERVERS: Registry[Observer] = Registry("observer")

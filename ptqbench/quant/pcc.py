@@ -281,7 +281,8 @@ def _check_only_qk_sites(qmodel: nn.Module, searched: set[str]) -> None:
     """PCC runs with weights, softmax and every other site FP: refuse a model where one quantizes
     (sites that only observe are identities and may stay, as the reference's observers do)."""
     busy = [name for name, q in quantizer_sites(qmodel).items() if name not in searched and q.mode == "quantize"]
-    frozen = [path for path, m in qmodel.named_modules() if isinstance(m, QuantWeightLayer) and m.frozen_weight is not None]
+    frozen = [path for path, m in qmodel.named_modules()
+              if isinstance(m, QuantWeightLayer) and m.frozen_weight is not None]
     if busy or frozen:
         raise PtqbenchError(f"PCC needs every site other than the decoder QK sites FP (weights and softmax FP "
                             f"during the search); set already: {(busy + frozen)[:5]}")

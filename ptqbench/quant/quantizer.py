@@ -45,7 +45,7 @@ class FakeQuantizer(nn.Module):
         self.is_weight = is_weight
         self.channel_axis = channel_axis
         self.mode: Mode = "off"
-        self.observer: "Observer | None" = None
+        self.observer: Observer | None = None
         self.quantize_prob = 1.0
         self.generator: torch.Generator | None = None
         self.log2_tau: int | None = None
@@ -58,7 +58,7 @@ class FakeQuantizer(nn.Module):
         gran = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
         return f"bits={self.bits}, {gran}, grid={grid}, mode={self.mode}, quantize_prob={self.quantize_prob}"
 
-    def observe_with(self, observer: "Observer") -> None:
+    def observe_with(self, observer: Observer) -> None:
         """Attach a fresh observer and switch to observe mode."""
         self.observer = observer
         self.mode = "observe"

@@ -12,12 +12,13 @@ dicts of named tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Union
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
-Output = Union[Tensor, tuple[Tensor, ...]]
+Output = Tensor | tuple[Tensor, ...]
 Tensors = Mapping[str, Tensor]
 LossFn = Callable[[Output, Output, Tensors], Tensor]
 """(output, target, extras) -> 0-d loss."""

@@ -84,7 +84,7 @@ class QuantEncoderAttention(EncoderAttention):
     rel_pos_from_quantized_q = True
 
     @classmethod
-    def from_float(cls, attn: EncoderAttention, w_bits: int, a_bits: int) -> "QuantEncoderAttention":
+    def from_float(cls, attn: EncoderAttention, w_bits: int, a_bits: int) -> QuantEncoderAttention:
         twin = cls.__new__(cls)
         nn.Module.__init__(twin)
         twin.num_heads, twin.scale, twin.use_rel_pos = attn.num_heads, attn.scale, attn.use_rel_pos
@@ -116,7 +116,7 @@ class QuantDecoderAttention(DecoderAttention):
     """
 
     @classmethod
-    def from_float(cls, attn: DecoderAttention, w_bits: int, a_bits: int) -> "QuantDecoderAttention":
+    def from_float(cls, attn: DecoderAttention, w_bits: int, a_bits: int) -> QuantDecoderAttention:
         twin = cls.__new__(cls)
         nn.Module.__init__(twin)
         twin.embedding_dim, twin.internal_dim, twin.num_heads = attn.embedding_dim, attn.internal_dim, attn.num_heads

@@ -363,7 +363,7 @@ class Ade20kTask:
                 raise DataError(f"missing semantic prior map {path} (the folder {self.prior_dir} "
                                 f"needs one <stem>.png per image)")
 
-    def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False
+    def predict(self, predictor: BoxPredictor, indices: Sequence[int], progress: bool = False
                 ) -> list[AdePrediction]:
         """The predicted label maps of the evaluation images at `indices` (positions in the
         name-sorted split), PNG-encoded; one `AdePrediction` per index, in order."""
@@ -400,7 +400,7 @@ class Ade20kTask:
             (pred_dir / f"{result.stem}.png").write_bytes(result.png)
         return score_prediction_folder(pred_dir, self.config.data_root, self.split, limit=len(samples))
 
-    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
+    def evaluate(self, predictor: BoxPredictor, *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
         """Predict every evaluation image, write `<out_dir>/ade20k_pred/<stem>.png`, score them.
 
@@ -411,7 +411,7 @@ class Ade20kTask:
         return self.score(self.predict(predictor, indices, progress), limit, out_dir)
 
     @staticmethod
-    def _predict_gt(predictor: "BoxPredictor", image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    def _predict_gt(predictor: BoxPredictor, image: np.ndarray, label: np.ndarray) -> np.ndarray:
         """gt mode for one image: uint8 [H, W] prediction (255 where no mask)."""
         boxes, classes, _ = component_boxes(label)
         if len(boxes) == 0:
@@ -420,7 +420,7 @@ class Ade20kTask:
         masks, _ = predictor.predict_boxes(boxes)
         return paint_masks(masks, classes)
 
-    def _mask_generator(self, predictor: "BoxPredictor") -> Any:
+    def _mask_generator(self, predictor: BoxPredictor) -> Any:
         """segment_anything's SamAutomaticMaskGenerator on `predictor.model` with SSA settings."""
         from segment_anything import SamAutomaticMaskGenerator
 

@@ -88,7 +88,7 @@ class Task(Protocol):
         file or folder, semantic prior maps) with the readers `predict` uses, so that a missing
         or malformed one raises DataError before the model loads; nothing for GT prompts."""
 
-    def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False) -> list[Any]:
+    def predict(self, predictor: BoxPredictor, indices: Sequence[int], progress: bool = False) -> list[Any]:
         """Phase 1 of `evaluate`: the per-image results of the evaluation images at `indices`.
 
         indices: positions in the task's evaluation order (0 <= i < eval_image_count(None)).
@@ -100,7 +100,7 @@ class Task(Protocol):
         """Phase 2 of `evaluate`: the metrics of the per-image results of the first
         `eval_image_count(limit)` images (in evaluation order); writes artefacts under out_dir."""
 
-    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
+    def evaluate(self, predictor: BoxPredictor, *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
         """Run the protocol on the evaluation split; write artefacts under out_dir.
 

@@ -43,10 +43,16 @@ from tqdm import tqdm
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.sam.inference import PromptedImage, predict_stream
 from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count
-from ptqbench.tasks.coco_eval import (METRICS, mask_encoder, mask_results, score_results, stdout_into_log,
-                                      write_results)
-from ptqbench.tasks.prompts import (Detections, as_id, is_number, load_json_file, no_detection_prompt,
-                                    read_coco_detections, xywh_to_xyxy)
+from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, stdout_into_log, write_results
+from ptqbench.tasks.prompts import (
+    Detections,
+    as_id,
+    is_number,
+    load_json_file,
+    no_detection_prompt,
+    read_coco_detections,
+    xywh_to_xyxy,
+)
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
@@ -119,7 +125,7 @@ def _require_keys(entries: Any, keys: Sequence[str], path: Path, what: str) -> N
             raise DataError(f"COCO annotation file {path}: {what}[{index}] lacks {', '.join(missing)}")
 
 
-def load_coco(path: Path) -> "COCO":
+def load_coco(path: Path) -> COCO:
     """Parse and check a COCO instances file; returns an indexed pycocotools COCO object."""
     from pycocotools.coco import COCO
 
@@ -153,7 +159,7 @@ class CocoSplit:
     name: str
     annotation_file: Path
     image_dir: Path
-    coco: "COCO"
+    coco: COCO
 
     @property
     def image_ids(self) -> list[int]:
@@ -377,7 +383,7 @@ class CocoTask:
         annotation file, as `predict` does; DataError for a malformed one."""
         self._prompt_lookup(self._split(self.eval_split), self.prompts)
 
-    def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False
+    def predict(self, predictor: BoxPredictor, indices: Sequence[int], progress: bool = False
                 ) -> list[CocoImageResult]:
         """Segment every prompt box of the evaluation images at `indices` (positions in the
         id-sorted split); one `CocoImageResult` per index, in order (no entries for an image
@@ -420,7 +426,7 @@ class CocoTask:
                  metrics["mask_AP"])
         return metrics
 
-    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
+    def evaluate(self, predictor: BoxPredictor, *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
         """Segment every prompt box of the evaluation images, write
         `out_dir/coco_segm_results.json` and return the METRICS (percentages)."""
@@ -434,7 +440,7 @@ def _detections_or_placeholder(detections: dict[int, Detections], category_id: i
     return found if found is not None else no_detection_prompt(category_id)
 
 
-def _prompted_image(split: "CocoSplit", image_id: int, detections: Detections, position: int) -> PromptedImage:
+def _prompted_image(split: CocoSplit, image_id: int, detections: Detections, position: int) -> PromptedImage:
     return PromptedImage(key=position, image=split.read_image(image_id), boxes=detections.boxes, extra=detections)
 
 

@@ -142,7 +142,7 @@ def _percent(stat: float) -> float:
     return float(stat * 100.0) if stat >= 0 else math.nan
 
 
-def score_results(coco_gt: "COCO", results: list[dict[str, Any]], image_ids: Sequence[int]) -> dict[str, float]:
+def score_results(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int]) -> dict[str, float]:
     """COCOeval(segm) of `results` against `coco_gt` on `image_ids` with maxDets MAX_DETS;
     returns the METRICS x 100 (see the module docstring)."""
     from pycocotools.cocoeval import COCOeval

@@ -289,7 +289,7 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def predict_rotated_boxes(predictor: "BoxPredictor", image: np.ndarray, prompts: BoxPrompts,
+def predict_rotated_boxes(predictor: BoxPredictor, image: np.ndarray, prompts: BoxPrompts,
                           window: int, gap: int) -> tuple[RotatedBoxes, int]:
     """Run every prompt in its window; return the rotated boxes (before NMS) and the number of
     empty masks dropped.
@@ -496,7 +496,7 @@ class DotaTask:
         malformed Task1 file."""
         self._prompt_source(self.prompt_dir, self._items(EVAL_SPLIT))
 
-    def predict(self, predictor: "BoxPredictor", indices: Sequence[int], progress: bool = False
+    def predict(self, predictor: BoxPredictor, indices: Sequence[int], progress: bool = False
                 ) -> list[DotaImageResult]:
         """Rotated boxes (after per-class NMS) of the val images at `indices` (positions in the
         name-sorted split), as Task1 lines; one `DotaImageResult` per index, in order."""
@@ -533,7 +533,7 @@ class DotaTask:
         write_task1(det_dir, lines)
         return evaluate_task1(labels, read_task1_folder(det_dir, labels))
 
-    def evaluate(self, predictor: "BoxPredictor", *, limit: int | None, progress: bool,
+    def evaluate(self, predictor: BoxPredictor, *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
         """Predict rotated boxes for the val images, write Task1 files, score them (percent)."""
         indices = range(self.eval_image_count(limit))
