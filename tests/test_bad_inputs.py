@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ptqbench.cli import main
-from ptqbench.tasks.synthetic import DemoSizes, ensure_demo_data
+from ptqbench.demo.install import ensure_demo_data
+from ptqbench.demo.writers import DemoSizes
 
 SMALL = DemoSizes(coco_val=2, coco_train=1, dota_val=1, dota_train=1, ade_val=1, ade_train=1)
 DATA, STORE = "{data}", "{store}"  # placeholders in the cases, filled per test

@@ -9,8 +9,9 @@ import re
 
 from ptqbench.cli import main
 from ptqbench.config import DEFAULT_CALIB_SIZE
+from ptqbench.demo.install import ensure_demo_data
+from ptqbench.demo.writers import DemoSizes
 from ptqbench.results import RunStore
-from ptqbench.tasks.synthetic import DemoSizes, ensure_demo_data
 
 SMALL = DemoSizes(coco_val=1, coco_train=2, dota_val=1, dota_train=1, ade_val=1, ade_train=1)
 

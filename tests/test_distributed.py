@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from ptqbench.config import BitSpec
+from ptqbench.demo.install import ensure_demo_data
+from ptqbench.demo.writers import DemoSizes
 from ptqbench.distributed import DistributedContext, shard_of
 from ptqbench.errors import PtqbenchError
 from ptqbench.methods.minmax import MinMax
@@ -27,7 +29,6 @@ from ptqbench.sam.calibration import build_calibration_set, sam_forward
 from ptqbench.sam.models import build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam
 from ptqbench.tasks.base import CalibrationItem
-from ptqbench.tasks.synthetic import DemoSizes, ensure_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = DemoSizes(coco_val=3, coco_train=2, dota_val=2, dota_train=1, ade_val=3, ade_train=2)

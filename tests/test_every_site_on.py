@@ -25,6 +25,8 @@ import torch
 
 import ptqbench.methods  # noqa: F401  (registers the built-in methods)
 from ptqbench.cli import main
+from ptqbench.demo.install import ensure_demo_data
+from ptqbench.demo.writers import DemoSizes
 from ptqbench.errors import SealError
 from ptqbench.harness import Harness
 from ptqbench.methods.base import METHODS
@@ -34,7 +36,6 @@ from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation, site_name, weight_layers
 from ptqbench.sam.models import build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam
-from ptqbench.tasks.synthetic import DemoSizes, ensure_demo_data
 
 ONE_IMAGE = DemoSizes(coco_val=1, coco_train=1, dota_val=1, dota_train=1, ade_val=1, ade_train=1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -135,9 +135,10 @@ def test_coco_metric_through_ptqbench_equals_a_sam_predictor_loop(tmp_path):
     the coco task's prediction phase over fp_twin (images encoded two at a time) writes the same
     results entries, and so gets the same COCOeval metrics, as a SamPredictor loop over the plain
     model with the GT boxes."""
+    from ptqbench.demo.install import ensure_demo_data
+    from ptqbench.demo.writers import DemoSizes
     from ptqbench.sam.models import load_model
     from ptqbench.tasks.coco import evaluation_image_ids, make_coco_task, mask_results, score_results
-    from ptqbench.tasks.synthetic import DemoSizes, ensure_demo_data
 
     root = ensure_demo_data(tmp_path / "demo", DemoSizes(coco_val=3, coco_train=1, dota_val=0, dota_train=0,
                                                          ade_val=0, ade_train=0))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ptqbench.demo.install import ensure_demo_data
+from ptqbench.demo.writers import DemoSizes
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import SAM_TINY_PACKAGED, load_model
-from ptqbench.tasks.synthetic import DemoSizes, ensure_demo_data
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ptqbench.demo import drawing, writers
+from ptqbench.demo.ade20k_priors import semantic_prior
+from ptqbench.demo.ade20k_scenes import ADE_STYLE, region_scene
+from ptqbench.demo.aerial_scenes import aerial_scene
+from ptqbench.demo.coco_scenes import COCO_CATEGORIES, object_scene
+from ptqbench.demo.install import MARKER_NAME, default_demo_root, ensure_demo_data
+from ptqbench.demo.writers import DemoSizes
 from ptqbench.errors import ConfigError, DataError
-from ptqbench.tasks import synthetic
-from ptqbench.tasks.synthetic import (
-    ADE_STYLE, COCO_CATEGORIES, DOTA_CLASSES, MARKER_NAME, DemoSizes, aerial_scene,
-    default_demo_root, ensure_demo_data, object_scene, region_scene, semantic_prior,
-)
+from ptqbench.tasks.dota_eval import DOTA_CLASSES
 
 TINY = DemoSizes(coco_val=3, coco_train=2, dota_val=1, dota_train=1, ade_val=3, ade_train=2)
 TINIER = DemoSizes(coco_val=1, coco_train=1, dota_val=1, dota_train=1, ade_val=1, ade_train=1)
@@ -80,7 +83,7 @@ def test_coco_polygons_decode_to_the_mask_exactly() -> None:
     mask[3:13, 5:25] = True        # a 10 x 20 rectangle ...
     mask[13:20, 5:9] = True        # ... with a 7 x 4 leg: an L of 228 pixels
     mask[25, 30] = True            # a single-pixel fragment
-    annotation = synthetic._coco_annotation(mask)
+    annotation = writers._coco_annotation(mask)
     assert annotation["area"] == 200 + 28 + 1
     assert annotation["bbox"] == [5.0, 3.0, 26.0, 23.0]
     decoded = mask_utils.decode(mask_utils.merge(
@@ -162,7 +165,7 @@ def test_failed_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(synthetic, "_write_ade", fail)
+    monkeypatch.setattr(writers, "_write_ade", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         ensure_demo_data(tmp_path / "demo", TINIER)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock"]
@@ -180,6 +183,8 @@ def test_foreign_folder_is_never_touched(tmp_path: Path) -> None:
 def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PTQBENCH_CACHE", str(tmp_path))
     assert default_demo_root() == tmp_path / "demo-v1"
+    monkeypatch.setenv("PTQBENCH_CACHE", "~/elsewhere")
+    assert default_demo_root() == Path.home() / "elsewhere" / "demo-v1"
     monkeypatch.setenv("PTQBENCH_CACHE", "")
     assert default_demo_root() == Path.home() / ".cache" / "ptqbench" / "demo-v1"
 
@@ -196,7 +201,7 @@ def test_object_scene_masks_are_disjoint_visible_parts() -> None:
     assert 1 <= len(masks) == len(category_ids) <= 8
     assert set(category_ids) <= {c[0] for c in COCO_CATEGORIES}
     assert masks.sum(axis=0).max() == 1  # occluded pixels left the occluded masks
-    assert all(m.sum() >= 60 and not synthetic._has_hole(m) for m in masks)
+    assert all(m.sum() >= 60 and not drawing.has_hole(m) for m in masks)
     assert image.std() > 10  # textured, not flat
 
 

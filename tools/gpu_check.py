@@ -107,9 +107,9 @@ def plan(args: argparse.Namespace, work: Path) -> list[Job]:
     """
     import ptqbench.methods  # noqa: F401  (registers the built-in methods)
     import ptqbench.tasks  # noqa: F401  (registers the built-in tasks)
+    from ptqbench.demo.install import ensure_demo_data
     from ptqbench.methods.base import METHODS
     from ptqbench.tasks.base import TASKS
-    from ptqbench.tasks.synthetic import ensure_demo_data
 
     methods = [METHODS.canonical(name) for name in args.methods.split(",")] if args.methods else METHODS.names()
     demo = ensure_demo_data()  # generated once here, not by every run at the same time

@@ -1,7 +1,7 @@
 """Train `sam_tiny` from scratch on freshly generated synthetic scenes, SAM-style.
 
 Data: DataLoader workers draw endless scenes of the three demo families from
-`ptqbench.tasks.synthetic`, at the sizes the demo evaluation uses:
+`ptqbench.demo`, at the sizes the demo evaluation uses:
 
 - coco: `object_scene`, 240-320 x 320-400 (20% portrait); instances = the visible masks;
 - dota: `aerial_scene`, 480-545 square-ish, cut into `DOTA_CROPS` random crops of the model
@@ -76,11 +76,13 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ptqbench.demo.ade20k_scenes import region_scene
+from ptqbench.demo.aerial_scenes import aerial_scene
+from ptqbench.demo.coco_scenes import object_scene
 from ptqbench.errors import ConfigError
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import build_sam_tiny
 from ptqbench.tasks.ade20k import MIN_COMPONENT_AREA
-from ptqbench.tasks.synthetic import aerial_scene, object_scene, region_scene
 
 log = logging.getLogger("train_sam_tiny")
 

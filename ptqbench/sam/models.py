@@ -16,7 +16,8 @@ without building a model:
    official hash (fine-tuned weights are welcome), but it must load strictly;
 2. a packaged file (sam_tiny): verified against its constant sha256; when absent the model
    is the seeded random init, marked untrained;
-3. the cache (`$PTQBENCH_CACHE` or `~/.cache/ptqbench`): the file is re-verified before use;
+3. the cache (`ptqbench.paths.cache_root()`: `$PTQBENCH_CACHE` or `~/.cache/ptqbench`):
+   the file is re-verified before use;
 4. a one-time download from the official URL: streamed to a `.part` file, verified, then
    atomically renamed into the cache; a bad download is deleted.
 
@@ -44,12 +45,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptqbench.errors import CheckpointError
+from ptqbench.paths import CACHE_ENV, cache_root
 from ptqbench.registry import Registry
 
 log = logging.getLogger(__name__)
 
 OFFICIAL_URL_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
-CACHE_ENV = "PTQBENCH_CACHE"
 SAM_TINY_PACKAGED = Path(__file__).resolve().parents[1] / "data" / "sam_tiny.pt"
 SAM_TINY_SHA256: str | None = "f9be84099403a92581b8fe80e2741423146de42a4418fb5fcc039f7caacfc1ce"
 UNTRAINED_SHA256 = "untrained-seed0"
@@ -219,12 +220,6 @@ def sam_tiny_spec() -> ModelSpec:
     )
 
 
-def default_cache_dir() -> Path:
-    """`$PTQBENCH_CACHE` when set, else `~/.cache/ptqbench`."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ptqbench"
-
-
 def file_digests(path: Path) -> tuple[str, str]:
     """The (sha256, md5) hex digests of a file, read in chunks."""
     sha, md5 = hashlib.sha256(), hashlib.md5()
@@ -340,7 +335,7 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: str | Path | None = None, ca
         return verify_file(spec.packaged, spec, "Reinstall ptqbench, or pass --checkpoint PATH.")
     if spec.file_name is None:
         return None
-    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    cache = cache_dir if cache_dir is not None else cache_root()
     cached = cache / spec.file_name
     if cached.is_file():
         return verify_file(cached, spec, "Delete it to download it again, or pass --checkpoint PATH.")
