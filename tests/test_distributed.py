@@ -150,7 +150,8 @@ def test_sealed_state_loaded_into_a_fresh_twin_computes_the_same(one_thread):
 
     sample = calib[0]
     with torch.no_grad():
-        expected, twin_out = sam_forward(qmodel, sample.image, sample.boxes), sam_forward(twin, sample.image, sample.boxes)
+        expected = sam_forward(qmodel, sample.image, sample.boxes)
+        twin_out = sam_forward(twin, sample.image, sample.boxes)
         fp = sam_forward(model, sample.image, sample.boxes)
     assert all(torch.equal(a, b) for a, b in zip(expected, twin_out))
     assert not torch.equal(expected[0], fp[0])
