@@ -3,6 +3,8 @@ equal the searches run alone, deferred observer searches, and the loss arithmeti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -22,19 +24,26 @@ def test_bounded_brent_visits_what_scipy_visits(max_iter):
     losses the reference hands it (`loss.cpu().numpy()`), on bumpy functions with plateaus."""
     rng = np.random.default_rng(0)
     for _ in range(200):
-        c = rng.normal(size=5)
-
-        def f(x: float) -> np.ndarray:
-            return np.asarray(np.float32(np.sin(c[0] * x) + c[1] * x * x + c[2] * abs(x - c[3]) + 0.1 * np.round(c[4] * x * 7)))
-
+        f = _bumpy(rng.normal(size=5))
         lo, hi = sorted(rng.normal(size=2) * 3)
         seen_scipy, seen_ours = [], []
         options = None if max_iter is None else {"maxiter": max_iter}
-        expected = minimize_scalar(lambda x: seen_scipy.append(x) or f(x), bounds=(lo, hi), method="bounded",
-                                   options=options)
-        got = run_alone(bounded_brent(lo, hi, max_iter), lambda x: seen_ours.append(x) or f(x))
+        expected = minimize_scalar(_recording(f, seen_scipy), bounds=(lo, hi), method="bounded", options=options)
+        got = run_alone(bounded_brent(lo, hi, max_iter), _recording(f, seen_ours))
         assert seen_ours == seen_scipy
         assert got == (expected.x, expected.fun)
+
+
+def _bumpy(c: np.ndarray) -> Callable[[float], np.ndarray]:
+    """A float32 function with several minima and plateaus, returned as the reference's losses are
+    (`loss.cpu().numpy()`, a 0-d float32 array)."""
+    return lambda x: np.asarray(np.float32(np.sin(c[0] * x) + c[1] * x * x + c[2] * abs(x - c[3])
+                                           + 0.1 * np.round(c[4] * x * 7)))
+
+
+def _recording(f: Callable[[float], np.ndarray], seen: list[float]) -> Callable[[float], np.ndarray]:
+    """f, appending every point it is called at to `seen`."""
+    return lambda x: seen.append(x) or f(x)
 
 
 def test_point_interval_evaluates_once():

@@ -46,6 +46,13 @@ def agq_scale_bounds(attn_max: float) -> tuple[float, float]:
     return min(0.1, 0.01 * attn_max), attn_max
 
 
+def check_multiplies(attn: Tensor, value: Tensor) -> None:
+    """Raise unless A [..., Nq, Nk] and V [..., Nk, D] have the same leading dims and multiply."""
+    if attn.shape[:-2] != value.shape[:-2] or attn.shape[-1] != value.shape[-2]:
+        raise PtqbenchError(
+            f"AGQ: attention map {tuple(attn.shape)} and values {tuple(value.shape)} do not multiply")
+
+
 @torch.no_grad()
 def agq_loss(attn: Tensor, value: Tensor, scale: Tensor, tau: int, bits: int, p: float = AGQ_P,
              target: Tensor | None = None) -> Tensor:
@@ -66,8 +73,7 @@ def agq_loss(attn: Tensor, value: Tensor, scale: Tensor, tau: int, bits: int, p:
 def agq_error(attn: Tensor, value: Tensor, scale: float, tau: int, bits: int, p: float = AGQ_P,
               target: Tensor | None = None) -> float:
     """`agq_loss` at a Python-number scale, read back as a Python float."""
-    if attn.shape[:-2] != value.shape[:-2] or attn.shape[-1] != value.shape[-2]:
-        raise PtqbenchError(f"AGQ: attention map {tuple(attn.shape)} and values {tuple(value.shape)} do not multiply")
+    check_multiplies(attn, value)
     return float(agq_loss(attn, value, torch.tensor(scale, dtype=attn.dtype, device=attn.device), tau, bits, p, target))
 
 
@@ -132,8 +138,7 @@ class AgqSearch:
         """
         attn = attn.detach().float()
         value = split_heads(attn, value.detach().float())
-        if attn.shape[:-2] != value.shape[:-2] or attn.shape[-1] != value.shape[-2]:
-            raise PtqbenchError(f"AGQ: attention map {tuple(attn.shape)} and values {tuple(value.shape)} do not multiply")
+        check_multiplies(attn, value)
         low, high = agq_scale_bounds(attn_max)
         rows = AgqRows(attn, value, self.taus, self.bits, self.p)
         return rows, [bounded_brent(low, high, self.max_iter) for _ in self.taus]
@@ -189,7 +194,7 @@ class AgqCapture:
         finally:
             self._only = None
 
-    def __enter__(self) -> "AgqCapture":
+    def __enter__(self) -> AgqCapture:
         for name, module in self.attentions.items():
             self._handles.append(module.v_quantizer.register_forward_hook(
                 lambda _m, _args, out, name=name: self._receive(name, "value", out)))

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ptqbench.quant.functional import quant_range
 
+
 class RowEvaluator(Protocol):
     """Scores candidates for a group of searches, one data row per search."""
 

@@ -26,7 +26,8 @@ MSE_NUM_RANGES = 100
 _GRID_BLOCK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 26}
 
 
-def grid_search_per_channel(rows: Tensor, bits: int, p: float, num_ranges: int = MSE_NUM_RANGES) -> tuple[Tensor, Tensor]:
+def grid_search_per_channel(rows: Tensor, bits: int, p: float,
+                            num_ranges: int = MSE_NUM_RANGES) -> tuple[Tensor, Tensor]:
     """Per-channel search over (range, zero point) minimising mean(|Q(x) - x|^p), p >= 1.
 
     rows: [C, K] -> (x_min [C], x_max [C]).
@@ -39,7 +40,8 @@ def grid_search_per_channel(rows: Tensor, bits: int, p: float, num_ranges: int =
     from it, in the reference's float32 arithmetic (`x / s`, `pow`, mean). The result is the grid's
     minimiser, the first one in (i, z) order on ties, as the reference's exhaustive loop finds it.
 
-    Speed without giving up exactness: for a fixed scale each element's error |clamp(k, -z, qmax - z) - x/s|^p (k = round(x/s) the nearest
+    Speed without giving up exactness: for a fixed scale each element's error
+    |clamp(k, -z, qmax - z) - x/s|^p (k = round(x/s) the nearest
     level) is a convex function of the integer z when p >= 1 (constant while k is inside, then
     |c - x/s|^p with c moving away from x/s one level per step), so the loss, a sum of such terms,
     is convex in z. The zero-point scan is therefore a descent walk per channel, started from the
@@ -61,7 +63,8 @@ def grid_search_per_channel(rows: Tensor, bits: int, p: float, num_ranges: int =
     c_block = max(1, min(num_channels, budget // (3 * k)))
     x_min, x_max = [], []
     for c0 in range(0, num_channels, c_block):
-        block_min, block_max = _grid_search_block(rows[c0 : c0 + c_block], span[c0 : c0 + c_block], bits, p, num_ranges, z_range)
+        block_min, block_max = _grid_search_block(rows[c0 : c0 + c_block], span[c0 : c0 + c_block], bits, p,
+                                                  num_ranges, z_range)
         x_min.append(block_min)
         x_max.append(block_max)
     return torch.cat(x_min), torch.cat(x_max)
