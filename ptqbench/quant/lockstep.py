@@ -1,11 +1,11 @@
-"""Independent scalar searches advanced in lockstep, their candidates scored in one batched pass.
+"""Independent scalar searches advanced in lockstep, their losses read back once per step.
 
 A search is a generator (`ptqbench.quant.bounded_brent`): it yields a candidate, receives its
 loss, and finally returns its result. The reference runs its searches one after another and
 reads one loss back per evaluation; here every step collects the next candidate of every
-unfinished search, scores all of them with tensor work on the data's device, and reads the
-losses back in one transfer. Each search still sees exactly the losses it would see alone, so
-the results do not depend on how searches are batched.
+unfinished search, scores all of them on the data's device (queued work, no read-back), and
+reads the losses back in one transfer. Each search still sees exactly the losses it would see
+alone, so the results do not depend on how searches are batched.
 
 The searches of one batch are grouped by a `RowEvaluator`, which scores the candidates of its
 searches (one data row each) without reading anything back (for the MSE range search,
