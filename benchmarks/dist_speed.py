@@ -39,8 +39,9 @@ from ptqbench.sam.calibration import build_calibration_set
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import build_sam_official, build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam
-from ptqbench.tasks.base import CalibrationItem, TaskConfig
+from ptqbench.tasks.base import TaskConfig
 from ptqbench.tasks.coco import CocoTask
+from ptqbench.types import CalibrationItem
 
 from eval_speed import write_coco_folder  # the sibling benchmark script (its folder is sys.path[0])
 

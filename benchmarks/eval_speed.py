@@ -36,8 +36,9 @@ from ptqbench.sam.calibration import build_calibration_set
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import build_sam_official, build_sam_tiny
 from ptqbench.sam.quantized import fp_twin, quantize_sam
-from ptqbench.tasks.base import CalibrationItem, TaskConfig
+from ptqbench.tasks.base import TaskConfig
 from ptqbench.tasks.coco import CocoTask
+from ptqbench.types import CalibrationItem
 
 
 def write_coco_folder(root: Path, images: int, boxes: int, height: int = 480, width: int = 640) -> None:

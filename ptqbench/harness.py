@@ -44,7 +44,8 @@ from ptqbench.sam.calibration import CalibrationSet, build_calibration_set
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import MODELS, LoadedModel, load_model
 from ptqbench.sam.quantized import fp_twin, quantize_sam
-from ptqbench.tasks.base import TASKS, CalibrationItem, Task, TaskConfig
+from ptqbench.tasks.base import TASKS, Task, TaskConfig
+from ptqbench.types import CalibrationItem
 
 log = logging.getLogger(__name__)
 

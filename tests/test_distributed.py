@@ -28,7 +28,7 @@ from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation, weight_la
 from ptqbench.sam.calibration import build_calibration_set, sam_forward
 from ptqbench.sam.models import build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam
-from ptqbench.tasks.base import CalibrationItem
+from ptqbench.types import CalibrationItem
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = DemoSizes(coco_val=3, coco_train=2, dota_val=2, dota_train=1, ade_val=3, ade_train=2)

@@ -8,8 +8,7 @@ import torch
 from segment_anything.modeling.transformer import Attention
 
 from ptqbench.errors import PtqbenchError
-from ptqbench.quant.observers import make_observer
-from ptqbench.quant.pcc import (
+from ptqbench.methods.pcc import (
     PCC_PERCENTILES,
     PccConfig,
     decoder_attentions,
@@ -21,6 +20,7 @@ from ptqbench.quant.pcc import (
     read_input,
     search_clip,
 )
+from ptqbench.quant.observers import make_observer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.sam.calibration import CalibrationSample, sam_forward
 from ptqbench.sam.quantized import QuantDecoderAttention, fp_twin, quantize_sam

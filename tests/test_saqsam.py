@@ -8,8 +8,8 @@ import torch
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.par import FAST_SETTINGS, with_iterations
+from ptqbench.methods.pcc import PccConfig, decoder_attentions
 from ptqbench.methods.saqsam import SaqSam, SaqSamS, pcc_config
-from ptqbench.quant.pcc import PccConfig, decoder_attentions
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward

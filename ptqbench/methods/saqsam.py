@@ -9,7 +9,7 @@
 2. one statistics pass with every quantizer off and the weights FP, in which the activation
    observers (AvgMSEFast, `make_observer("mse")`, on every site that is not a PCC site or a
    softmax) and the AGQ searches of every softmax are fed by: the two PCC forwards on the first
-   image (`ptqbench.quant.pcc.pcc_search`, each decoder attention searching its 4 QK sites when the
+   image (`ptqbench.methods.pcc.pcc_search`, each decoder attention searching its 4 QK sites when the
    forward reaches it and then running with them quantizing), then one forward per image;
 3. MSE per-channel weight ranges.
 The encoder's relative-position term reads the FP q (`quant_model.py:775-782`).
@@ -32,10 +32,10 @@ from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.par import ParSettings, par_reconstruct, par_settings
+from ptqbench.methods.pcc import PccChoice, PccConfig, decoder_attentions, pcc_search, reference_maps
 from ptqbench.methods.ptq4sam import Ptq4SamS, apply_big
 from ptqbench.methods.reconstruction import preset_value
 from ptqbench.quant.agq import AGQ_P, AgqCapture
-from ptqbench.quant.pcc import PccChoice, PccConfig, decoder_attentions, pcc_search, reference_maps
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.quantized import use_fp_query_for_rel_pos

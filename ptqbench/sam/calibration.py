@@ -10,7 +10,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor
 
 from ptqbench.sam.inference import BoxPredictor, decode_single_mask
-from ptqbench.tasks.base import CalibrationItem
+from ptqbench.types import CalibrationItem
 
 
 @dataclass(frozen=True)

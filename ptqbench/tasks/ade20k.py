@@ -53,7 +53,8 @@ from ptqbench.tasks.ade20k_metric import (
     read_label_png,
     score_prediction_folder,
 )
-from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count, read_rgb_image
+from ptqbench.tasks.base import TASKS, TaskConfig, check_result_count, read_rgb_image
+from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
     from ptqbench.sam.inference import BoxPredictor

@@ -11,6 +11,7 @@ import numpy as np
 
 from ptqbench.errors import DataError
 from ptqbench.registry import Registry
+from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
     from ptqbench.sam.inference import BoxPredictor
@@ -38,17 +39,6 @@ class TaskConfig:
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)
-
-
-@dataclass(frozen=True)
-class CalibrationItem:
-    """One calibration image with its box prompts.
-
-    image: uint8 RGB array [H, W, 3]; boxes: float array [N, 4] xyxy in image pixels (N >= 1).
-    """
-
-    image: np.ndarray
-    boxes: np.ndarray
 
 
 def read_rgb_image(path: Path) -> np.ndarray:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.sam.inference import PromptedImage, predict_stream
-from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, TaskConfig, check_result_count
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, stdout_into_log, write_results
 from ptqbench.tasks.prompts import (
     Detections,
@@ -53,6 +53,7 @@ from ptqbench.tasks.prompts import (
     read_coco_detections,
     xywh_to_xyxy,
 )
+from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO

@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
-from ptqbench.tasks.base import TASKS, CalibrationItem, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, TaskConfig, check_result_count
 from ptqbench.tasks.dota_eval import (
     DOTA_CLASSES,
     METRIC_KEYS,
@@ -64,6 +64,7 @@ from ptqbench.tasks.dota_eval import (
     read_split_labels,
     read_task1_folder,
 )
+from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
     from ptqbench.sam.inference import BoxPredictor
