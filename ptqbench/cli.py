@@ -243,7 +243,7 @@ def _task_options(pairs: list[str]) -> tuple[tuple[str, str], ...]:
 def _list(args: argparse.Namespace) -> None:
     """The registered names, one a line; methods with the summary of their docstring."""
     if args.what == "methods":
-        from ptqbench.methods.base import METHODS  # importing the package registers the built-ins
+        from ptqbench.methods.base import METHODS
 
         names = METHODS.names()
         width = max(map(len, names))

@@ -1,33 +1,64 @@
 """One small generic registry: name -> factory, aliases, did-you-mean, entry-point plugins.
 
-The built-in names of the method, task and model registries are also listed here
-(`BUILTIN_NAMES`), so that the command line can check a name before importing torch and the
-modules that register them (`check_name`); `Registry.register` keeps the list honest.
+The built-in entries of the method, task and model registries are listed here (`BUILTINS`: each
+name with its aliases and the module whose import registers it). Registration is lazy: a registry
+knows its built-in names and aliases from the start and imports a built-in's module on the first
+`get` of it, so importing an interface (`ptqbench.tasks.base`) imports no task, torch or
+segment_anything. The command line checks a name against the table before importing torch
+(`check_name`); `Registry.register` keeps the table honest.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from ptqbench.errors import UnknownNameError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# kind -> built-in name -> its aliases; must match the `register` calls under ptqbench/.
-BUILTIN_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
+
+class Builtin(NamedTuple):
+    """A built-in entry: the module whose import registers it, and its aliases."""
+
+    module: str
+    aliases: tuple[str, ...] = ()
+
+
+_M, _T = "ptqbench.methods.", "ptqbench.tasks."
+# kind -> built-in name -> its entry; must match the `register` calls under ptqbench/.
+BUILTINS: dict[str, dict[str, Builtin]] = {
     "method": {
-        "fp": (), "minmax": (), "minmax-avg": ("avgminmax",), "percentile": (), "mse": (), "omse": (),
-        "qdrop": (), "brecq": (), "brecq-fisher": (), "ptq4sam-s": (), "ptq4sam": ("ptq4sam-l",),
-        "saqsam-s": ("saq-sam-s",), "saqsam": ("saq-sam",),
+        "fp": Builtin(_M + "fp"),
+        "minmax": Builtin(_M + "minmax"),
+        "minmax-avg": Builtin(_M + "minmax", ("avgminmax",)),
+        "percentile": Builtin(_M + "percentile"),
+        "mse": Builtin(_M + "mse"),
+        "omse": Builtin(_M + "mse"),
+        "qdrop": Builtin(_M + "qdrop"),
+        "brecq": Builtin(_M + "brecq"),
+        "brecq-fisher": Builtin(_M + "brecq"),
+        "ptq4sam-s": Builtin(_M + "ptq4sam"),
+        "ptq4sam": Builtin(_M + "ptq4sam", ("ptq4sam-l",)),
+        "saqsam-s": Builtin(_M + "saqsam", ("saq-sam-s",)),
+        "saqsam": Builtin(_M + "saqsam", ("saq-sam",)),
     },
-    "task": {"coco": (), "dota": (), "ade20k": ()},
-    "model": {"sam_tiny": ("tiny",), "sam_vit_b": ("vit_b",), "sam_vit_l": ("vit_l",), "sam_vit_h": ("vit_h",)},
+    "task": {"coco": Builtin(_T + "coco"), "dota": Builtin(_T + "dota"), "ade20k": Builtin(_T + "ade20k")},
+    "model": {
+        "sam_tiny": Builtin("ptqbench.sam.models", ("tiny",)),
+        "sam_vit_b": Builtin("ptqbench.sam.models", ("vit_b",)),
+        "sam_vit_l": Builtin("ptqbench.sam.models", ("vit_l",)),
+        "sam_vit_h": Builtin("ptqbench.sam.models", ("vit_h",)),
+    },
 }
+# kind -> built-in name -> its aliases (derived from BUILTINS).
+BUILTIN_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
+    kind: {name: entry.aliases for name, entry in entries.items()} for kind, entries in BUILTINS.items()}
 # kind -> the entry-point group through which installed packages add entries of that kind.
 ENTRY_POINT_GROUPS = {"method": "ptqbench.methods"}
 _LIVE: dict[str, Registry] = {}  # kind -> its registry, once the module defining it is imported
@@ -78,7 +109,9 @@ def summary(factory: Callable) -> str:
 class Registry(Generic[T]):
     """Maps names to factories.
 
-    `kind` names the things registered ("method", "task", "model") in error messages.
+    `kind` names the things registered ("method", "task", "model") in error messages. The
+    built-in entries of that kind (`BUILTINS`) are known by name and alias from the start; the
+    module that registers one is imported on its first `get`.
     `entry_point_group`, when given, lets installed third-party packages register more
     entries: each entry point is loaded (imported) on first lookup; importing it is expected
     to call `register` on this registry.
@@ -87,7 +120,9 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
-        self._aliases: dict[str, str] = {}
+        builtins = BUILTINS.get(kind, {})
+        self._builtins: dict[str, str] = {name: entry.module for name, entry in builtins.items()}
+        self._aliases: dict[str, str] = {alias: name for name, entry in builtins.items() for alias in entry.aliases}
         self._entry_point_group = entry_point_group
         self._plugins_loaded = entry_point_group is None
         _LIVE[kind] = self
@@ -96,12 +131,15 @@ class Registry(Generic[T]):
         """Decorator registering `factory` under `name` (and `aliases`)."""
 
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
-            if name in self._factories or name in self._aliases:
+            module = self._builtins.get(name)
+            if name in self._factories or name in self._aliases or (
+                    module is not None and factory.__module__ != module):
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             builtin = BUILTIN_NAMES.get(self.kind)
-            if builtin is not None and factory.__module__.startswith("ptqbench.") and builtin.get(name) != aliases:
-                raise ValueError(f"built-in {self.kind} {name!r} (aliases {aliases}) is not listed as such "
-                                 "in ptqbench.registry.BUILTIN_NAMES")
+            if builtin is not None and factory.__module__.startswith("ptqbench.") and (
+                    builtin.get(name) != aliases or module != factory.__module__):
+                raise ValueError(f"built-in {self.kind} {name!r} (aliases {aliases}, module {factory.__module__}) "
+                                 "is not listed as such in ptqbench.registry.BUILTINS")
             self._factories[name] = factory
             for alias in aliases:
                 self._aliases[alias] = name
@@ -117,24 +155,34 @@ class Registry(Generic[T]):
             log.info("loading %s plugin %s", self.kind, entry.value)
             entry.load()
 
+    def _known(self) -> list[str]:
+        """Every name: the registered ones and the built-ins not imported yet."""
+        return list(self._factories) + [name for name in self._builtins if name not in self._factories]
+
     def names(self) -> list[str]:
-        """The registered names, sorted (aliases excluded)."""
+        """The registered names, built-ins included whether imported yet or not, sorted (aliases excluded)."""
         self._load_plugins()
-        return sorted(self._factories)
+        return sorted(self._known())
 
     def canonical(self, name: str) -> str:
         """Resolve an alias; raise UnknownNameError with a suggestion for an unknown name."""
         self._load_plugins()
         key = name.strip().lower()
         key = self._aliases.get(key, key)
-        if key in self._factories:
+        if key in self._factories or key in self._builtins:
             return key
-        raise _unknown(self.kind, name, key, self._aliases, list(self._factories))
+        raise _unknown(self.kind, name, key, self._aliases, self._known())
 
     def describe(self, name: str) -> str:
         """One line about `name`: the summary of its factory's docstring."""
         return summary(self.get(name))
 
     def get(self, name: str) -> Callable[..., T]:
-        """The factory registered under `name` (or one of its aliases)."""
-        return self._factories[self.canonical(name)]
+        """The factory registered under `name` (or one of its aliases); a built-in's module is
+        imported here, on its first `get`."""
+        key = self.canonical(name)
+        if key not in self._factories:
+            importlib.import_module(self._builtins[key])
+            if key not in self._factories:
+                raise LookupError(f"built-in {self.kind} {key!r}: importing {self._builtins[key]} did not register it")
+        return self._factories[key]

@@ -105,8 +105,6 @@ def plan(args: argparse.Namespace, work: Path) -> list[Job]:
 
     Each run gets a fresh store under `work/runs` (what an earlier check left there is removed).
     """
-    import ptqbench.methods  # noqa: F401  (registers the built-in methods)
-    import ptqbench.tasks  # noqa: F401  (registers the built-in tasks)
     from ptqbench.demo.install import ensure_demo_data
     from ptqbench.methods.base import METHODS
     from ptqbench.tasks.base import TASKS

@@ -1,3 +1,1 @@
-"""PTQ methods, one file each; importing this package registers the built-in methods."""
-
-from ptqbench.methods import brecq, fp, minmax, mse, percentile, ptq4sam, qdrop, saqsam  # noqa: F401  (registration)
+"""PTQ methods, one file each; `ptqbench.methods.base.METHODS` imports a method's module on its first use."""

@@ -1,3 +1,1 @@
-"""Evaluation tasks, one file each; importing this package registers the built-in tasks."""
-
-from ptqbench.tasks import ade20k, coco, dota  # noqa: F401  (registration)
+"""Evaluation tasks, one file each; `ptqbench.tasks.base.TASKS` imports a task's module on its first use."""
