@@ -21,8 +21,8 @@ import torch
 from segment_anything.modeling import Sam
 from tabulate import tabulate
 
-from ptqbench.methods.base import observe_activations, set_weight_ranges
 from ptqbench.methods.qdrop import PAPER_ITERATIONS, qdrop_config
+from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.unit import Unit

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import ptqbench.methods  # noqa: F401  (registers the built-in methods)
 from ptqbench.cli import main
 from ptqbench.demo.install import ensure_demo_data
 from ptqbench.demo.writers import DemoSizes

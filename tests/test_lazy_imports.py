@@ -1,5 +1,6 @@
-"""Lazy registration: importing an interface or the registry imports no torch, no
-segment_anything and no concrete task or method; the registries still give every built-in."""
+"""Lazy registration: importing an interface (`ptqbench.tasks.base`, `ptqbench.methods.base`) or the
+registry imports no torch, no segment_anything and no concrete task or method; the registries still
+give every built-in."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ def test_importing_the_task_interface_and_the_registry_imports_nothing_heavy():
     code = ("import ptqbench.tasks.base, ptqbench.registry; import sys; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch','segment_anything'} "
             "or m.startswith('ptqbench.tasks.coco')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_importing_the_method_interface_imports_nothing_heavy():
+    code = ("import ptqbench.methods.base; import sys; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch','segment_anything'} "
+            "or m.startswith(('ptqbench.methods.', 'ptqbench.tasks.')) and m != 'ptqbench.methods.base'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

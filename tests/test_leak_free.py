@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from ptqbench.methods.base import observe_activations, set_weight_ranges
 from ptqbench.methods.qdrop import qdrop_config
+from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.methods.reconstruction import reconstruct
 from ptqbench.quant.adaround import AdaRoundQuantizer
 from ptqbench.quant.observers import make_observer

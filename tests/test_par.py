@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ptqbench.methods.base import observe_activations, set_weight_ranges
 from ptqbench.methods.par import (
     FAST_SETTINGS,
     PAPER_SETTINGS,
@@ -22,6 +21,7 @@ from ptqbench.methods.par import (
     par_units,
     with_iterations,
 )
+from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.methods.reconstruction import reconstruct
 from ptqbench.methods.unit_cache import build_cache, capture
 from ptqbench.methods.unit_step import unit_inputs

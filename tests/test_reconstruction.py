@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from ptqbench.config import BitSpec
 from ptqbench.methods import brecq
-from ptqbench.methods.base import observe_activations, set_weight_ranges
 from ptqbench.methods.brecq import Brecq, FisherWeights
 from ptqbench.methods.qdrop import qdrop_config
+from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
 from ptqbench.methods.unit_cache import build_cache
 from ptqbench.methods.unit_step import mix_inputs

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ptqbench.methods.base import observe_activations, set_weight_ranges
 from ptqbench.methods.par import FAST_SETTINGS, frozen_reference, par_units
+from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.methods.reconstruction import ReconstructionSettings, _LearnablePieces, reconstruct, sam_sample_forward
 from ptqbench.methods.unit_cache import build_cache
 from ptqbench.methods.unit_step import UnitStep, unit_inputs

@@ -1,30 +1,23 @@
-"""The Method interface, the method registry and the shared range-setting steps.
+"""The Method interface and the method registry; this module imports no torch and no method.
 
 A method receives a quantizable twin of SAM (`ptqbench.sam.quantized.quantize_sam`, every site
 off), the FP model, the calibration set, the bit widths and the preset, and sets every site.
 The harness then seals the model for evaluation (`ptqbench.quant.sites.seal_for_evaluation`),
-so no method can leave a random bypass, an observer or a trainable scale behind.
+so no method can leave a random bypass, an observer or a trainable scale behind. The shared
+range-setting steps are in `ptqbench.methods.ranges`.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-from segment_anything.modeling import Sam
-from tqdm.auto import tqdm
-
-from ptqbench.config import BitSpec
-from ptqbench.quant.observers import DeferredSearches, Observer, make_observer
-from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.quant.sites import quantizer_sites, weight_layers
 from ptqbench.registry import Registry
-from ptqbench.sam.calibration import CalibrationSet, sam_forward
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+    from ptqbench.config import BitSpec
+    from ptqbench.sam.calibration import CalibrationSet
 
 
 class Method(Protocol):
@@ -44,84 +37,3 @@ class Method(Protocol):
 
 
 METHODS: Registry[Method] = Registry("method", entry_point_group="ptqbench.methods")
-
-
-def set_weight_ranges(qmodel: Sam, observer: str, **observer_kw) -> None:
-    """Per-channel weight ranges from `observer` (one update with the whole weight)."""
-    for layer in weight_layers(qmodel).values():
-        obs = make_observer(observer, channel_axis=0, bits=layer.weight_quantizer.bits, **observer_kw)
-        obs.update(layer.weight.detach())
-        layer.weight_quantizer.observe_with(obs)
-        layer.weight_quantizer.finish_observing()
-
-
-@contextmanager
-def observing(qmodel: Sam, observer_for: Callable[[str, int], Observer],
-              skip: Collection[str] = ()) -> Iterator[dict[str, FakeQuantizer]]:
-    """Attach a fresh observer to every activation site that is still off (except `skip`) for the
-    `with` block, then turn their statistics into ranges (the sites then quantize).
-
-    `observer_for(site_name, bits)` returns the observer of a site; every forward run inside the
-    block is one update of each observer it reaches. The observers' per-update searches run
-    batched across sites (`DeferredSearches`). Yields the observed sites by name.
-    """
-    sites = {name: q for name, q in quantizer_sites(qmodel).items()
-             if not q.is_weight and q.mode == "off" and name not in skip}
-    searches = DeferredSearches()
-    for name, quantizer in sites.items():
-        observer = observer_for(name, quantizer.bits)
-        observer.defer_searches(searches)
-        quantizer.observe_with(observer)
-    yield sites
-    searches.flush()
-    for quantizer in sites.values():
-        quantizer.finish_observing()
-
-
-@torch.no_grad()
-def forward_all(qmodel: Sam, calib: CalibrationSet, description: str, *, progress: bool = True) -> None:
-    """One forward of `qmodel` per calibration sample, in order."""
-    for sample in tqdm(calib.samples, desc=description, disable=not progress, leave=False):
-        sam_forward(qmodel, sample.image, sample.boxes)
-
-
-def observe_activations(qmodel: Sam, calib: CalibrationSet,
-                        observer_for: Callable[[str, int], Observer], *, progress: bool = True) -> None:
-    """Calibrate every activation site that is still off, in one pass over the calibration set.
-
-    The pass runs the model as it is: the reference codes observe with every other quantizer
-    off (weights included: `enable_calibration_woquantization`), so the built-in methods call this
-    before setting weight ranges. Each image is one observer update.
-    """
-    with observing(qmodel, observer_for):
-        forward_all(qmodel, calib, "observing activations", progress=progress)
-
-
-class RangeSettingMethod:
-    """A statistics-only method: a weight observer and an activation observer, nothing learned."""
-
-    name = ""
-    weight_observer = "minmax"
-    activation_observer = "minmax"
-
-    def weight_observer_options(self, preset: str) -> dict:
-        """Extra options of the weight observer under `preset` (none by default)."""
-        return {}
-
-    def activation_observer_options(self, preset: str) -> dict:
-        """Extra options of the activation observer under `preset` (none by default)."""
-        return {}
-
-    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet,
-                         preset: str) -> list[tuple[str, Callable[[], object]]]:
-        """Activations observed on the FP model, then weights (the reference's `calibrate` order)."""
-        options = self.activation_observer_options(preset)
-        return [("activations", lambda: observe_activations(
-                    qmodel, calib, lambda site, bits: make_observer(self.activation_observer, bits=bits, **options))),
-                ("weights", lambda: set_weight_ranges(qmodel, self.weight_observer,
-                                                      **self.weight_observer_options(preset)))]
-
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
-                  preset: str, seed: int) -> None:
-        for _, step in self.statistics_steps(qmodel, calib, preset):
-            step()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ptqbench.methods.base import METHODS, RangeSettingMethod
+from ptqbench.methods.base import METHODS
+from ptqbench.methods.ranges import RangeSettingMethod
 
 FAST_SEARCH_ITERATIONS = 6
 FAST_WEIGHT_RANGES = 20

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ptqbench.methods.base import METHODS, RangeSettingMethod
+from ptqbench.methods.base import METHODS
+from ptqbench.methods.ranges import RangeSettingMethod
 
 
 @METHODS.register("percentile")

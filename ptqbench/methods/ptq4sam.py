@@ -28,8 +28,9 @@ from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import Tensor, nn
 
 from ptqbench.config import BitSpec
-from ptqbench.methods.base import METHODS, forward_all, observing, set_weight_ranges
+from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_SEARCH_ITERATIONS, mse_observer_options
+from ptqbench.methods.ranges import forward_all, observing, set_weight_ranges
 from ptqbench.quant.agq import AGQ_P, AGQ_TAUS, AgqCapture, AgqResult
 from ptqbench.quant.big import channel_signs, fold_channel_signs, is_bimodal
 from ptqbench.quant.observers import Observer, make_observer

@@ -13,8 +13,9 @@ from __future__ import annotations
 from segment_anything.modeling import Sam
 
 from ptqbench.config import BitSpec
-from ptqbench.methods.base import METHODS, observe_activations, set_weight_ranges
+from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import mse_observer_options
+from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.methods.reconstruction import ReconstructionSettings, preset_value, reconstruct
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.unit import UnitConfig
