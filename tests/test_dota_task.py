@@ -11,17 +11,16 @@ import pytest
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.tasks.base import TASKS, TaskConfig
-from ptqbench.tasks.dota import (
-    DotaTask,
+from ptqbench.tasks.dota import DotaTask, read_rgb
+from ptqbench.tasks.dota_eval import METRIC_KEYS
+from ptqbench.tasks.dota_geometry import (
     Window,
     assign_windows,
     mask_to_rbox,
     polygon_nms,
-    read_rgb,
     split_windows,
     window_starts,
 )
-from ptqbench.tasks.dota_eval import METRIC_KEYS
 from ptqbench.tasks.polygon_iou import poly_iou
 
 # image A: 300 x 200 -> windows 256/50 at x 0 and 44; image B: 150 x 260 -> windows at y 0 and 4
