@@ -182,6 +182,7 @@ class AgqCapture:
         self._pending: dict[str, dict[str, Tensor]] = {name: {} for name in self.attentions}
         self._maps: list[tuple[str, Tensor, Tensor]] = []
         self._bytes = 0
+        self._max_bytes: int | None = None
         self._handles: list[RemovableHandle] = []
         self._only: frozenset[str] | None = None
 
@@ -218,7 +219,9 @@ class AgqCapture:
             attn, value = pending.pop("attn"), pending.pop("value")
             self._maps.append((name, attn, value))
             self._bytes += 4 * (attn.numel() + value.numel())
-            if self._bytes > deferral_limit(attn.device):
+            if self._max_bytes is None:
+                self._max_bytes = deferral_limit(attn.device)
+            if self._bytes > self._max_bytes:
                 self.flush()
 
     def flush(self) -> None:

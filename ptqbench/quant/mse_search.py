@@ -158,12 +158,6 @@ def side_of(x_min: float, x_max: float) -> OneSide:
     return "pos" if x_min >= 0.0 else "neg" if x_max <= 0.0 else "no"
 
 
-def one_sided(x: Tensor) -> OneSide:
-    """`side_of` x's min and max."""
-    x_min, x_max = (float(v) for v in torch.aminmax(x.detach()))
-    return side_of(x_min, x_max)
-
-
 def tensor_extrema(xs: Sequence[Tensor]) -> list[tuple[float, float]]:
     """(min, max) of each tensor (float32 values as Python floats), read back in one transfer."""
     if not xs:

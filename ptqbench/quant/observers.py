@@ -36,9 +36,7 @@ from ptqbench.quant.lockstep import deferral_limit
 from ptqbench.quant.mse_search import (
     MSE_NUM_RANGES,
     OneSide,
-    bounded_search_per_tensor,
     grid_search_per_channel,
-    one_sided,
     search_tensor_ranges,
     side_of,
     strided_sample,
@@ -303,17 +301,22 @@ class MSEObserver(SearchObserver):
 
     def add_range(self, lo: float, hi: float, device: torch.device) -> None:
         """Record one update's searched range (from `DeferredSearches`)."""
-        self._ranges.append((torch.tensor([lo], dtype=torch.float32, device=device),
-                             torch.tensor([hi], dtype=torch.float32, device=device)))
+        self._ranges.append(_range_tensors(lo, hi, device))
 
     def _search(self, rows: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         if self.channel_axis is not None:
             return grid_search_per_channel(rows, bits, self.p, self.num_ranges)
         sample = strided_sample(rows, self.max_elements)
-        self.side = self.side or one_sided(sample)
-        lo, hi = bounded_search_per_tensor(sample, bits, self.p, self.side, self.max_iter)
-        return (torch.tensor([lo], dtype=torch.float32, device=rows.device),
-                torch.tensor([hi], dtype=torch.float32, device=rows.device))
+        extrema = tensor_extrema([sample])
+        self.side = self.side or side_of(*extrema[0])
+        (lo, hi), = search_tensor_ranges([sample], [self.side], [bits], self.p, self.max_iter, extrema)
+        return _range_tensors(lo, hi, rows.device)
+
+
+def _range_tensors(lo: float, hi: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A per-tensor searched range as the ([1], [1]) float32 tensors `SearchObserver` averages."""
+    return (torch.tensor([lo], dtype=torch.float32, device=device),
+            torch.tensor([hi], dtype=torch.float32, device=device))
 
 
 class DeferredSearches:
@@ -324,7 +327,7 @@ class DeferredSearches:
     once the collected tensors exceed `max_bytes`, and before any of these observers reports
     its range) searches all of them in lockstep (`search_tensor_ranges`). The ranges are those
     of searching each update alone, so when the flushes happen changes no number.
-    max_bytes: None = `deferral_limit` of the data's device.
+    max_bytes: None = `deferral_limit` of the first update's device, read once.
     """
 
     def __init__(self, max_bytes: int | None = None) -> None:
@@ -334,9 +337,11 @@ class DeferredSearches:
 
     def add(self, observer: MSEObserver, x: Tensor) -> None:
         """Queue one update of `observer` (a copy of x is kept until the flush)."""
+        if self.max_bytes is None:
+            self.max_bytes = deferral_limit(x.device)
         self._jobs.append((observer, x.detach().float().clone()))
         self._bytes += x.numel() * 4
-        if self._bytes > (self.max_bytes or deferral_limit(x.device)):
+        if self._bytes > self.max_bytes:
             self.flush()
 
     def flush(self) -> None:
