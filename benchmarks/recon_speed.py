@@ -51,6 +51,19 @@ def random_calibration(size: int, images: int, boxes: int, device: torch.device)
     return CalibrationSet(samples=tuple(samples), fingerprint="random")
 
 
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a whole-calibration benchmark (`saqsam_speed.py`, `stats_speed.py`): model,
+    device, preset, bits, random calibration images and boxes, and the projection to N images."""
+    parser.add_argument("--model", default="sam_vit_b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="paper", choices=("paper", "fast"))
+    parser.add_argument("--bits", default="4")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--boxes", type=int, default=16)
+    parser.add_argument("--project-images", type=int, default=None,
+                        help="scale the per-image steps to this many calibration images")
+
+
 def unit_type(model: Sam, unit: Unit) -> str:
     """A unit's kind: encoder attention (window / global), encoder MLP, neck, or the decoder sub-block."""
     parts = unit.name.split(".")

@@ -29,7 +29,7 @@ from ptqbench.methods.par import par_settings, par_units, with_iterations
 from ptqbench.methods.saqsam import SaqSam
 from ptqbench.sam.quantized import quantize_sam
 
-from recon_speed import build, random_calibration  # the script folder is on sys.path
+from recon_speed import add_calibration_arguments, build, random_calibration  # the script folder is on sys.path
 
 PER_IMAGE_STEPS = ("AGQ", "activations")
 
@@ -41,15 +41,8 @@ def synchronize(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sam_vit_b")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="paper", choices=("paper", "fast"))
-    parser.add_argument("--bits", default="4")
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--boxes", type=int, default=16)
+    add_calibration_arguments(parser)
     parser.add_argument("--iterations", type=int, default=20, help="PAR steps measured per unit")
-    parser.add_argument("--project-images", type=int, default=None,
-                        help="scale the per-image steps to this many calibration images")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--target-minutes", type=float, default=15.0)
     args = parser.parse_args()

@@ -24,7 +24,7 @@ from ptqbench.methods.mse import Mse
 from ptqbench.methods.ptq4sam import Ptq4SamS, apply_big
 from ptqbench.sam.quantized import quantize_sam
 
-from recon_speed import build, random_calibration  # the script folder is on sys.path
+from recon_speed import add_calibration_arguments, build, random_calibration  # the script folder is on sys.path
 
 TARGETS_S = {"mse": 30.0, "ptq4sam-s": 45.0}
 
@@ -42,14 +42,7 @@ def timed(device: torch.device, step: Callable[[], object]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sam_vit_b")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="paper", choices=("paper", "fast"))
-    parser.add_argument("--bits", default="4")
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--boxes", type=int, default=16)
-    parser.add_argument("--project-images", type=int, default=None,
-                        help="scale the per-image steps to this many calibration images")
+    add_calibration_arguments(parser)
     parser.add_argument("--methods", default="mse,ptq4sam-s")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

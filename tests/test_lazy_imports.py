@@ -13,20 +13,23 @@ import pytest
 from ptqbench.registry import BUILTINS
 
 
+def _heavy_modules_after(imports: str, also_heavy: str) -> str:
+    """What a fresh interpreter has loaded after `import <imports>`: the torch and
+    segment_anything modules, and those the expression `also_heavy` (over a module name `m`)
+    flags, printed as a sorted list."""
+    code = (f"import {imports}; import sys; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {{'torch','segment_anything'}} "
+            f"or {also_heavy}))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_importing_the_task_interface_and_the_registry_imports_nothing_heavy():
-    code = ("import ptqbench.tasks.base, ptqbench.registry; import sys; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch','segment_anything'} "
-            "or m.startswith('ptqbench.tasks.coco')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert _heavy_modules_after("ptqbench.tasks.base, ptqbench.registry", "m.startswith('ptqbench.tasks.coco')") == "[]"
 
 
 def test_importing_the_method_interface_imports_nothing_heavy():
-    code = ("import ptqbench.methods.base; import sys; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch','segment_anything'} "
-            "or m.startswith(('ptqbench.methods.', 'ptqbench.tasks.')) and m != 'ptqbench.methods.base'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    also_heavy = "m.startswith(('ptqbench.methods.', 'ptqbench.tasks.')) and m != 'ptqbench.methods.base'"
+    assert _heavy_modules_after("ptqbench.methods.base", also_heavy) == "[]"
 
 
 def test_get_imports_the_module_that_registers_a_builtin():
