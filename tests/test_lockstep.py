@@ -11,6 +11,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from ptqbench.quant.bounded_brent import bounded_brent, run_alone
+from ptqbench.quant.fused_lp_error import HAS_TRITON, FusedLpError
 from ptqbench.quant.lockstep import grid_qparams, lp_error
 from ptqbench.quant.mse_search import search_tensor_ranges, side_of, tensor_extrema
 from ptqbench.quant.observers import DeferredSearches, make_observer
@@ -61,8 +62,9 @@ def _tensors() -> list[torch.Tensor]:
     return xs
 
 
-def test_batched_searches_equal_the_searches_alone():
-    xs = _tensors()
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_searches_equal_the_searches_alone(device):
+    xs = [x.to(device) for x in _tensors()]
     extrema = tensor_extrema(xs)
     sides = [side_of(*e) for e in extrema]
     bits = [4, 4, 6, 4, 6, 4, 8]
@@ -107,3 +109,29 @@ def test_loss_arithmetic_per_device(device):
             x_hat = (torch.clamp(torch.round(scaled) + z, 0, 15) - z) * s
             assert got == (x_hat - x).abs().pow(2.4).mean()
         assert lp_error(x, s, z, 4, 2.4).equal(lp_error(x, s, z, 4, 2.4, reciprocal=device != "cpu"))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA device and Triton")
+@pytest.mark.parametrize("p", [2.4, 2.0])
+def test_fused_loss_is_the_eager_arithmetic(p):
+    """The fused GPU loss computes each element's error as torch's fake quantization and pow do
+    (one-element tensors, whose loss is the error: exact for p = 2, within 2 ulp of torch's pow
+    otherwise), sums large tensors to within float32 rounding of the eager mean, and scores a
+    tensor the same whichever rows share its launch."""
+    g = torch.Generator().manual_seed(2)
+    singles = [(torch.randn(1, generator=g) * 4).cuda() for _ in range(300)]
+    ranges = [(-2.0, 3.1), (-0.7, 0.9), (0.0, 5.0), (-1e-3, 2e-3)]
+    qparams = [grid_qparams(*ranges[i % 4], 4) for i in range(300)]
+    fused = FusedLpError(singles, 4, p).losses(list(range(300)), qparams)
+    eager = torch.stack([lp_error(x, s, z, 4, p) for x, (s, z) in zip(singles, qparams)])
+    if p == 2.0:
+        assert fused.equal(eager)
+    else:
+        assert torch.allclose(fused, eager, rtol=4e-7, atol=0)
+    large = [(torch.randn(n, generator=g) * 2).cuda() for n in (5, 70_000, 300_001, 1 << 20)]
+    scorer = FusedLpError(large, 6, p)
+    qparams = [grid_qparams(-1.5 - i, 2.0 + i, 6) for i in range(4)]
+    together = scorer.losses([0, 1, 2, 3], qparams)
+    for i, (x, (s, z)) in enumerate(zip(large, qparams)):
+        assert scorer.losses([i], [(s, z)]).equal(together[i : i + 1])
+        assert torch.isclose(together[i], lp_error(x, s, z, 6, p), rtol=1e-5, atol=0)

@@ -159,6 +159,9 @@ def test_mse_per_tensor_averages_updates_and_lazy_matches_eager() -> None:
         eager.compute_range(4)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def brute_force_grid(rows: torch.Tensor, bits: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's exhaustive loop (PTQ4SAM `MSEObserver.perform_2D_search` / `perform_1D_search`),
     one channel and candidate at a time: width w = span / 100 * i, range (-z d, w - z d) with
@@ -166,7 +169,7 @@ def brute_force_grid(rows: torch.Tensor, bits: int, p: float) -> tuple[torch.Ten
     qmax = 2**bits - 1
     one_sided = "pos" if bool(rows.min() >= 0) else "neg" if bool(rows.max() <= 0) else None
     zero_points = [0] if one_sided else list(range(qmax + 1))
-    x_min, x_max = torch.zeros(rows.shape[0]), torch.zeros(rows.shape[0])
+    x_min, x_max = torch.zeros(rows.shape[0], device=rows.device), torch.zeros(rows.shape[0], device=rows.device)
     for c, x in enumerate(rows):
         span = x.max().clamp(min=0) - x.min().clamp(max=0)
         best = float("inf")
@@ -174,7 +177,7 @@ def brute_force_grid(rows: torch.Tensor, bits: int, p: float) -> tuple[torch.Ten
             width = span / 100 * i
             for z in zero_points:
                 if one_sided == "neg":
-                    lo, hi = -width, torch.zeros(())
+                    lo, hi = -width, torch.zeros((), device=rows.device)
                 else:
                     lo, hi = 0.0 - z * (width / qmax), width - z * (width / qmax)
                 scale, zero_point = affine_qparams(lo, hi, bits)
@@ -185,12 +188,16 @@ def brute_force_grid(rows: torch.Tensor, bits: int, p: float) -> tuple[torch.Ten
     return x_min, x_max
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sign", [0, 1, -1])
-def test_mse_grid_equals_brute_force(sign: int) -> None:
+def test_mse_grid_equals_brute_force(sign: int, device: str) -> None:
+    """The grid search (a zero-point walk on the CPU, every candidate scored on a GPU) finds the
+    reference's exhaustive minimiser, computed by the brute-force loop on the same device."""
     generator = torch.Generator().manual_seed(7 + sign)
     rows = torch.randn(3, 9, generator=generator) * t(0.5, 2.0, 1.0)[:, None] + t(0.3, -0.5, 0.0)[:, None]
     if sign != 0:  # one-sided data: the 1-D search (z = 0 for >= 0 data, z = qmax for <= 0 data)
         rows = sign * rows.abs()
+    rows = rows.to(device)
     x_min, x_max = grid_search_per_channel(rows, 3, 2.4)
     expected_min, expected_max = brute_force_grid(rows, 3, 2.4)
     assert torch.equal(x_min, expected_min) and torch.equal(x_max, expected_max)

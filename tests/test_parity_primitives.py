@@ -153,13 +153,14 @@ def test_minmax_observers(fixture: dict) -> None:
 MSE_WEIGHT = fixtures_of("observer_mse_weight")
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("fixture", MSE_WEIGHT, ids=_ids(MSE_WEIGHT))
-def test_mse_weight_observer(fixture: dict) -> None:
+def test_mse_weight_observer(fixture: dict, device: str) -> None:
     inputs, expected = load(fixture)
     bits = fixture["params"]["bits"]
     observer = make_observer("mse", channel_axis=0, bits=bits)
-    observer.update(_t(inputs["call0"]))
-    x_min, x_max = observer.compute_range(bits)
+    observer.update(_t(inputs["call0"]).to(device))
+    x_min, x_max = (v.cpu() for v in observer.compute_range(bits))
     scale, zero_point = qf.affine_qparams(x_min, x_max, bits)
     _check(fixture, {"min_val": x_min, "max_val": x_max, "scale": scale, "zero_point": zero_point}, expected)
 

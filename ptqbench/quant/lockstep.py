@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ptqbench.quant.functional import quant_range
+from ptqbench.quant.fused_lp_error import FusedLpError, can_fuse
 
 
 class RowEvaluator(Protocol):
@@ -103,13 +104,19 @@ def lp_error(x: Tensor, scale: float, zero_point: int, bits: int, p: float,
 class LpErrorRows:
     """The loss of the MSE range searches of several tensors (row i: tensors[i]), on one device.
 
-    A candidate is a range (lo, hi); its loss is `lp_error` under `grid_qparams(lo, hi)`.
+    A candidate is a range (lo, hi); its loss is `lp_error` under `grid_qparams(lo, hi)`. On a GPU
+    with Triton every step's candidates are scored together by `FusedLpError` (the same
+    element-wise arithmetic as `lp_error`, two launches per step); elsewhere one by one.
     """
 
     def __init__(self, tensors: Sequence[Tensor], bits: int, p: float) -> None:
         self.tensors = list(tensors)
         self.bits, self.p = bits, p
+        self.fused = FusedLpError(self.tensors, bits, p) if can_fuse(self.tensors) else None
 
     def losses(self, rows: Sequence[int], candidates: Sequence[object]) -> Tensor:
-        return torch.stack([lp_error(self.tensors[row], *grid_qparams(lo, hi, self.bits), self.bits, self.p)
-                            for row, (lo, hi) in zip(rows, candidates)])
+        qparams = [grid_qparams(lo, hi, self.bits) for lo, hi in candidates]
+        if self.fused is not None:
+            return self.fused.losses(rows, qparams)
+        return torch.stack([lp_error(self.tensors[row], scale, zero_point, self.bits, self.p)
+                            for row, (scale, zero_point) in zip(rows, qparams)])

@@ -19,6 +19,7 @@ from torch import Tensor
 from ptqbench.errors import ConfigError
 from ptqbench.quant.bounded_brent import bounded_brent, drive, loss_of
 from ptqbench.quant.functional import affine_qparams, quant_range
+from ptqbench.quant.fused_lp_error import can_fuse, channel_grid_minima
 from ptqbench.quant.lockstep import LpErrorRows, run_lockstep
 
 MSE_NUM_RANGES = 100
@@ -46,7 +47,9 @@ def grid_search_per_channel(rows: Tensor, bits: int, p: float,
     |c - x/s|^p with c moving away from x/s one level per step), so the loss, a sum of such terms,
     is convex in z. The zero-point scan is therefore a descent walk per channel, started from the
     previous range's minimiser: a few evaluations per range instead of 2^bits. Channels and
-    walkers are vectorised in blocks of bounded size.
+    walkers are vectorised in blocks of bounded size. On a GPU with Triton the whole grid is scored
+    instead, as the reference scores it, in one kernel per block of channels
+    (`exhaustive_grid_search`): no walk, no host round trip.
     """
     if p < 1:
         raise ConfigError(f"the per-channel MSE grid search needs p >= 1 (convex loss), got p={p}")
@@ -59,12 +62,14 @@ def grid_search_per_channel(rows: Tensor, bits: int, p: float,
         z_range = (qmax, qmax)
     else:
         z_range = (qmin, qmax)
+    fused = can_fuse([rows])
     budget = _GRID_BLOCK_ELEMENTS["cpu" if rows.device.type == "cpu" else "other"]
-    c_block = max(1, min(num_channels, budget // (3 * k)))
+    per_channel = num_ranges * (z_range[1] - z_range[0] + 1) if fused else 3 * k
+    c_block = max(1, min(num_channels, budget // per_channel))
+    search = exhaustive_grid_search if fused else _grid_search_block
     x_min, x_max = [], []
     for c0 in range(0, num_channels, c_block):
-        block_min, block_max = _grid_search_block(rows[c0 : c0 + c_block], span[c0 : c0 + c_block], bits, p,
-                                                  num_ranges, z_range)
+        block_min, block_max = search(rows[c0 : c0 + c_block], span[c0 : c0 + c_block], bits, p, num_ranges, z_range)
         x_min.append(block_min)
         x_max.append(block_max)
     return torch.cat(x_min), torch.cat(x_max)
@@ -100,6 +105,27 @@ def _error_mean(x: Tensor, width: Tensor, zero_points: Tensor, bits: int, p: flo
     x_hat = (torch.round(x[None] / scale) + zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
     error = x_hat.sub_(x[None]).abs_().pow_(p).mean(dim=2)
     return error.masked_fill((zero_points < z_low) | (zero_points > z_high), math.inf)
+
+
+def exhaustive_grid_search(x: Tensor, span: Tensor, bits: int, p: float, num_ranges: int,
+                           z_range: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """`grid_search_per_channel` on one block by scoring every candidate (`channel_grid_minima`):
+    x [C, K] float32 CUDA, span [C] -> (x_min [C], x_max [C]), the first minimiser in (i, z) order.
+
+    The candidates' qparams are computed here with the eager expressions of `_error_mean`
+    (element-wise, so each candidate's values do not depend on the block's shape).
+    """
+    z_low, z_high = z_range
+    widths = (span / num_ranges)[None] * torch.arange(1, num_ranges + 1, dtype=span.dtype, device=span.device)[:, None]
+    zero_points = torch.arange(z_low, z_high + 1, dtype=span.dtype, device=span.device)
+    zero_points = zero_points[None, :, None].expand(num_ranges, -1, x.shape[0])
+    lo, hi = candidate_range(widths[:, None, :], zero_points, bits, z_range)
+    scale, zero_point = affine_qparams(lo, hi, bits)
+    best_error, best_index = channel_grid_minima(x, scale, zero_point, bits, p)
+    best_width = best_error.argmin(dim=0)
+    chosen = best_index.gather(0, best_width[None]).long()
+    channels = torch.arange(x.shape[0], device=x.device)
+    return lo[best_width, chosen[0], channels], hi[best_width, chosen[0], channels]
 
 
 def _grid_search_block(
