@@ -3,10 +3,9 @@
 A search is a generator (`ptqbench.quant.bounded_brent`): it yields a candidate, receives its
 loss, and finally returns its result. The reference runs its searches one after another and
 reads one loss back per evaluation; here every step collects the next candidate of every
-unfinished search of a lane, scores all of them on the data's device (queued work, no
-read-back), and reads the losses back in one transfer, while the other lane's candidates are
-scored. Each search still sees exactly the losses it would see alone, so the results do not
-depend on how searches are batched.
+unfinished search, scores all of them on the data's device (queued work, no read-back), and
+reads the losses back in one transfer. Each search still sees exactly the losses it would see
+alone, so the results do not depend on how searches are batched.
 
 The searches of one batch are grouped by a `RowEvaluator`, which scores the candidates of its
 searches (one data row each) without reading anything back (for the MSE range search,
@@ -15,7 +14,6 @@ searches (one data row each) without reading anything back (for the MSE range se
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Generator, Sequence
 from typing import Protocol
 
@@ -36,67 +34,31 @@ class RowEvaluator(Protocol):
         ...
 
 
-LANES = 2
-
-
 def run_lockstep(groups: Sequence[tuple[RowEvaluator, Sequence[Generator]]]) -> list[list[object]]:
     """Run every search of every group to its end; returns each group's results in order.
 
-    groups: (evaluator, searches) pairs, searches[i] scored on the evaluator's row i. The searches
-    are dealt into LANES lanes (search i of a group into lane i % LANES) that take turns: a lane's
-    step scores all of its pending candidates (one `losses` call per group with unfinished
-    searches) and brings the losses to the host in one transfer, and while the host advances one
-    lane's searches with their losses, the device scores the next lane's candidates.
+    groups: (evaluator, searches) pairs, searches[i] scored on the evaluator's row i. Each step
+    scores all pending candidates (one `losses` call per group with unfinished searches) and
+    brings the losses to the host in one transfer.
     """
+    pending: list[dict[int, object]] = [{i: next(search) for i, search in enumerate(searches)}
+                                        for _, searches in groups]
     results: list[list[object]] = [[None] * len(searches) for _, searches in groups]
-    in_flight: deque[tuple[list[dict[int, object]], _Losses]] = deque()
-    for lane in range(LANES):
-        pending = [{i: next(search) for i, search in enumerate(searches) if i % LANES == lane}
-                   for _, searches in groups]
-        if any(pending):
-            in_flight.append((pending, _score(groups, pending)))
-    while in_flight:
-        pending, scored = in_flight.popleft()
-        losses = scored.read()
+    while any(pending):
+        active = [g for g, waiting in enumerate(pending) if waiting]
+        parts = [groups[g][0].losses(list(pending[g]), list(pending[g].values())) for g in active]
+        losses = torch.cat(parts).float().cpu().numpy()
         position = 0
-        for g, waiting in enumerate(pending):
+        for g in active:
             searches = groups[g][1]
-            for i in list(waiting):
+            for i in list(pending[g]):
                 try:
-                    waiting[i] = searches[i].send(np.float32(losses[position]))
+                    pending[g][i] = searches[i].send(np.float32(losses[position]))
                 except StopIteration as stop:
-                    del waiting[i]
+                    del pending[g][i]
                     results[g][i] = stop.value
                 position += 1
-        if any(pending):
-            in_flight.append((pending, _score(groups, pending)))
     return results
-
-
-class _Losses:
-    """Losses on their way to the host: a pinned copy behind a CUDA event, or the CPU tensor itself."""
-
-    def __init__(self, losses: Tensor) -> None:
-        self.event = None
-        if losses.is_cuda:
-            self.host = torch.empty(losses.shape, dtype=torch.float32, pin_memory=True)
-            self.host.copy_(losses, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = losses.float()
-
-    def read(self) -> np.ndarray:
-        """The float32 losses, once they have arrived."""
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.numpy()
-
-
-def _score(groups: Sequence[tuple[RowEvaluator, Sequence[Generator]]], pending: list[dict[int, object]]) -> _Losses:
-    """Queue the scoring of every pending candidate of one lane (group order, then row order)."""
-    parts = [groups[g][0].losses(list(waiting), list(waiting.values())) for g, waiting in enumerate(pending) if waiting]
-    return _Losses(torch.cat(parts).float())
 
 
 def deferral_limit(device: torch.device) -> int:
