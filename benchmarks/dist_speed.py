@@ -57,7 +57,7 @@ def quantized_model(ctx: DistributedContext, model, task: CocoTask, spec: BitSpe
     if ctx.is_main:
         split = task._split("val2017")
         items = [CalibrationItem(split.read_image(i), split.gt_prompts(i).boxes) for i in split.image_ids[:4]]
-        MinMax().calibrate(qmodel, model, build_calibration_set(model, items, ctx.device), spec, "fast", 0)
+        MinMax().calibrate(qmodel, model, build_calibration_set(model, items, ctx.device), spec, 0)
         seal_for_evaluation(qmodel)
     state = ctx.broadcast_from_main(sealed_state(qmodel) if ctx.is_main else None)
     if not ctx.is_main:

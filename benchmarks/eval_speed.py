@@ -125,7 +125,7 @@ def bench_model(name: str, root: Path, images: int, device: torch.device, out_di
     qmodel = quantize_sam(model, 4, 4).to(device)
     split = task._split("val2017")
     items = [CalibrationItem(split.read_image(i), split.gt_prompts(i).boxes) for i in split.image_ids[:4]]
-    MinMax().calibrate(qmodel, model, build_calibration_set(model, items, device), None, "fast", 0)
+    MinMax().calibrate(qmodel, model, build_calibration_set(model, items, device), None, 0)
     seal_for_evaluation(qmodel)
     q_predictor = BoxPredictor(qmodel, device)
     task.predict(q_predictor, warm_up)

@@ -84,7 +84,7 @@ def bench_model(name: str, iterations: int, images: int, boxes: int, device: tor
     calib = random_calibration(fp.image_encoder.img_size, images, boxes, device)
     set_weight_ranges(qmodel, "minmax")
     observe_activations(qmodel, calib, lambda site, bits: make_observer("minmax", bits=bits), progress=False)
-    units = sam_units(qmodel, qdrop_config("paper"))
+    units = sam_units(qmodel, qdrop_config(PAPER_ITERATIONS))
     counts = Counter(unit_type(qmodel, unit) for unit in units)
     representatives: dict[str, Unit] = {}
     for unit in units:

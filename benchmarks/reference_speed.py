@@ -335,7 +335,7 @@ def ptqbench_statistics(fp_model: Sam, calib: CalibrationSet, device: torch.devi
     times = {"quantize": timed(device, lambda: twin.append(quantize_sam(fp_model, 4, 4).to(device)))}
     qmodel = twin[0]
     times["calibrate"] = timed(device, lambda: apply_big(qmodel, fp_model, calib))
-    for _, step in Ptq4SamS(progress=False).statistics_steps(qmodel, calib, PRESET):
+    for _, step in Ptq4SamS(Ptq4SamS.presets[PRESET], progress=False).statistics_steps(qmodel, calib):
         times["calibrate"] += timed(device, step)
     return times
 

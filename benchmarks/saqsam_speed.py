@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from tabulate import tabulate
 
 from ptqbench.config import BitSpec
-from ptqbench.methods.par import par_settings, par_units, with_iterations
+from ptqbench.methods.par import par_units, with_iterations
 from ptqbench.methods.saqsam import SaqSam
 from ptqbench.sam.quantized import quantize_sam
 
@@ -55,13 +56,14 @@ def main() -> None:
     fp_model = build(args.model).to(device)
     qmodel = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(device)
     calib = random_calibration(fp_model.image_encoder.img_size, args.images, args.boxes, device)
-    target = par_settings(args.preset)
-    method = SaqSam(par=with_iterations(target, args.iterations), progress=False)
+    preset = SaqSam.presets[args.preset]
+    target = preset.par
+    method = SaqSam(replace(preset, par=with_iterations(target, args.iterations)), progress=False)
 
     image_scale = (args.project_images or args.images) / args.images
     rows, total_s = [], 0.0
     reports = []
-    for name, step in method.steps(qmodel, fp_model, calib, spec, args.preset, seed=0):
+    for name, step in method.steps(qmodel, fp_model, calib, spec, seed=0):
         synchronize(device)
         start = time.perf_counter()
         result = step()

@@ -56,12 +56,12 @@ def main() -> None:
         qmodel = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(device)
         if method == "mse":
             steps = [(name, name == "activations", step)
-                     for name, step in Mse().statistics_steps(qmodel, calib, args.preset)]
+                     for name, step in Mse(Mse.presets[args.preset], progress=False).statistics_steps(qmodel, calib)]
         else:
-            ptq4sam = Ptq4SamS(progress=False)
+            ptq4sam = Ptq4SamS(Ptq4SamS.presets[args.preset], progress=False)
             steps = [("BIG", False, lambda: apply_big(qmodel, fp_model, calib))]  # noqa: B023 - run in this iteration
             steps += [(name, name == "activations", step)
-                      for name, step in ptq4sam.statistics_steps(qmodel, calib, args.preset)]
+                      for name, step in ptq4sam.statistics_steps(qmodel, calib)]
         total = 0.0
         for name, per_image, step in steps:
             seconds = timed(device, step)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ptqbench.config import RunConfig, load_config_file, parse_bits, split_names
 from ptqbench.errors import ConfigError, PtqbenchError
+from ptqbench.methods.options import parse_method_options
 from ptqbench.registry import check_name
 
 log = logging.getLogger("ptqbench")
@@ -102,6 +103,9 @@ def _add_run_parser(sub: argparse._SubParsersAction, parents: list[argparse.Argu
                         f"at most {MAX_DEFAULT_THREADS})")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="task-specific option, e.g. mode=ssa or semantic_prior=DIR (repeatable)")
+    p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                   help="set a field of a method's configuration, e.g. saqsam.pcc.max_prompts=8 or "
+                        "mse.weight_ranges=50 (repeatable; the fields are in each method's card)")
 
 
 def _add_evaluate_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -155,12 +159,16 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
         bits=parse_bits(args.bits) if args.bits is not None else None,
         resume=False if args.no_resume else None,
         task_options=_task_options(args.task_option) if args.task_option else None,
+        method_options=(values.get("method_options", ()) + parse_method_options(args.method_option)
+                        if args.method_option else None),
     )
     config = RunConfig(**values).with_overrides(**overrides)
     config = config.with_overrides(
         model=check_name("model", config.model),
         tasks=tuple(check_name("task", name) for name in config.tasks),
-        methods=tuple(check_name("method", name) for name in config.methods))
+        methods=tuple(check_name("method", name) for name in config.methods),
+        method_options=tuple((check_name("method", method), name, value)
+                             for method, name, value in config.method_options))
     _check_out_dir(Path(config.out))
     given = set(values) | {name for name, value in overrides.items() if value is not None}
     return config, given

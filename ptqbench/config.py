@@ -63,7 +63,9 @@ class RunConfig:
 
     data_root None means: the demo data (generated offline on first use) when no model was named
     either, else $PTQBENCH_DATASETS, else ./datasets. preset None means: `fast` for sam_tiny,
-    `paper` for full-size SAM. calib_size None means: DEFAULT_CALIB_SIZE calibration samples, or
+    `paper` for full-size SAM. method_options: (method, option, value) triples set on the
+    preset's configuration of that method (`ptqbench.methods.options`; option names may be
+    dotted, e.g. ("saqsam", "pcc.max_prompts", "8")). calib_size None means: DEFAULT_CALIB_SIZE calibration samples, or
     all the calibration split has when it has fewer (the demo's splits are small on purpose);
     an explicit size larger than the split is calibrated on all of it with a warning.
     """
@@ -85,6 +87,7 @@ class RunConfig:
     out: str = "results"
     resume: bool = True
     task_options: tuple[tuple[str, str], ...] = field(default=())
+    method_options: tuple[tuple[str, str, object], ...] = field(default=())
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -139,11 +142,27 @@ def _config_value(name: str, value: Any) -> Any:
             raise ConfigError(f"{name} must be {what}, got {value!r}")
         text = ",".join(map(str, items))
         return parse_bits(text) if name == "bits" else split_names(text, name)
+    if name == "method_options":
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ConfigError("method_options must map method names to mappings of option names to values, "
+                              f"e.g. {{saqsam: {{pcc: {{max_prompts: 8}}}}}}, got {value!r}")
+        return tuple((str(method).lower(), name, option)
+                     for method, options in value.items() for name, option in _flatten(options))
     if name == "task_options":
         if not isinstance(value, dict):
             raise ConfigError(f"task_options must be a mapping of option names to values, got {value!r}")
         return tuple((str(k), str(v)) for k, v in value.items())
     return value
+
+
+def _flatten(options: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """A nested mapping of options as (dotted name, value) pairs: {par: {max_prompts: 4}} ->
+    [("par.max_prompts", 4)]."""
+    pairs: list[tuple[str, object]] = []
+    for key, value in options.items():
+        name = f"{prefix}{key}"
+        pairs += _flatten(value, f"{name}.") if isinstance(value, dict) else [(name, value)]
+    return pairs
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from ptqbench.config import DEFAULT_CALIB_SIZE, BitSpec, RunConfig
 from ptqbench.distributed import DistributedContext
 from ptqbench.errors import CellError, ConfigError, PtqbenchError
 from ptqbench.methods.base import METHODS
+from ptqbench.methods.options import NoOptions, config_id, config_json, options_by_method, preset_config, with_options
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
 from ptqbench.results import STORE_FILENAME, RunRecord, RunStore, now_iso, write_leaderboards
@@ -55,13 +56,15 @@ UNOFFICIAL = "unofficial-checkpoint"
 
 @dataclass(frozen=True)
 class ResolvedRun:
-    """A RunConfig with its defaults decided (data root, preset, device) and names validated."""
+    """A RunConfig with its defaults decided (data root, preset, device), names validated, and
+    each method's effective configuration (its preset's, with the run's method options set)."""
 
     config: RunConfig
     data_root: Path
     is_demo: bool
     preset: str
     device: torch.device
+    method_configs: dict[str, object]
 
 
 def resolve(config: RunConfig, *, model_given: bool) -> ResolvedRun:
@@ -73,7 +76,20 @@ def resolve(config: RunConfig, *, model_given: bool) -> ResolvedRun:
         METHODS.canonical(name)
     data_root, is_demo = _data_root(config, model_given)
     preset = config.preset or ("fast" if config.model == "sam_tiny" else "paper")
-    return ResolvedRun(config, data_root, is_demo, preset, _device(config.device))
+    return ResolvedRun(config, data_root, is_demo, preset, _device(config.device), _method_configs(config, preset))
+
+
+def _method_configs(config: RunConfig, preset: str) -> dict[str, object]:
+    """Each method's configuration under `preset` with the run's method options set; ConfigError
+    for options of a method that is not in the run, or that its configuration does not have."""
+    methods = [METHODS.canonical(name) for name in config.methods]
+    options = options_by_method(tuple((METHODS.canonical(m), n, v) for m, n, v in config.method_options))
+    for name in options:
+        if name not in methods:
+            raise ConfigError(f"method options are given for {name!r}, which is not among the methods of "
+                              f"this run ({', '.join(methods)})")
+    return {name: with_options(preset_config(METHODS.get(name), preset), options.get(name, {}), name)
+            for name in methods}
 
 
 def _data_root(config: RunConfig, model_given: bool) -> tuple[Path, bool]:
@@ -210,6 +226,7 @@ class Harness:
             dataset_fingerprint=dataset_fingerprint, prompts=self.config.prompts or "gt",
             images=task.eval_image_count(self.config.limit), method=method,
             bits=spec.label if spec else "fp", preset=self.run.preset if spec else "-",
+            method_config=config_json(self.run.method_configs[method]) if spec else config_json(NoOptions()),
             seed=self.config.seed, calib_fingerprint=calib_fingerprint, labels=labels)
 
     def _run_task(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...]) -> None:
@@ -303,12 +320,14 @@ class Harness:
         qmodel = quantize_sam(loaded.model, spec.w_bits, spec.a_bits).to(self.device)
         calib_s = 0.0
         if self.dist.is_main:
-            log.info("calibrating %s %s (%s preset, %d images)", method_name, spec.label, self.run.preset, len(calib))
+            config = self.run.method_configs[method_name]
+            log.info("calibrating %s %s (%s preset, configuration %s, %d images)", method_name, spec.label,
+                     self.run.preset, config_id(config_json(config)), len(calib))
             fp_model = loaded.model.to(self.device)
             torch.manual_seed(self.config.seed)
             start = time.perf_counter()
-            method = METHODS.get(method_name)()
-            method.calibrate(qmodel, fp_model, calib, spec, self.run.preset, self.config.seed)
+            method = METHODS.get(method_name)(config)
+            method.calibrate(qmodel, fp_model, calib, spec, self.config.seed)
             seal_for_evaluation(qmodel, getattr(method, "fp_sites", ()))
             calib_s = time.perf_counter() - start
         if self.dist.is_distributed:

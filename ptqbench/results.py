@@ -1,7 +1,8 @@
 """The run store (one SQLite file per output folder) and the leaderboards exported from it.
 
 `<out>/ptqbench.sqlite` is the source of truth: one row per cell (model, checkpoint, task,
-dataset, prompts, evaluated images, method, bits, preset, seed, calibration set, labels), keyed
+dataset, prompts, evaluated images, method, bits, preset, method configuration, seed, calibration
+set, labels), keyed
 by `cell_key`, so a finished cell is found again on re-run (resume). Each `put` is one transaction; the
 file is in WAL mode so readers and a writer can share it. Every operation opens its own
 short-lived connection: several `RunStore` objects (or processes) on one file are fine.
@@ -26,12 +27,15 @@ from pathlib import Path
 import pandas as pd
 
 from ptqbench.errors import DataError
+from ptqbench.methods.options import config_id
 
 STORE_FILENAME = "ptqbench.sqlite"
 FP = "fp"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _KEY_FIELDS = ("model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "images", "method",
-               "bits", "preset", "seed", "calib_fingerprint", "labels")
+               "bits", "preset", "method_config", "seed", "calib_fingerprint", "labels")
+# The method configuration of rows stored before configurations were recorded (schema 1 and 2).
+UNRECORDED_CONFIG = ""
 # The fields of a record that fix its evaluation (the FP row a quantized row is compared with
 # shares them all); the task is implied, as a leaderboard is of one task.
 _EVALUATION_FIELDS = ("model", "checkpoint_sha256", "dataset_fingerprint", "prompts", "images")
@@ -48,6 +52,7 @@ CREATE TABLE IF NOT EXISTS runs (
     w_bits INTEGER,
     a_bits INTEGER,
     preset TEXT NOT NULL,
+    method_config TEXT NOT NULL,
     seed INTEGER NOT NULL,
     calib_fingerprint TEXT,
     metrics TEXT NOT NULL,
@@ -80,8 +85,10 @@ class RunRecord:
     key. images: how many evaluation images were scored, the first `images` of the split in
     evaluation order (what `--limit` decides), so with dataset_fingerprint (which covers the
     split) it names the evaluation set. calib_fingerprint: hash of the calibration set (None
-    for fp). labels: caveats shown in the leaderboard, e.g. ("untrained",). peak_mem_mb: None
-    where it was not measured.
+    for fp). method_config: the method's effective configuration as canonical JSON
+    (`ptqbench.methods.options.config_json`; "{}" for fp, "" for rows stored before
+    configurations were recorded). labels: caveats shown in the leaderboard, e.g. ("untrained",).
+    peak_mem_mb: None where it was not measured.
     """
 
     model: str
@@ -94,6 +101,7 @@ class RunRecord:
     w_bits: int | None
     a_bits: int | None
     preset: str
+    method_config: str
     seed: int
     calib_fingerprint: str | None
     metrics: dict[str, float]
@@ -124,7 +132,7 @@ class RunStore:
     """The SQLite run store at `path` (conventionally `<out>/ptqbench.sqlite`).
 
     Opening creates the file (and its folder) when missing and migrates a store of schema
-    version 1 (see `_migrate_v1`); it writes nothing to a current store (the committed demo store
+    version 1 or 2 (see `_migrate`); it writes nothing to a current store (the committed demo store
     stays byte for byte). A file that is not a readable run store raises DataError naming it.
     """
 
@@ -133,7 +141,7 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._open() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
+            if version not in (0, 1, 2, SCHEMA_VERSION):
                 raise DataError(
                     f"run store {self.path} has schema version {version}, this ptqbench reads version "
                     f"{SCHEMA_VERSION}; use a new output folder or a matching ptqbench"
@@ -143,24 +151,25 @@ class RunStore:
             conn.execute("PRAGMA journal_mode=WAL")
             with conn:
                 conn.execute(_SCHEMA)
-                if version == 1:
-                    _migrate_v1(conn)
+                if version in (1, 2):
+                    _migrate(conn)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
     def cell_key(*, model: str, checkpoint_sha256: str, task: str, dataset_fingerprint: str, prompts: str,
-                 images: int, method: str, bits: str, preset: str, seed: int, calib_fingerprint: str | None,
-                 labels: tuple[str, ...] = ()) -> str:
+                 images: int, method: str, bits: str, preset: str, method_config: str, seed: int,
+                 calib_fingerprint: str | None, labels: tuple[str, ...] = ()) -> str:
         """A stable 16-hex-digit hash of what defines a cell; metrics and timings are not part of it.
 
         images (the number of evaluation images scored) is part of it, so runs with different
-        `--limit`s are different cells. The order of `labels` does not matter.
+        `--limit`s are different cells, and so is the method configuration, so two configurations
+        of one method are two cells. The order of `labels` does not matter.
         """
         identity = {
             "model": model, "checkpoint_sha256": checkpoint_sha256, "task": task,
             "dataset_fingerprint": dataset_fingerprint, "prompts": prompts, "images": int(images), "method": method,
-            "bits": bits, "preset": preset, "seed": int(seed), "calib_fingerprint": calib_fingerprint,
-            "labels": sorted(labels),
+            "bits": bits, "preset": preset, "method_config": method_config, "seed": int(seed),
+            "calib_fingerprint": calib_fingerprint, "labels": sorted(labels),
         }
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
@@ -217,13 +226,17 @@ class RunStore:
             conn.close()
 
 
-def _migrate_v1(conn: sqlite3.Connection) -> None:
-    """Re-key the rows of a schema-1 store, whose cell keys did not cover `images`.
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a schema-1 or schema-2 store to the current schema and re-key its rows.
 
-    Every row recorded how many images it scored, so its new key is computed from its own
-    columns: the store keeps one row per cell and resume finds its cells again. (A schema-1
-    store kept only the latest of two runs that differed only in `--limit`.)
+    Schema 1's cell keys did not cover `images`, schema 2's had no method configuration. The
+    configuration column is added as UNRECORDED_CONFIG (what those rows ran was not stored) and
+    every row's key is computed from its own columns, so the store keeps one row per cell. (A
+    schema-1 store kept only the latest of two runs that differed only in `--limit`.)
     """
+    columns = {row["name"] for row in conn.execute("PRAGMA table_info(runs)").fetchall()}
+    if "method_config" not in columns:
+        conn.execute(f"ALTER TABLE runs ADD COLUMN method_config TEXT NOT NULL DEFAULT '{UNRECORDED_CONFIG}'")
     rows = conn.execute(f"SELECT rowid, {', '.join(_KEY_FIELDS)} FROM runs").fetchall()
     for row in rows:
         identity = {name: row[name] for name in _KEY_FIELDS}
@@ -262,13 +275,18 @@ def _order(record: RunRecord) -> tuple:
     w_bits = record.w_bits if record.w_bits is not None else math.inf
     a_bits = record.a_bits if record.a_bits is not None else math.inf
     return (*_evaluation(record), not _is_fp(record), record.method, w_bits, a_bits, record.bits, record.preset,
-            record.seed, record.labels)
+            record.method_config, record.seed, record.labels)
 
 
 def _short_hash(value: str) -> str:
     """The first 8 characters of a hexadecimal hash; any other value (e.g. "untrained-seed0") as is."""
     is_hex = all(char in "0123456789abcdef" for char in value.lower())
     return value[:8] if is_hex else value
+
+
+def _config_column(method_config: str) -> str:
+    """The leaderboard's config column: the configuration's short hash, "-" where there is none."""
+    return "-" if method_config in (UNRECORDED_CONFIG, "{}") else config_id(method_config)
 
 
 def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
@@ -278,7 +296,9 @@ def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
     delta_vs_fp is the headline metric minus that of the most recent FP record (method and bits
     "fp") of the same evaluation: model, checkpoint, dataset fingerprint (which covers the
     split), prompts and evaluated images; empty without one.
-    Columns: model, method, bits, w_bits, a_bits, preset, <metrics, headline first>, delta_vs_fp,
+    Columns: model, method, bits, w_bits, a_bits, preset, config (the short hash of the method's
+    configuration, `config_id`; "-" for fp, for methods without settings and for rows stored before
+    configurations were recorded), <metrics, headline first>, delta_vs_fp,
     calib_s, eval_s, images, seed, prompts, checkpoint (short sha256), dataset (short
     fingerprint), and labels when any row has labels.
     """
@@ -301,6 +321,7 @@ def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
         table.append({
             "model": record.model, "method": record.method, "bits": record.bits,
             "w_bits": record.w_bits, "a_bits": record.a_bits, "preset": record.preset,
+            "config": _config_column(record.method_config),
             **{name: record.metrics.get(name) for name in metric_names},
             "delta_vs_fp": delta, "calib_s": record.calib_s, "eval_s": record.eval_s,
             "images": record.images, "seed": record.seed, "prompts": record.prompts,

@@ -110,7 +110,7 @@ def _calibrated_tiny() -> tuple[torch.nn.Module, torch.nn.Module, list]:
     model = build_sam_tiny()
     calib = build_calibration_set(model, items, "cpu")
     qmodel = quantize_sam(model, 4, 6)
-    MinMax().calibrate(qmodel, model, calib, BitSpec(4, 6), "fast", 0)
+    MinMax().calibrate(qmodel, model, calib, BitSpec(4, 6), 0)
     sites = quantizer_sites(qmodel)
     sites["image_encoder.blocks.1.attn.softmax"].set_log2(2, torch.tensor(0.5))
     sites["mask_decoder.transformer.layers.0.self_attn.q"].mode = "off"

@@ -154,8 +154,8 @@ class LeakyQDrop(MinMax):
 
     name = "leaky-qdrop"
 
-    def calibrate(self, qmodel, fp_model, calib, spec, preset, seed) -> None:
-        super().calibrate(qmodel, fp_model, calib, spec, preset, seed)
+    def calibrate(self, qmodel, fp_model, calib, spec, seed) -> None:
+        super().calibrate(qmodel, fp_model, calib, spec, seed)
         for quantizer in quantizer_sites(qmodel).values():
             quantizer.quantize_prob = 0.5
 
@@ -165,8 +165,8 @@ class KeepsOneSiteOff(MinMax):
 
     name = "keeps-one-off"
 
-    def calibrate(self, qmodel, fp_model, calib, spec, preset, seed) -> None:
-        super().calibrate(qmodel, fp_model, calib, spec, preset, seed)
+    def calibrate(self, qmodel, fp_model, calib, spec, seed) -> None:
+        super().calibrate(qmodel, fp_model, calib, spec, seed)
         quantizer_sites(qmodel)[KEPT_OFF].mode = "off"
 
 

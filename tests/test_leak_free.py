@@ -6,8 +6,6 @@ time; here the engine resets it after each unit and `seal_for_evaluation` enforc
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from torch import nn
@@ -47,7 +45,7 @@ def reconstructed():
     seen: dict[str, set[float]] = {name: set() for name in quantizer_sites(qmodel)}
     handles = [q.register_forward_pre_hook(lambda m, args, name=name: seen[name].add(m.quantize_prob))
                for name, q in quantizer_sites(qmodel).items()]
-    units = sam_units(qmodel, replace(qdrop_config("fast"), iterations=4))
+    units = sam_units(qmodel, qdrop_config(4))
     reconstruct(units, qmodel, fp, calib, seed=0, progress=False)
     for handle in handles:
         handle.remove()

@@ -17,7 +17,6 @@ from ptqbench.methods.par import (
     frozen_reference,
     par_decoder_loss,
     par_reconstruct,
-    par_settings,
     par_units,
     with_iterations,
 )
@@ -60,7 +59,7 @@ def test_stages_end_at_global_attention_blocks(sam_tiny):
 
 
 def test_presets_and_unit_configs(sam_tiny):
-    assert par_settings("paper") == PAPER_SETTINGS and par_settings("fast") == FAST_SETTINGS
+    assert FAST_SETTINGS.final_iterations == PAPER_SETTINGS.final_iterations // 100
     units = par_units(sam_tiny, frozen_reference(sam_tiny), PAPER_SETTINGS)
     assert [u.name for u in units] == ["image_encoder.blocks.0-2", "image_encoder.blocks.3-5", "image_encoder.neck",
                                        "mask_decoder.transformer.layers.0", "mask_decoder.transformer.layers.1",

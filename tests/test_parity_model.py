@@ -69,7 +69,7 @@ def saqsam_s_calibrated():
     qmodel = quantize_sam(model, 4, 4)
     method = SaqSamS(progress=False)
     record: dict[str, object] = {}
-    for name, step in method.steps(qmodel, model, CalibrationSet(tuple(samples), "parity"), BitSpec(4, 4), "paper", 0):
+    for name, step in method.steps(qmodel, model, CalibrationSet(tuple(samples), "parity"), BitSpec(4, 4), 0):
         record[name] = step()
     return qmodel, record
 

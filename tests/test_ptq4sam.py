@@ -11,7 +11,7 @@ from torch import nn
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
-from ptqbench.methods.ptq4sam import Ptq4SamL, Ptq4SamS, softmax_attentions
+from ptqbench.methods.ptq4sam import Ptq4SamL, Ptq4SamS, Ptq4SamSConfig, softmax_attentions
 from ptqbench.quant.agq import AgqCapture
 from ptqbench.quant.observers import AvgMinMaxObserver, MSEObserver, make_observer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
@@ -57,7 +57,7 @@ def test_decoder_keys_use_averaged_mse_only_with_big():
                     "mask_decoder.transformer.final_attn_token_to_image.k"]
     others = ["image_encoder.blocks.2.attn.k", "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q",
               "mask_decoder.transformer.layers.0.cross_attn_token_to_image.k_proj.input"]
-    with_big, without_big = Ptq4SamS(), Ptq4SamS(big=False)
+    with_big, without_big = Ptq4SamS(), Ptq4SamS(Ptq4SamSConfig(big=False))
     for site in decoder_keys:
         assert isinstance(with_big.activation_observer_for(site, 4), MSEObserver)
         assert isinstance(without_big.activation_observer_for(site, 4), AvgMinMaxObserver)
@@ -106,20 +106,20 @@ def _check_statistics_calibration(qmodel: Sam) -> dict[str, int]:
 
 def test_ptq4sam_l_is_ptq4sam_s_then_qdrop_with_tau_fixed_and_log2_scales_learned(monkeypatch):
     """One run covers both methods: the state handed to the reconstruction is PTQ4SAM-S's result."""
-    qdrop = pytest.importorskip("ptqbench.methods.qdrop")
+    ptq4sam = pytest.importorskip("ptqbench.methods.ptq4sam")
     model = _micro_sam()
     qmodel = quantize_sam(model, 4, 4)
     calib = _calib(64, 1)
-    seen, reconstruct = {}, qdrop.qdrop_reconstruct
+    seen, reconstruct = {}, ptq4sam.qdrop_reconstruct
 
-    def recorder(qm, fp_model, calib_set, preset, seed, *, progress=True):
-        seen.update(args=(qm, fp_model, calib_set, preset, seed), taus=_check_statistics_calibration(qm),
+    def recorder(qm, fp_model, calib_set, iterations, seed, *, progress=True):
+        seen.update(args=(qm, fp_model, calib_set, iterations, seed), taus=_check_statistics_calibration(qm),
                     scales={n: float(q.scale) for n, q in quantizer_sites(qm).items() if n.endswith(".softmax")})
-        reconstruct(qm, fp_model, calib_set, preset, seed, progress=progress)
+        reconstruct(qm, fp_model, calib_set, iterations, seed, progress=progress)
 
-    monkeypatch.setattr(qdrop, "qdrop_reconstruct", recorder)
-    Ptq4SamL(progress=False).calibrate(qmodel, model, calib, BitSpec(4, 4), "fast", 0)
-    assert seen["args"] == (qmodel, model, calib, "fast", 0)
+    monkeypatch.setattr(ptq4sam, "qdrop_reconstruct", recorder)
+    Ptq4SamL(Ptq4SamL.presets["fast"], progress=False).calibrate(qmodel, model, calib, BitSpec(4, 4), 0)
+    assert seen["args"] == (qmodel, model, calib, 50, 0)
     assert _check_statistics_calibration(qmodel) == seen["taus"]
     sites = quantizer_sites(qmodel)
     assert any(float(sites[n].scale) != scale for n, scale in seen["scales"].items())  # log2 scales learned

@@ -221,7 +221,7 @@ def test_reconstructing_a_sam_tiny_unit_lowers_its_output_error(index: int) -> N
     calib = tiny_calibration(2)
     fp, qmodel = calibrated_tiny(calib, bits=3)
     # QDrop's algorithm (AdaRound + LSQ + drop 0.5) with larger steps, so 60 steps show the effect.
-    config = replace(qdrop_config("fast"), iterations=60, weight_lr=1e-2, scale_lr=1e-3)
+    config = replace(qdrop_config(60), weight_lr=1e-2, scale_lr=1e-3)
     unit = sam_units(qmodel, config)[index]
     before = unit_error(unit, qmodel, fp, calib)
     reconstruct([unit], qmodel, fp, calib, seed=0, progress=False)
@@ -254,7 +254,8 @@ def test_brecq_mixes_unit_inputs_half_and_half_with_the_activations_off(monkeypa
     path = "mask_decoder.transformer.layers.0.mlp"
     monkeypatch.setattr(brecq, "sam_units", lambda model, config: [u for u in sam_units(model, config)
                                                                    if u.name == path])
-    monkeypatch.setattr(brecq, "initial_ranges", lambda model, calib, preset, progress: calibrated_ranges(model, calib))
+    monkeypatch.setattr(brecq, "initial_ranges",
+                        lambda model, calib, weight_ranges, progress: calibrated_ranges(model, calib))
     module = qmodel.get_submodule(path)
     activations = [q for q in module.modules() if isinstance(q, FakeQuantizer) and not q.is_weight]
     fp_inputs, captures, steps = [], [], []
@@ -268,7 +269,8 @@ def test_brecq_mixes_unit_inputs_half_and_half_with_the_activations_off(monkeypa
             captures.append(args[0].clone())
 
     module.register_forward_pre_hook(record)
-    Brecq(mixed_inputs=mixed_inputs, progress=False).calibrate(qmodel, fp, calib, BitSpec(4, 4), "fast", seed=0)
+    config = replace(Brecq.presets["fast"], mixed_inputs=mixed_inputs)
+    Brecq(config, progress=False).calibrate(qmodel, fp, calib, BitSpec(4, 4), seed=0)
     quant_input, fp_input = captures[-1], fp_inputs[-1]  # the unit's cache: the last capture of each model
     assert len(steps) == 50 and all(q.mode == "quantize" and q.quantize_prob == 1.0 for q in activations)
     mixed = torch.stack(steps)

@@ -21,8 +21,8 @@ def _record(method: str = "fp", bits: str = "fp", ap: float = 40.0, **changes) -
     w_bits, a_bits = (None, None) if bits == "fp" else (int(bits[1:].split("A")[0]), int(bits.split("A")[1]))
     base = RunRecord(
         model="sam_tiny", checkpoint_sha256="c0ffee", task="coco", dataset_fingerprint="d1", prompts="gt",
-        method=method, bits=bits, w_bits=w_bits, a_bits=a_bits, preset="default", seed=0,
-        calib_fingerprint=None if method == "fp" else "cal1",
+        method=method, bits=bits, w_bits=w_bits, a_bits=a_bits, preset="default", method_config="{}",
+        seed=0, calib_fingerprint=None if method == "fp" else "cal1",
         metrics={"mask_AP": ap, "mask_AP50": ap + 10.0}, metric="mask_AP",
         calib_s=1.5, eval_s=2.25, images=5, peak_mem_mb=None, device="cpu",
         versions={"torch": "2.3.0", "ptqbench": "0.1.0"}, git_commit=None,
@@ -59,13 +59,13 @@ def test_cell_key_is_stable_and_covers_the_identity():
     record = _record("minmax", "W4A4")
     identity = {
         "model": "sam_tiny", "checkpoint_sha256": "c0ffee", "task": "coco", "dataset_fingerprint": "d1",
-        "prompts": "gt", "images": 5, "method": "minmax", "bits": "W4A4", "preset": "default", "seed": 0,
-        "calib_fingerprint": "cal1", "labels": [],
+        "prompts": "gt", "images": 5, "method": "minmax", "bits": "W4A4", "preset": "default",
+        "method_config": "{}", "seed": 0, "calib_fingerprint": "cal1", "labels": [],
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
     assert record.key == hashlib.sha256(canonical).hexdigest()[:16]
-    # pinned: changing the key format needs a store migration (see test_store_of_schema_1_is_migrated)
-    assert record.key == "e42d47e51cedfae1"
+    # pinned: changing the key format needs a store migration (see test_old_stores_are_migrated)
+    assert record.key == "4f2e62cce976fee3"
     # results and timings are not part of the identity
     assert replace(record, metrics={"mask_AP": 1.0}, calib_s=9.0, created_at="2030-01-01").key == record.key
     assert replace(record, labels=("b", "a")).key == replace(record, labels=("a", "b")).key
@@ -73,6 +73,7 @@ def test_cell_key_is_stable_and_covers_the_identity():
         ("model", "sam_vit_b"), ("checkpoint_sha256", "beef"), ("dataset_fingerprint", "d2"),
         ("prompts", "det"), ("method", "brecq"), ("bits", "W4A8"), ("preset", "fast"), ("seed", 1),
         ("calib_fingerprint", "cal2"), ("labels", ("untrained",)), ("task", "dota"), ("images", 2),
+        ("method_config", '{"p":2.0}'),
     ]]
     assert len(set(changed)) == len(changed) and record.key not in changed
 
@@ -137,37 +138,45 @@ _SCHEMA_1 = """CREATE TABLE runs (
     labels TEXT NOT NULL, created_at TEXT NOT NULL)"""
 
 
-def _schema_1_key(record: RunRecord) -> str:
-    """The cell key ptqbench wrote into schema-1 stores (no `images`)."""
+def _old_key(record: RunRecord, schema: int) -> str:
+    """The cell key ptqbench wrote into schema-1 stores (no `images`) and schema-2 stores (no
+    `method_config`)."""
     identity = {name: getattr(record, name) for name in (
         "model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "method", "bits", "preset",
-        "seed", "calib_fingerprint")}
+        "seed", "calib_fingerprint", *(("images",) if schema == 2 else ()))}
     identity["labels"] = sorted(record.labels)
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(canonical).hexdigest()[:16]
 
 
-def test_store_of_schema_1_is_migrated(tmp_path):
+@pytest.mark.parametrize("schema", [1, 2])
+def test_old_stores_are_migrated(tmp_path, schema):
+    """Schema 1 (keys without `images`) and 2 (no method configuration; the same table) become
+    schema 3: their rows get the configuration "unrecorded" and keys computed from their columns."""
     old = [_record(), _record("minmax", "W4A4", 30.0, labels=("untrained",)), _record("minmax", "W8A8", 39.0)]
-    assert _schema_1_key(replace(old[1], labels=())) == "b4883e9b117da6dc"  # the key schema 1 pinned
+    assert _old_key(replace(old[1], labels=()), 1) == "b4883e9b117da6dc"  # the key schema 1 pinned
     path = tmp_path / STORE_FILENAME
     with sqlite3.connect(path) as conn:
         conn.execute(_SCHEMA_1)
         for record in old:
             row = results._to_row(record)
-            row["key"] = _schema_1_key(record)
+            del row["method_config"]
+            row["key"] = _old_key(record, schema)
             conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
                          tuple(row.values()))
-        conn.execute("PRAGMA user_version = 1")
+        conn.execute(f"PRAGMA user_version = {schema}")
     store = RunStore(path)
-    assert store.records() == old
-    assert all(store.has(r.key) and store.get(r.key) == r for r in old)  # resume finds the old cells
-    assert not any(store.has(_schema_1_key(r)) for r in old)
+    migrated = [replace(r, method_config=results.UNRECORDED_CONFIG) for r in old]
+    assert store.records() == migrated
+    assert all(store.has(r.key) and store.get(r.key) == r for r in migrated)
+    assert not any(store.has(_old_key(r, schema)) for r in old)
     store.put(_record("minmax", "W8A8", 38.0, images=2))  # a --limit 2 run is another cell
-    assert len(RunStore(path).records()) == 4 and store.get(old[2].key).metrics["mask_AP"] == 39.0
+    store.put(_record("minmax", "W8A8", 37.0))  # so is a run that recorded its configuration
+    assert len(RunStore(path).records()) == 5 and store.get(migrated[2].key).metrics["mask_AP"] == 39.0
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == results.SCHEMA_VERSION == 2
-    assert len(results.leaderboard_frame(store, "coco")) == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == results.SCHEMA_VERSION == 3
+    frame = results.leaderboard_frame(store, "coco")
+    assert len(frame) == 5 and set(frame["config"]) == {"-"}
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -195,8 +204,9 @@ def test_leaderboard_rows_order_and_delta(store, tmp_path):
     assert sorted(p.name for p in written) == [
         "leaderboard_coco.csv", "leaderboard_coco.md", "leaderboard_dota.csv", "leaderboard_dota.md"]
     rows = _read_csv(tmp_path / "out" / "leaderboard_coco.csv")
-    assert list(rows[0]) == ["model", "method", "bits", "w_bits", "a_bits", "preset", "mask_AP", "mask_AP50",
-                             "delta_vs_fp", "calib_s", "eval_s", "images", "seed", "prompts", "checkpoint", "dataset"]
+    assert list(rows[0]) == ["model", "method", "bits", "w_bits", "a_bits", "preset", "config", "mask_AP",
+                             "mask_AP50", "delta_vs_fp", "calib_s", "eval_s", "images", "seed", "prompts",
+                             "checkpoint", "dataset"]
     assert [(r["prompts"], r["images"], r["method"], r["bits"], r["seed"], r["delta_vs_fp"]) for r in rows] == [
         ("det", "5", "fp", "fp", "0", "0.0000"), ("det", "5", "ptq4sam", "W4A4", "0", "2.0000"),
         ("gt", "2", "fp", "fp", "0", "0.0000"), ("gt", "2", "minmax", "W4A4", "0", "-5.0000"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.par import FAST_SETTINGS, with_iterations
 from ptqbench.methods.pcc import PccConfig, decoder_attentions
-from ptqbench.methods.saqsam import SaqSam, SaqSamS, pcc_config
+from ptqbench.methods.saqsam import SaqSam, SaqSamS
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
@@ -37,14 +39,15 @@ def _qk_sites(qmodel) -> dict[str, FakeQuantizer]:
 def test_registered_with_the_papers_names():
     assert isinstance(METHODS.get("saqsam-s")(), SaqSamS) and not isinstance(METHODS.get("saqsam-s")(), SaqSam)
     assert isinstance(METHODS.get("saqsam")(), SaqSam)
-    assert pcc_config("paper") == PccConfig() and pcc_config("fast").max_prompts == 4
+    assert SaqSam.presets["paper"].pcc == PccConfig() and SaqSam.presets["fast"].pcc.max_prompts == 4
 
 
 def test_saqsam_keeps_pcc_ranges_then_trains_from_them_and_seals_deterministically(sam_tiny):
     calib = _calibration()
     qmodel = quantize_sam(sam_tiny, 4, 4)
-    method = SaqSam(pcc=QUICK_PCC, par=with_iterations(FAST_SETTINGS, 3), progress=False)
-    steps = method.steps(qmodel, sam_tiny, calib, BitSpec(4, 4), "fast", 0)
+    method = SaqSam(replace(SaqSam.presets["fast"], pcc=QUICK_PCC, par=with_iterations(FAST_SETTINGS, 3)),
+                    progress=False)
+    steps = method.steps(qmodel, sam_tiny, calib, BitSpec(4, 4), 0)
     assert [name for name, _ in steps] == ["rel-pos from FP q", "BIG", "activations", "weights", "PAR"]
     results = {name: step() for name, step in steps[:-1]}
 
@@ -81,8 +84,8 @@ def test_saqsam_keeps_pcc_ranges_then_trains_from_them_and_seals_deterministical
 
 
 def test_saqsam_s_has_no_reconstruction_step(sam_tiny):
-    steps = SaqSamS(pcc=QUICK_PCC).steps(quantize_sam(sam_tiny, 4, 4), sam_tiny, _calibration(), BitSpec(4, 4),
-                                        "fast", 0)
+    steps = SaqSamS(replace(SaqSamS.presets["fast"], pcc=QUICK_PCC)).steps(
+        quantize_sam(sam_tiny, 4, 4), sam_tiny, _calibration(), BitSpec(4, 4), 0)
     assert [name for name, _ in steps] == ["rel-pos from FP q", "BIG", "activations", "weights"]
 
 
@@ -101,4 +104,5 @@ def test_search_image_must_exist(sam_tiny):
     from ptqbench.errors import ConfigError
 
     with pytest.raises(ConfigError, match="search image 5"):
-        SaqSamS(search_image=5).steps(quantize_sam(sam_tiny, 4, 4), sam_tiny, _calibration(), BitSpec(4, 4), "fast", 0)
+        SaqSamS(replace(SaqSamS.presets["fast"], search_image=5)).steps(
+            quantize_sam(sam_tiny, 4, 4), sam_tiny, _calibration(), BitSpec(4, 4), 0)

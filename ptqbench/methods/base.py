@@ -1,7 +1,10 @@
 """The Method interface and the method registry; this module imports no torch and no method.
 
-A method receives a quantizable twin of SAM (`ptqbench.sam.quantized.quantize_sam`, every site
-off), the FP model, the calibration set, the bit widths and the preset, and sets every site.
+A method is a configuration plus an algorithm: its class holds `presets`, the `paper` and `fast`
+instances of its frozen configuration dataclass (`ptqbench.methods.options`), and is built from
+one of them with the user's options applied. It receives a quantizable twin of SAM
+(`ptqbench.sam.quantized.quantize_sam`, every site off), the FP model, the calibration set, the
+bit widths and the seed, and sets every site.
 The harness then seals the model for evaluation (`ptqbench.quant.sites.seal_for_evaluation`),
 so no method can leave a random bypass, an observer or a trainable scale behind. The shared
 range-setting steps are in `ptqbench.methods.ranges`.
@@ -9,7 +12,8 @@ range-setting steps are in `ptqbench.methods.ranges`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ptqbench.registry import Registry
 
@@ -23,6 +27,9 @@ if TYPE_CHECKING:
 class Method(Protocol):
     """A PTQ method; `calibrate` sets every site of `qmodel` to quantize.
 
+    presets: {"paper": config, "fast": config}, instances of the method's frozen configuration
+    dataclass (`paper`: the reference code's behaviour). The constructor takes one such config
+    (None: the paper preset) and `progress` (show progress bars).
     fp_sites: glob patterns (as in `ptqbench.quant.sites.select_sites`) of the sites the method
     deliberately keeps in FP. Optional: a method without the attribute declares none, and the
     seal then refuses any site left off (`ptqbench.quant.sites.seal_for_evaluation`). No
@@ -30,10 +37,12 @@ class Method(Protocol):
     """
 
     name: str
+    presets: ClassVar[Mapping[str, Any]]
     fp_sites: tuple[str, ...] = ()
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
-                  preset: str, seed: int) -> None: ...
+    def __init__(self, config: Any = None, *, progress: bool = True) -> None: ...
+
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None: ...
 
 
 METHODS: Registry[Method] = Registry("method", entry_point_group="ptqbench.methods")

@@ -17,7 +17,7 @@ and including the unit and FP after it), and a second pass learns the activation
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,10 @@ from torch import Tensor
 from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
 from ptqbench.methods.base import METHODS
+from ptqbench.methods.mse import FAST_WEIGHT_RANGES
 from ptqbench.methods.qdrop import initial_ranges
-from ptqbench.methods.reconstruction import ReconstructionSettings, preset_value, reconstruct
+from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
+from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.quant.unit import HookPoint, Unit, UnitConfig, lp_error, weighted_squared_error
@@ -40,17 +42,35 @@ ACTIVATION_STAGE_P = 2.4
 REFERENCE_QUANTIZE_PROB = 0.5
 
 
-def brecq_config(preset: str, quantize_prob: float = REFERENCE_QUANTIZE_PROB) -> UnitConfig:
+@dataclass(frozen=True)
+class BrecqConfig:
+    """BRECQ's settings. fisher: the Fisher-diagonal loss; activation_stage: the second pass
+    learning activation scales; mixed_inputs: mix each unit input 50/50 with the FP one (False:
+    quantized-model inputs only); iterations / activation_iterations: steps per unit of the
+    AdaRound pass and of the activation pass; weight_ranges: the MSE weight grid's ranges."""
+
+    fisher: bool = False
+    activation_stage: bool = False
+    mixed_inputs: bool = True
+    iterations: int = 20_000
+    activation_iterations: int = 5_000
+    weight_ranges: int = MSE_NUM_RANGES
+
+
+FAST_STEPS = {"iterations": 50, "activation_iterations": 25, "weight_ranges": FAST_WEIGHT_RANGES}
+
+
+def brecq_config(iterations: int, quantize_prob: float = REFERENCE_QUANTIZE_PROB) -> UnitConfig:
     """AdaRound only (Adam 1e-3, lambda 0.01, beta 20 -> 2 after 20 %), unit inputs mixed with
-    `quantize_prob` (1: quantized-model inputs only); 20,000 / 50 steps."""
-    return UnitConfig(iterations=preset_value(preset, 20_000, 50), adaround=True, learn_scales=False,
+    `quantize_prob` (1: quantized-model inputs only), for `iterations` steps."""
+    return UnitConfig(iterations=iterations, adaround=True, learn_scales=False,
                       weight_lr=1e-3, reg_lambda=0.01, beta_start=20.0, beta_end=2.0, warmup=0.2,
                       quantize_prob=quantize_prob)
 
 
-def activation_stage_config(preset: str) -> UnitConfig:
-    """BRECQ's second pass: LSQ scales only (Adam 4e-4, cosine), weights fixed; 5,000 / 25 steps."""
-    return UnitConfig(iterations=preset_value(preset, 5_000, 25), adaround=False, learn_scales=True,
+def activation_stage_config(iterations: int) -> UnitConfig:
+    """BRECQ's second pass: LSQ scales only (Adam 4e-4, cosine), weights fixed, for `iterations` steps."""
+    return UnitConfig(iterations=iterations, adaround=False, learn_scales=True,
                       scale_lr=4e-4, reg_lambda=0.0, quantize_prob=1.0)
 
 
@@ -128,35 +148,35 @@ def with_fisher_loss(units: Sequence[Unit]) -> list[Unit]:
 
 @METHODS.register("brecq")
 class Brecq:
-    """BRECQ on SAM's units. fisher: the Fisher-diagonal loss; activation_stage: the second pass
-    learning activation scales; mixed_inputs: mix each unit input 50/50 with the FP one (False:
-    quantized-model inputs only). The defaults are the PTQ4SAM codebase's run; fisher and
-    activation_stage on, mixed_inputs off = `brecq-fisher`."""
+    """BRECQ on SAM's units (`BrecqConfig`). The defaults are the PTQ4SAM codebase's run; fisher
+    and activation_stage on, mixed_inputs off = `brecq-fisher`."""
 
     name = "brecq"
+    presets = {"paper": BrecqConfig(), "fast": BrecqConfig(**FAST_STEPS)}
 
-    def __init__(self, *, fisher: bool = False, activation_stage: bool = False, mixed_inputs: bool = True,
-                 progress: bool = True) -> None:
-        self.fisher = fisher
-        self.activation_stage = activation_stage
-        self.mixed_inputs = mixed_inputs
+    def __init__(self, config: BrecqConfig | None = None, *, progress: bool = True) -> None:
+        self.config = config if config is not None else self.presets["paper"]
         self.progress = progress
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
-                  preset: str, seed: int) -> None:
-        initial_ranges(qmodel, calib, preset, progress=self.progress)
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+        config = self.config
+        initial_ranges(qmodel, calib, config.weight_ranges, progress=self.progress)
         activations = [q for q in quantizer_sites(qmodel).values() if not q.is_weight and q.mode == "quantize"]
         for quantizer in activations:
             quantizer.mode = "off"
-        units = sam_units(qmodel, brecq_config(preset, REFERENCE_QUANTIZE_PROB if self.mixed_inputs else 1.0))
-        reconstruct(with_fisher_loss(units) if self.fisher else units, qmodel, fp_model, calib,
+        quantize_prob = REFERENCE_QUANTIZE_PROB if config.mixed_inputs else 1.0
+        units = sam_units(qmodel, brecq_config(config.iterations, quantize_prob))
+        reconstruct(with_fisher_loss(units) if config.fisher else units, qmodel, fp_model, calib,
                     ReconstructionSettings(), seed, self.progress)
         for quantizer in activations:
             quantizer.mode = "quantize"
-        if self.activation_stage:
+        if config.activation_stage:
             stage = [replace(unit, loss=lp_error(unit.sum_dim, ACTIVATION_STAGE_P))
-                     for unit in sam_units(qmodel, activation_stage_config(preset))]
+                     for unit in sam_units(qmodel, activation_stage_config(config.activation_iterations))]
             reconstruct(stage, qmodel, fp_model, calib, ReconstructionSettings(), seed + 1, self.progress)
+
+
+PAPER_FISHER = BrecqConfig(fisher=True, activation_stage=True, mixed_inputs=False)
 
 
 @METHODS.register("brecq-fisher")
@@ -165,6 +185,4 @@ class BrecqFisher(Brecq):
     activation-scale pass."""
 
     name = "brecq-fisher"
-
-    def __init__(self, *, progress: bool = True) -> None:
-        super().__init__(fisher=True, activation_stage=True, mixed_inputs=False, progress=progress)
+    presets = {"paper": PAPER_FISHER, "fast": replace(PAPER_FISHER, **FAST_STEPS)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ptqbench.methods.base import METHODS
+from ptqbench.methods.options import NO_OPTIONS_PRESETS
 
 
 @METHODS.register("fp")
@@ -12,6 +13,10 @@ class FullPrecision:
     cells run the same forward."""
 
     name = "fp"
+    presets = NO_OPTIONS_PRESETS
 
-    def calibrate(self, qmodel, fp_model, calib, spec, preset, seed) -> None:
+    def __init__(self, config: object | None = None, *, progress: bool = True) -> None:
+        self.config = config
+
+    def calibrate(self, qmodel, fp_model, calib, spec, seed) -> None:
         return None

@@ -42,7 +42,7 @@ from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
-from ptqbench.methods.reconstruction import ReconstructionSettings, UnitReport, preset_value, reconstruct
+from ptqbench.methods.reconstruction import ReconstructionSettings, UnitReport, reconstruct
 from ptqbench.quant.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error, unmixed
 from ptqbench.sam.calibration import CalibrationSet
 from ptqbench.sam.units import ENCODER_BLOCKS, FINAL_ATTENTION, TRANSFORMER, attention_unit, first_argument, neck_unit
@@ -83,15 +83,10 @@ class ParSettings:
 
 
 PAPER_SETTINGS = ParSettings()
+# The `fast` preset: 1/100 of the steps, at most 4 prompts per image (PAR on sam_tiny with 32
+# images takes under a minute on one CPU core).
 FAST_SETTINGS = ParSettings(stage_iterations=20, neck_iterations=20, decoder_iterations=20, final_iterations=100,
                             max_prompts=4)
-
-
-def par_settings(preset: str) -> ParSettings:
-    """The `paper` settings (2,000 steps per stage, neck and decoder layer, 10,000 for the final
-    attention, at most 16 prompts per image) or the `fast` ones (1/100 of the steps, at most 4
-    prompts per image: PAR on sam_tiny with 32 images takes under a minute on one CPU core)."""
-    return preset_value(preset, PAPER_SETTINGS, FAST_SETTINGS)
 
 
 def encoder_stages(model: Sam) -> list[tuple[int, ...]]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable, Collection
-from functools import partial
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 from segment_anything.modeling import Sam
@@ -29,10 +29,12 @@ from torch import Tensor, nn
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
-from ptqbench.methods.mse import FAST_SEARCH_ITERATIONS, mse_observer_options
+from ptqbench.methods.mse import FAST_SEARCH_ELEMENTS, FAST_SEARCH_ITERATIONS, FAST_WEIGHT_RANGES, mse_observer_options
+from ptqbench.methods.qdrop import FAST_ITERATIONS, PAPER_ITERATIONS, qdrop_reconstruct
 from ptqbench.methods.ranges import forward_all, observing, set_weight_ranges
 from ptqbench.quant.agq import AGQ_P, AGQ_TAUS, AgqCapture, AgqResult
 from ptqbench.quant.big import channel_signs, fold_channel_signs, is_bimodal
+from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.observers import Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
@@ -110,38 +112,63 @@ def set_log2_grids(attentions: dict[str, nn.Module], results: dict[str, AgqResul
         log.debug("AGQ: %s tau=%d scale=%.4g", path, result.tau, result.scale)
 
 
+@dataclass(frozen=True)
+class Ptq4SamSConfig:
+    """PTQ4SAM-S's settings. big / agq: switch either part off (ablations); p: the AGQ error
+    exponent (2.4 as the reference code, 2 as the paper); activation_observer: the observer of
+    every other activation site ("avgminmax" as PTQ4SAM's config; SAQ-SAM uses "mse", its
+    AvgMSEFast); search_iterations: cap on every bounded search's iterations (AGQ's and the MSE
+    observers'; None: scipy's default); search_elements: the MSE activation searches' sample cap
+    (None: every element); weight_ranges: the candidate ranges of the MSE weight grid."""
+
+    big: bool = True
+    agq: bool = True
+    p: float = AGQ_P
+    activation_observer: Literal["avgminmax", "mse", "minmax", "percentile", "omse"] = "avgminmax"
+    search_iterations: int | None = None
+    search_elements: int | None = None
+    weight_ranges: int = MSE_NUM_RANGES
+
+
+FAST_SEARCHES = {"search_iterations": FAST_SEARCH_ITERATIONS, "search_elements": FAST_SEARCH_ELEMENTS,
+                 "weight_ranges": FAST_WEIGHT_RANGES}
+
+
+@dataclass(frozen=True)
+class Ptq4SamConfig(Ptq4SamSConfig):
+    """PTQ4SAM-L's settings: PTQ4SAM-S's, and the QDrop reconstruction's iterations per unit."""
+
+    iterations: int = PAPER_ITERATIONS
+
+
 @METHODS.register("ptq4sam-s")
 class Ptq4SamS:
-    """PTQ4SAM-S: BIG + AGQ + MSE per-channel weights + AvgMinMax activations (averaged MSE on decoder k).
-
-    big / agq: switch either part off (ablations); p: the AGQ error exponent (2.4 as the
-    reference code, 2 as the paper); activation_observer: the observer of every other activation
-    site ("avgminmax" as PTQ4SAM's config; SAQ-SAM uses "mse", its AvgMSEFast).
-    """
+    """PTQ4SAM-S: BIG + AGQ + MSE per-channel weights + AvgMinMax activations (averaged MSE on
+    decoder k); settings in `Ptq4SamSConfig`."""
 
     name = "ptq4sam-s"
     weight_observer = "mse"
     key_observer_with_big = "mse"
+    presets = {"paper": Ptq4SamSConfig(), "fast": Ptq4SamSConfig(**FAST_SEARCHES)}
 
-    def __init__(self, *, big: bool = True, agq: bool = True, p: float = AGQ_P, activation_observer: str = "avgminmax",
-                 progress: bool = True) -> None:
-        self.big, self.agq, self.p, self.progress = big, agq, p, progress
-        self.activation_observer = activation_observer
+    def __init__(self, config: Ptq4SamSConfig | None = None, *, progress: bool = True) -> None:
+        self.config = config if config is not None else self.presets["paper"]
+        self.progress = progress
 
-    def activation_observer_for(self, site: str, bits: int, preset: str = "paper") -> Observer:
+    def activation_observer_for(self, site: str, bits: int) -> Observer:
         """The activation observer; with BIG on, the averaged-MSE observer for the k sites of every
         decoder attention (the reference's SignAvgMSEFast with its sign unset).
 
         `bits` lets the MSE observer search each image as it comes (no copy of every update).
         """
-        name = self.activation_observer
-        if self.big and fnmatch.fnmatchcase(site, DECODER_KEY_SITES):
+        name = self.config.activation_observer
+        if self.config.big and fnmatch.fnmatchcase(site, DECODER_KEY_SITES):
             name = self.key_observer_with_big
-        options = mse_observer_options(preset, weights=False) if name == "mse" else {}
+        options = mse_observer_options(self.config, weights=False) if name == "mse" else {}
         return make_observer(name, bits=bits, **options)
 
     @torch.no_grad()
-    def observe(self, qmodel: Sam, calib: CalibrationSet, preset: str, *, skip: Collection[str] = (),
+    def observe(self, qmodel: Sam, calib: CalibrationSet, *, skip: Collection[str] = (),
                 before: Callable[[AgqCapture, dict[str, FakeQuantizer]], object] | None = None) -> object:
         """The reference's statistics pass (`calibrate`): one forward per calibration image with
         the weights FP, every activation observer and (AGQ on) every softmax search fed together.
@@ -150,42 +177,38 @@ class Ptq4SamS:
         forwards run first with the observers and AGQ searches attached (SAQ-SAM's PCC forwards,
         which the reference's observers see). Returns what `before` returned (None without it).
         """
-        attentions = softmax_attentions(qmodel) if self.agq else {}
+        attentions = softmax_attentions(qmodel) if self.config.agq else {}
         skip = set(skip) | {f"{path}.softmax" for path in attentions}
-        max_iter = FAST_SEARCH_ITERATIONS if preset == "fast" else None
-        with observing(qmodel, partial(self.activation_observer_for, preset=preset), skip) as observed, \
-                AgqCapture(attentions, AGQ_TAUS, self.p, max_iter) as capture:
+        with observing(qmodel, self.activation_observer_for, skip) as observed, \
+                AgqCapture(attentions, AGQ_TAUS, self.config.p, self.config.search_iterations) as capture:
             before_result = before(capture, observed) if before is not None else None
             forward_all(qmodel, calib, "observing activations", progress=self.progress)
         if attentions:
             set_log2_grids(attentions, capture.results())
         return before_result
 
-    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet, preset: str, *, skip: Collection[str] = (),
+    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet, *, skip: Collection[str] = (),
                          before: Callable[[AgqCapture, dict[str, FakeQuantizer]], object] | None = None,
                          ) -> list[tuple[str, Callable[[], object]]]:
         """The activation (with AGQ) and weight steps after BIG, in the reference's order."""
-        return [("activations", lambda: self.observe(qmodel, calib, preset, skip=skip, before=before)),
+        return [("activations", lambda: self.observe(qmodel, calib, skip=skip, before=before)),
                 ("weights", lambda: set_weight_ranges(qmodel, self.weight_observer,
-                                                      **mse_observer_options(preset, weights=True)))]
+                                                      **mse_observer_options(self.config, weights=True)))]
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
-                  preset: str, seed: int) -> None:
-        if self.big:
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+        if self.config.big:
             apply_big(qmodel, fp_model, calib)
-        for _, step in self.statistics_steps(qmodel, calib, preset):
+        for _, step in self.statistics_steps(qmodel, calib):
             step()
 
 
 @METHODS.register("ptq4sam", aliases=("ptq4sam-l",))
 class Ptq4SamL(Ptq4SamS):
-    """PTQ4SAM-L: PTQ4SAM-S, then QDrop reconstruction of every unit (iterations set by the preset)."""
+    """PTQ4SAM-L: PTQ4SAM-S, then QDrop reconstruction of every unit (`Ptq4SamConfig.iterations`)."""
 
     name = "ptq4sam"
+    presets = {"paper": Ptq4SamConfig(), "fast": Ptq4SamConfig(iterations=FAST_ITERATIONS, **FAST_SEARCHES)}
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
-                  preset: str, seed: int) -> None:
-        from ptqbench.methods.qdrop import qdrop_reconstruct
-
-        super().calibrate(qmodel, fp_model, calib, spec, preset, seed)
-        qdrop_reconstruct(qmodel, fp_model, calib, preset, seed, progress=self.progress)
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+        super().calibrate(qmodel, fp_model, calib, spec, seed)
+        qdrop_reconstruct(qmodel, fp_model, calib, self.config.iterations, seed, progress=self.progress)

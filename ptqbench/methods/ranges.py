@@ -10,6 +10,7 @@ from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
 from ptqbench.config import BitSpec
+from ptqbench.methods.options import NO_OPTIONS_PRESETS
 from ptqbench.quant.observers import DeferredSearches, Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, weight_layers
@@ -68,30 +69,36 @@ def observe_activations(qmodel: Sam, calib: CalibrationSet,
 
 
 class RangeSettingMethod:
-    """A statistics-only method: a weight observer and an activation observer, nothing learned."""
+    """A statistics-only method: a weight observer and an activation observer, nothing learned.
+
+    config: one of `presets` with the user's options (default: the `paper` preset).
+    """
 
     name = ""
     weight_observer = "minmax"
     activation_observer = "minmax"
+    presets = NO_OPTIONS_PRESETS
 
-    def weight_observer_options(self, preset: str) -> dict:
-        """Extra options of the weight observer under `preset` (none by default)."""
+    def __init__(self, config: object | None = None, *, progress: bool = True) -> None:
+        self.config = config if config is not None else self.presets["paper"]
+        self.progress = progress
+
+    def weight_observer_options(self) -> dict:
+        """Extra options of the weight observer under this configuration (none by default)."""
         return {}
 
-    def activation_observer_options(self, preset: str) -> dict:
-        """Extra options of the activation observer under `preset` (none by default)."""
+    def activation_observer_options(self) -> dict:
+        """Extra options of the activation observer under this configuration (none by default)."""
         return {}
 
-    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet,
-                         preset: str) -> list[tuple[str, Callable[[], object]]]:
+    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet) -> list[tuple[str, Callable[[], object]]]:
         """Activations observed on the FP model, then weights (the reference's `calibrate` order)."""
-        options = self.activation_observer_options(preset)
+        options = self.activation_observer_options()
         return [("activations", lambda: observe_activations(
-                    qmodel, calib, lambda site, bits: make_observer(self.activation_observer, bits=bits, **options))),
-                ("weights", lambda: set_weight_ranges(qmodel, self.weight_observer,
-                                                      **self.weight_observer_options(preset)))]
+                    qmodel, calib, lambda site, bits: make_observer(self.activation_observer, bits=bits, **options),
+                    progress=self.progress)),
+                ("weights", lambda: set_weight_ranges(qmodel, self.weight_observer, **self.weight_observer_options()))]
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
-                  preset: str, seed: int) -> None:
-        for _, step in self.statistics_steps(qmodel, calib, preset):
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+        for _, step in self.statistics_steps(qmodel, calib):
             step()

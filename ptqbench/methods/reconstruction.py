@@ -310,12 +310,3 @@ def reconstruct(units: Sequence[Unit], qmodel: nn.Module, fp_model: nn.Module, c
         for param, flag in flags.items():
             param.requires_grad_(flag)
     return reports
-
-
-def preset_value(preset: str, paper: Any, fast: Any) -> Any:
-    """The value of a hyperparameter under `preset` ("paper" or "fast"); ConfigError otherwise."""
-    if preset == "paper":
-        return paper
-    if preset == "fast":
-        return fast
-    raise ConfigError(f"unknown preset {preset!r}: use 'paper' or 'fast'")

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from segment_anything.modeling import Sam
@@ -31,11 +32,10 @@ from segment_anything.modeling import Sam
 from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
 from ptqbench.methods.base import METHODS
-from ptqbench.methods.par import ParSettings, par_reconstruct, par_settings
+from ptqbench.methods.par import FAST_SETTINGS, PAPER_SETTINGS, ParSettings, par_reconstruct
 from ptqbench.methods.pcc import PccChoice, PccConfig, decoder_attentions, pcc_search, reference_maps
-from ptqbench.methods.ptq4sam import Ptq4SamS, apply_big
-from ptqbench.methods.reconstruction import preset_value
-from ptqbench.quant.agq import AGQ_P, AgqCapture
+from ptqbench.methods.ptq4sam import FAST_SEARCHES, Ptq4SamS, Ptq4SamSConfig, apply_big
+from ptqbench.quant.agq import AgqCapture
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.quantized import use_fp_query_for_rel_pos
@@ -91,72 +91,76 @@ def pcc_forwards(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: 
     return pcc_search(qmodel, fp_model, sample, config, maps=maps, progress=progress)
 
 
-def pcc_config(preset: str) -> PccConfig:
-    """PCC as the reference (`paper`: every prompt of the search image) or with at most 4 prompts
-    on the search image (`fast`); the candidates, theta and the two passes are the same."""
-    return PccConfig(max_prompts=preset_value(preset, None, FAST_PCC_PROMPTS))
+@dataclass(frozen=True)
+class SaqSamSConfig(Ptq4SamSConfig):
+    """SAQ-SAM*'s settings: PTQ4SAM-S's (`Ptq4SamSConfig`; the other activation sites on SAQ-SAM's
+    AvgMSEFast), pcc: PCC's settings (`PccConfig`; `paper`: every prompt of the search image;
+    `fast`: at most FAST_PCC_PROMPTS), search_image: the index of the calibration image PCC
+    searches on (the reference: the first, after `reference_order`)."""
+
+    activation_observer: Literal["avgminmax", "mse", "minmax", "percentile", "omse"] = "mse"
+    pcc: PccConfig = PccConfig()
+    search_image: int = 0
+
+
+@dataclass(frozen=True)
+class SaqSamConfig(SaqSamSConfig):
+    """SAQ-SAM's settings: SAQ-SAM*'s, and PAR's (`ParSettings`)."""
+
+    par: ParSettings = PAPER_SETTINGS
+
+
+FAST_PCC = PccConfig(max_prompts=FAST_PCC_PROMPTS)
 
 
 @METHODS.register("saqsam-s", aliases=("saq-sam-s",))
 class SaqSamS:
-    """SAQ-SAM with PCC only (BIG, PCC, AvgMSEFast activations, AGQ softmax, MSE weights), no reconstruction.
-
-    pcc: override the preset's PCC settings; search_image: index of the calibration image PCC
-    searches on (the reference: the first); big / agq / p: as `ptq4sam-s`.
-    """
+    """SAQ-SAM with PCC only (BIG, PCC, AvgMSEFast activations, AGQ softmax, MSE weights), no
+    reconstruction; settings in `SaqSamSConfig`."""
 
     name = "saqsam-s"
+    presets = {"paper": SaqSamSConfig(), "fast": SaqSamSConfig(pcc=FAST_PCC, **FAST_SEARCHES)}
 
-    def __init__(self, *, pcc: PccConfig | None = None, search_image: int = 0, big: bool = True, agq: bool = True,
-                 p: float = AGQ_P, progress: bool = True) -> None:
-        self.pcc = pcc
-        self.search_image = search_image
-        self.statistics = Ptq4SamS(big=big, agq=agq, p=p, activation_observer="mse", progress=progress)
+    def __init__(self, config: SaqSamSConfig | None = None, *, progress: bool = True) -> None:
+        self.config = config if config is not None else self.presets["paper"]
+        self.statistics = Ptq4SamS(self.config, progress=progress)
         self.progress = progress
 
-    def steps(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, preset: str,
-              seed: int) -> list[Step]:
+    def steps(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> list[Step]:
         """The calibration as named steps, run in order by `calibrate` (and timed by benchmarks).
 
         `calib` is taken in the reference's order (`reference_order`); PAR gets the same order.
         """
         calib = reference_order(calib)
-        if not 0 <= self.search_image < len(calib):
-            raise ConfigError(f"{self.name}: search image {self.search_image} is not in a calibration set "
+        search_image, pcc = self.config.search_image, self.config.pcc
+        if not 0 <= search_image < len(calib):
+            raise ConfigError(f"{self.name}: search image {search_image} is not in a calibration set "
                               f"of {len(calib)} images")
-        stats = self.statistics
-        pcc = self.pcc or pcc_config(preset)
-        search_sample = calib.samples[self.search_image]
+        search_sample = calib.samples[search_image]
         pcc_sites = {f"{path}.{site}" for path in decoder_attentions(qmodel) for site in pcc.sites}
         steps: list[Step] = [("rel-pos from FP q", lambda: use_fp_query_for_rel_pos(qmodel))]
-        if stats.big:
+        if self.config.big:
             steps.append(("BIG", lambda: apply_big(qmodel, fp_model, calib)))
-        steps += stats.statistics_steps(
-            qmodel, calib, preset, skip=pcc_sites,
+        steps += self.statistics.statistics_steps(
+            qmodel, calib, skip=pcc_sites,
             before=lambda capture, observed: pcc_forwards(qmodel, fp_model, search_sample, pcc, capture, observed,
                                                           progress=self.progress))
         return steps
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec,
-                  preset: str, seed: int) -> None:
-        for name, step in self.steps(qmodel, fp_model, calib, spec, preset, seed):
+    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+        for name, step in self.steps(qmodel, fp_model, calib, spec, seed):
             log.info("%s: %s", self.name, name)
             step()
 
 
 @METHODS.register("saqsam", aliases=("saq-sam",))
 class SaqSam(SaqSamS):
-    """SAQ-SAM: `saqsam-s`, then Prompt-Aware Reconstruction. par: override the preset's PAR settings."""
+    """SAQ-SAM: `saqsam-s`, then Prompt-Aware Reconstruction with `SaqSamConfig.par`."""
 
     name = "saqsam"
+    presets = {"paper": SaqSamConfig(), "fast": SaqSamConfig(pcc=FAST_PCC, par=FAST_SETTINGS, **FAST_SEARCHES)}
 
-    def __init__(self, *, par: ParSettings | None = None, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.par = par
-
-    def steps(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, preset: str,
-              seed: int) -> list[Step]:
-        settings = self.par or par_settings(preset)
-        return super().steps(qmodel, fp_model, calib, spec, preset, seed) + [
-            ("PAR", lambda: par_reconstruct(qmodel, fp_model, reference_order(calib), settings, seed,
+    def steps(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> list[Step]:
+        return super().steps(qmodel, fp_model, calib, spec, seed) + [
+            ("PAR", lambda: par_reconstruct(qmodel, fp_model, reference_order(calib), self.config.par, seed,
                                             progress=self.progress))]
