@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny SAM and the real-data root (skip when ../shared is absent)."""
+"""Shared fixtures: the tiny SAM, a small demo dataset and the real-data root (skip when ../shared
+is absent)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,16 @@ def realdata() -> Path:
     if not REALDATA.is_dir():
         pytest.skip("../shared/realdata is absent")
     return REALDATA
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> Path:
+    """A small demo dataset (3 COCO val images, 1 DOTA, 2 ADE20K), generated once per session."""
+    from ptqbench.demo.install import ensure_demo_data
+    from ptqbench.demo.writers import DemoSizes
+
+    sizes = DemoSizes(coco_val=3, coco_train=2, dota_val=1, dota_train=1, ade_val=2, ade_train=2)
+    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", sizes)
 
 
 @pytest.fixture()

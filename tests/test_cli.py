@@ -10,16 +10,7 @@ from pathlib import Path
 import pytest
 
 from ptqbench.cli import main
-from ptqbench.demo.install import ensure_demo_data
-from ptqbench.demo.writers import DemoSizes
 from ptqbench.methods.options import NO_OPTIONS_PRESETS
-
-SMALL = DemoSizes(coco_val=3, coco_train=2, dota_val=1, dota_train=1, ade_val=2, ade_train=2)
-
-
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory) -> Path:
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", SMALL)
 
 
 def _rows(path: Path) -> list[dict]:

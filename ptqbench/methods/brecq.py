@@ -28,6 +28,7 @@ from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_WEIGHT_RANGES
+from ptqbench.methods.options import check_at_least
 from ptqbench.methods.qdrop import initial_ranges
 from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
@@ -55,6 +56,9 @@ class BrecqConfig:
     iterations: int = 20_000
     activation_iterations: int = 5_000
     weight_ranges: int = MSE_NUM_RANGES
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "iterations", "activation_iterations", "weight_ranges")
 
 
 FAST_STEPS = {"iterations": 50, "activation_iterations": 25, "weight_ranges": FAST_WEIGHT_RANGES}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ptqbench.methods.base import METHODS
+from ptqbench.methods.options import check_at_least
 from ptqbench.methods.ranges import RangeSettingMethod
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 
@@ -33,6 +34,9 @@ class MseConfig:
     search_iterations: int | None = None
     search_elements: int | None = None
     weight_ranges: int = MSE_NUM_RANGES
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "p", "search_iterations", "search_elements", "weight_ranges")
 
 
 @METHODS.register("mse")

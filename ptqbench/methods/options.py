@@ -33,6 +33,15 @@ class NoOptions:
 NO_OPTIONS_PRESETS: Mapping[str, NoOptions] = {"paper": NoOptions(), "fast": NoOptions()}
 
 
+def check_at_least(config: Any, minimum: float, *names: str) -> None:
+    """ConfigError unless each named field of `config` is None or at least `minimum` (for the
+    `__post_init__` of a method configuration)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{type(config).__name__}.{name} must be at least {minimum:g}, got {value}")
+
+
 def preset_config(method: type, preset: str) -> Any:
     """The configuration of `method` (a registered class with `presets`) under `preset`."""
     if preset not in PRESETS:

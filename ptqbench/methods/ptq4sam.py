@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_SEARCH_ELEMENTS, FAST_SEARCH_ITERATIONS, FAST_WEIGHT_RANGES, mse_observer_options
+from ptqbench.methods.options import check_at_least
 from ptqbench.methods.qdrop import FAST_ITERATIONS, PAPER_ITERATIONS, qdrop_reconstruct
 from ptqbench.methods.ranges import forward_all, observing, set_weight_ranges
 from ptqbench.quant.agq import AGQ_P, AGQ_TAUS, AgqCapture, AgqResult
@@ -129,6 +130,9 @@ class Ptq4SamSConfig:
     search_elements: int | None = None
     weight_ranges: int = MSE_NUM_RANGES
 
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "p", "search_iterations", "search_elements", "weight_ranges")
+
 
 FAST_SEARCHES = {"search_iterations": FAST_SEARCH_ITERATIONS, "search_elements": FAST_SEARCH_ELEMENTS,
                  "weight_ranges": FAST_WEIGHT_RANGES}
@@ -139,6 +143,10 @@ class Ptq4SamConfig(Ptq4SamSConfig):
     """PTQ4SAM-L's settings: PTQ4SAM-S's, and the QDrop reconstruction's iterations per unit."""
 
     iterations: int = PAPER_ITERATIONS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least(self, 1, "iterations")
 
 
 @METHODS.register("ptq4sam-s")

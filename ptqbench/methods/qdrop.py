@@ -17,6 +17,7 @@ from segment_anything.modeling import Sam
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_WEIGHT_RANGES
+from ptqbench.methods.options import check_at_least
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
@@ -36,6 +37,9 @@ class QDropConfig:
 
     iterations: int = PAPER_ITERATIONS
     weight_ranges: int = MSE_NUM_RANGES
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "iterations", "weight_ranges")
 
 
 def qdrop_config(iterations: int) -> UnitConfig:
