@@ -23,10 +23,10 @@ from tabulate import tabulate
 
 from ptqbench.methods.qdrop import PAPER_ITERATIONS, qdrop_config
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
-from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
 from ptqbench.quant.observers import make_observer
-from ptqbench.quant.unit import Unit
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
+from ptqbench.recon.engine import ReconstructionSettings, reconstruct
+from ptqbench.recon.unit import Unit
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_forward
 from ptqbench.sam.models import build_sam_official, build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam
 from ptqbench.sam.units import sam_units
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--cache", default="auto", choices=("auto", "device", "cpu"))
     args = parser.parse_args()
     device = torch.device(args.device)
-    settings = ReconstructionSettings(cache=args.cache)
+    settings = ReconstructionSettings(forward=sample_forward, cache=args.cache)
     totals = []
     for name in args.models.split(","):
         rows, projected_s = bench_model(name.strip(), args.iters, args.images, args.boxes, device, settings)

@@ -66,10 +66,10 @@ from segment_anything.modeling import Sam
 from tabulate import tabulate
 from torch import nn
 
-from ptqbench.methods.ptq4sam import Ptq4SamS, apply_big
-from ptqbench.methods.reconstruction import ReconstructionSettings
+from ptqbench.methods.ptq4sam.method import Ptq4SamS, apply_big
+from ptqbench.recon.engine import ReconstructionSettings
 from ptqbench.sam import models as ptqbench_models
-from ptqbench.sam.calibration import CalibrationSet
+from ptqbench.sam.calibration import CalibrationSet, sample_forward
 from ptqbench.sam.quantized import quantize_sam
 
 from recon_speed import WARMUP_STEPS, bench_model, build, random_calibration  # the script folder is on sys.path
@@ -346,7 +346,8 @@ def run_ptqbench(fp_model: Sam, model_name: str, calib: CalibrationSet, boxes: i
     times = ptqbench_statistics(fp_model, calib, device)
     print(f"ptqbench quantize_sam: {times['quantize']:.1f} s, BIG + statistics: {times['calibrate']:.1f} s",
           flush=True)
-    rows, _ = bench_model(model_name, steps, len(calib.samples), boxes, device, ReconstructionSettings())
+    rows, _ = bench_model(model_name, steps, len(calib.samples), boxes, device,
+                          ReconstructionSettings(forward=sample_forward))
     times.update({row[1]: float(row[3]) / 1000 for row in rows if row[1] in UNIT_KINDS})
     return times
 

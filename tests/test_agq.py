@@ -8,7 +8,7 @@ import pytest
 import torch
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
-from ptqbench.quant.agq import AgqCapture, AgqSearch, agq_error, agq_scale_bounds, split_heads
+from ptqbench.methods.ptq4sam.agq import AgqCapture, AgqSearch, agq_error, agq_scale_bounds, split_heads
 from ptqbench.quant.functional import fake_quant_log2
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.sam.quantized import QuantDecoderAttention

@@ -7,7 +7,7 @@ import pytest
 import torch
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
-from ptqbench.quant.big import channel_signs, fold_channel_signs, is_bimodal, kde_peaks
+from ptqbench.methods.ptq4sam.big import channel_signs, fold_channel_signs, is_bimodal, kde_peaks
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
 from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
 
@@ -66,7 +66,7 @@ def test_detection_counts_exactly_two_peaks():
 
 
 def test_apply_big_folds_a_bimodal_key_and_keeps_sam_output(sam_tiny):
-    from ptqbench.methods.ptq4sam import apply_big, capture_keys
+    from ptqbench.methods.ptq4sam.method import apply_big, capture_keys
 
     path = "mask_decoder.transformer.layers.0.cross_attn_token_to_image"
     generator = torch.Generator().manual_seed(0)

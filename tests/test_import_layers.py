@@ -19,7 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "ptqbench"
 # pair; they are to be removed, never added to. Empty: quant/ holds method-agnostic primitives.
 QUANT_ALLOWED_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 
-QUANT_FORBIDDEN = ("ptqbench.sam", "ptqbench.methods", "ptqbench.tasks")
+QUANT_FORBIDDEN = ("ptqbench.sam", "ptqbench.methods", "ptqbench.tasks")  # for quant/ and recon/
 
 
 def _module_name(path: Path) -> str:
@@ -180,3 +180,12 @@ def test_quant_imports_no_method_model_or_task_code() -> None:
     assert not new, f"ptqbench/quant/ must stay method-agnostic; new imports: {new}"
     stale = sorted(QUANT_ALLOWED_VIOLATIONS - found)
     assert not stale, f"remove these fixed entries from QUANT_ALLOWED_VIOLATIONS: {stale}"
+
+
+def test_recon_imports_no_model_method_or_task_code() -> None:
+    """The reconstruction engine is method- and model-agnostic: the model's forward is injected."""
+    found = sorted((str(path.relative_to(PACKAGE_DIR.parent)), imported)
+                   for path in sorted((PACKAGE_DIR / "recon").rglob("*.py"))
+                   for imported, _line in _imports(path)
+                   if imported.startswith(QUANT_FORBIDDEN) and _node(imported) in QUANT_FORBIDDEN)
+    assert not found, f"ptqbench/recon/ must not import model, method or task code: {found}"

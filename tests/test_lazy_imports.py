@@ -34,7 +34,7 @@ def test_importing_the_method_interface_imports_nothing_heavy():
 
 def test_get_imports_the_module_that_registers_a_builtin():
     from ptqbench.methods.base import METHODS
-    from ptqbench.methods.saqsam import SaqSam
+    from ptqbench.methods.saqsam.method import SaqSam
     from ptqbench.tasks.base import TASKS
     from ptqbench.tasks.coco import make_coco_task
 

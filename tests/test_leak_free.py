@@ -12,12 +12,12 @@ from torch import nn
 
 from ptqbench.methods.qdrop import qdrop_config
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
-from ptqbench.methods.reconstruction import reconstruct
 from ptqbench.quant.adaround import AdaRoundQuantizer
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation, weight_layers
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
+from ptqbench.recon.engine import ReconstructionSettings, reconstruct
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward, sample_forward
 from ptqbench.sam.models import build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam
 from ptqbench.sam.units import sam_units
@@ -46,7 +46,7 @@ def reconstructed():
     handles = [q.register_forward_pre_hook(lambda m, args, name=name: seen[name].add(m.quantize_prob))
                for name, q in quantizer_sites(qmodel).items()]
     units = sam_units(qmodel, qdrop_config(4))
-    reconstruct(units, qmodel, fp, calib, seed=0, progress=False)
+    reconstruct(units, qmodel, fp, calib, ReconstructionSettings(forward=sample_forward), seed=0, progress=False)
     for handle in handles:
         handle.remove()
     return qmodel, calib, seen

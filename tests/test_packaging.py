@@ -18,7 +18,7 @@ def test_wheel_holds_only_ptqbench_with_its_data(tmp_path):
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"ptqbench"}
     assert "ptqbench/data/sam_tiny.pt" in names
-    assert "ptqbench/demo/install.py" in names and "ptqbench/methods/saqsam.py" in names
+    assert "ptqbench/demo/install.py" in names and "ptqbench/methods/saqsam/method.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "ptqbench = ptqbench.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

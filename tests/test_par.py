@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ptqbench.methods.par import (
+from ptqbench.methods.ranges import observe_activations, set_weight_ranges
+from ptqbench.methods.saqsam.par import (
     FAST_SETTINGS,
     PAPER_SETTINGS,
     CopyIntoReference,
@@ -20,13 +21,12 @@ from ptqbench.methods.par import (
     par_units,
     with_iterations,
 )
-from ptqbench.methods.ranges import observe_activations, set_weight_ranges
-from ptqbench.methods.reconstruction import reconstruct
-from ptqbench.methods.unit_cache import build_cache, capture
-from ptqbench.methods.unit_step import unit_inputs
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.quant.unit import HookPoint
+from ptqbench.recon.cache import build_cache, capture
+from ptqbench.recon.engine import reconstruct
+from ptqbench.recon.step import unit_inputs
+from ptqbench.recon.unit import HookPoint
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.quantized import quantize_sam
 from ptqbench.sam.units import TRANSFORMER
@@ -186,7 +186,7 @@ def test_par_reconstruct_copies_encoder_units_into_its_reference_and_leaves_fp_m
 
 
 def test_transformer_keys_are_the_transformer_outputs(sam_tiny):
-    from ptqbench.methods.par import transformer_keys
+    from ptqbench.methods.saqsam.par import transformer_keys
 
     decoder = sam_tiny.mask_decoder
     sample = _calibration(images=1).samples[0]

@@ -9,8 +9,8 @@ import torch
 from segment_anything.modeling.transformer import Attention
 
 from ptqbench.config import BitSpec
-from ptqbench.methods.pcc import PccConfig, search_attention
-from ptqbench.methods.saqsam import SaqSamS
+from ptqbench.methods.saqsam.method import SaqSamS
+from ptqbench.methods.saqsam.pcc import PccConfig, search_attention
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.models import load_model

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from ptqbench.methods.pcc import focus_distance
+from ptqbench.methods.ptq4sam.agq import AgqSearch
+from ptqbench.methods.ptq4sam.big import channel_signs, is_bimodal
+from ptqbench.methods.saqsam.pcc import focus_distance
 from ptqbench.quant import functional as qf
 from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule
-from ptqbench.quant.agq import AgqSearch
-from ptqbench.quant.big import channel_signs, is_bimodal
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 

@@ -8,7 +8,7 @@ import torch
 from segment_anything.modeling.transformer import Attention
 
 from ptqbench.errors import PtqbenchError
-from ptqbench.methods.pcc import (
+from ptqbench.methods.saqsam.pcc import (
     PCC_PERCENTILES,
     PccConfig,
     decoder_attentions,

@@ -11,8 +11,8 @@ from torch import nn
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
-from ptqbench.methods.ptq4sam import Ptq4SamL, Ptq4SamS, Ptq4SamSConfig, softmax_attentions
-from ptqbench.quant.agq import AgqCapture
+from ptqbench.methods.ptq4sam.agq import AgqCapture
+from ptqbench.methods.ptq4sam.method import Ptq4SamL, Ptq4SamS, Ptq4SamSConfig, softmax_attentions
 from ptqbench.quant.observers import AvgMinMaxObserver, MSEObserver, make_observer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
@@ -106,7 +106,7 @@ def _check_statistics_calibration(qmodel: Sam) -> dict[str, int]:
 
 def test_ptq4sam_l_is_ptq4sam_s_then_qdrop_with_tau_fixed_and_log2_scales_learned(monkeypatch):
     """One run covers both methods: the state handed to the reconstruction is PTQ4SAM-S's result."""
-    ptq4sam = pytest.importorskip("ptqbench.methods.ptq4sam")
+    ptq4sam = pytest.importorskip("ptqbench.methods.ptq4sam.method")
     model = _micro_sam()
     qmodel = quantize_sam(model, 4, 4)
     calib = _calib(64, 1)

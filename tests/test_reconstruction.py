@@ -15,16 +15,16 @@ from ptqbench.methods import brecq
 from ptqbench.methods.brecq import Brecq, FisherWeights
 from ptqbench.methods.qdrop import qdrop_config
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
-from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
-from ptqbench.methods.unit_cache import build_cache
-from ptqbench.methods.unit_step import mix_inputs
 from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule, rectified_sigmoid
 from ptqbench.quant.layers import QuantLinear
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import seal_for_evaluation
-from ptqbench.quant.unit import HookPoint, Unit, UnitConfig, lp_error
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
+from ptqbench.recon.cache import build_cache
+from ptqbench.recon.engine import ReconstructionSettings, reconstruct
+from ptqbench.recon.step import mix_inputs
+from ptqbench.recon.unit import HookPoint, Unit, UnitConfig, lp_error
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_forward
 from ptqbench.sam.models import build_sam_tiny
 from ptqbench.sam.quantized import quantize_sam
 from ptqbench.sam.units import first_argument, sam_units
@@ -209,7 +209,7 @@ def calibrated_tiny(calib: CalibrationSet, bits: int = 4):
 
 def unit_error(unit: Unit, qmodel: nn.Module, fp: nn.Module, calib: CalibrationSet) -> float:
     """Mean unit loss with quantized-model inputs, nothing dropped."""
-    cache = build_cache(unit, qmodel, fp, calib.samples, ReconstructionSettings().forward, torch.device("cpu"))
+    cache = build_cache(unit, qmodel, fp, calib.samples, sample_forward, torch.device("cpu"))
     root = qmodel.get_submodule(unit.root)
     with torch.no_grad():
         return sum(float(unit.loss(unit.run(root, {**e.fp_inputs, **e.quant_inputs}), e.target, e.extras))
@@ -224,7 +224,7 @@ def test_reconstructing_a_sam_tiny_unit_lowers_its_output_error(index: int) -> N
     config = replace(qdrop_config(60), weight_lr=1e-2, scale_lr=1e-3)
     unit = sam_units(qmodel, config)[index]
     before = unit_error(unit, qmodel, fp, calib)
-    reconstruct([unit], qmodel, fp, calib, seed=0, progress=False)
+    reconstruct([unit], qmodel, fp, calib, ReconstructionSettings(forward=sample_forward), seed=0, progress=False)
     after = unit_error(unit, qmodel, fp, calib)
     assert after < 0.9 * before
 

@@ -9,9 +9,9 @@ import torch
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
-from ptqbench.methods.par import FAST_SETTINGS, with_iterations
-from ptqbench.methods.pcc import PccConfig, decoder_attentions
-from ptqbench.methods.saqsam import SaqSam, SaqSamS
+from ptqbench.methods.saqsam.method import SaqSam, SaqSamS
+from ptqbench.methods.saqsam.par import FAST_SETTINGS, with_iterations
+from ptqbench.methods.saqsam.pcc import PccConfig, decoder_attentions
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
@@ -90,7 +90,7 @@ def test_saqsam_s_has_no_reconstruction_step(sam_tiny):
 
 
 def test_reference_order_swaps_images_0_and_8():
-    from ptqbench.methods.saqsam import reference_order
+    from ptqbench.methods.saqsam.method import reference_order
 
     calib = _calibration(images=10, boxes=1, size=16)
     swapped = reference_order(calib)

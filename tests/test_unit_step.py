@@ -8,15 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ptqbench.methods.par import FAST_SETTINGS, frozen_reference, par_units
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
-from ptqbench.methods.reconstruction import ReconstructionSettings, _LearnablePieces, reconstruct, sam_sample_forward
-from ptqbench.methods.unit_cache import build_cache
-from ptqbench.methods.unit_step import UnitStep, unit_inputs
+from ptqbench.methods.saqsam.par import FAST_SETTINGS, frozen_reference, par_units
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.quant.unit import Unit
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
+from ptqbench.recon.cache import build_cache
+from ptqbench.recon.engine import ReconstructionSettings, _LearnablePieces, reconstruct
+from ptqbench.recon.step import UnitStep, unit_inputs
+from ptqbench.recon.unit import Unit
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_forward
 from ptqbench.sam.quantized import quantize_sam
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -48,7 +48,7 @@ def par_setup(model, device: torch.device, box_counts: tuple[int, ...] = (3, 5, 
 def steps_for(unit: Unit, qmodel, reference, calib, device, quantize_prob: float):
     """The unit's cache, its learnable pieces, and an eager and a graphed UnitStep over them."""
     unit = replace(unit, config=replace(unit.config, quantize_prob=quantize_prob))
-    cache = build_cache(unit, qmodel, reference, calib.samples, sam_sample_forward, device)
+    cache = build_cache(unit, qmodel, reference, calib.samples, sample_forward, device)
     generator = torch.Generator(device=device).manual_seed(0)
     for param in qmodel.parameters():
         param.requires_grad_(False)
@@ -95,8 +95,8 @@ def test_graphed_reconstruction_is_reproducible_and_lowers_the_loss(sam_tiny):
     for _ in range(2):
         qmodel, reference, calib, units = par_setup(sam_tiny.cpu(), device)
         unit = replace(units[0], config=replace(units[0].config, iterations=60))
-        reports = reconstruct([unit], qmodel, reference, calib, ReconstructionSettings(log_every=10), seed=3,
-                              progress=False)
+        settings = ReconstructionSettings(forward=sample_forward, log_every=10)
+        reports = reconstruct([unit], qmodel, reference, calib, settings, seed=3, progress=False)
         assert reports[0].last_loss < reports[0].first_loss
         states.append({name: q.scale.clone() for name, q in quantizer_sites(qmodel).items()})
     assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])

@@ -10,9 +10,9 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling.image_encoder import window_partition
 from torch import Tensor, nn
 
-from ptqbench.methods.unit_cache import capture
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.quant.unit import HookPoint, Unit, UnitConfig
+from ptqbench.recon.cache import capture
+from ptqbench.recon.unit import HookPoint, Unit, UnitConfig
 from ptqbench.sam.calibration import sam_forward
 from ptqbench.sam.quantized import quantize_sam
 from ptqbench.sam.units import first_argument, module_output, sam_units

@@ -30,12 +30,12 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_WEIGHT_RANGES
 from ptqbench.methods.options import check_at_least
 from ptqbench.methods.qdrop import initial_ranges
-from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.quant.unit import HookPoint, Unit, UnitConfig, lp_error, weighted_squared_error
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
+from ptqbench.recon.engine import ReconstructionSettings, reconstruct
+from ptqbench.recon.unit import HookPoint, Unit, UnitConfig, lp_error, weighted_squared_error
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward, sample_forward
 from ptqbench.sam.units import sam_units
 
 FISHER_KEY = "fisher_weight"
@@ -171,13 +171,14 @@ class Brecq:
         quantize_prob = REFERENCE_QUANTIZE_PROB if config.mixed_inputs else 1.0
         units = sam_units(qmodel, brecq_config(config.iterations, quantize_prob))
         reconstruct(with_fisher_loss(units) if config.fisher else units, qmodel, fp_model, calib,
-                    ReconstructionSettings(), seed, self.progress)
+                    ReconstructionSettings(forward=sample_forward), seed, self.progress)
         for quantizer in activations:
             quantizer.mode = "quantize"
         if config.activation_stage:
             stage = [replace(unit, loss=lp_error(unit.sum_dim, ACTIVATION_STAGE_P))
                      for unit in sam_units(qmodel, activation_stage_config(config.activation_iterations))]
-            reconstruct(stage, qmodel, fp_model, calib, ReconstructionSettings(), seed + 1, self.progress)
+            reconstruct(stage, qmodel, fp_model, calib, ReconstructionSettings(forward=sample_forward), seed + 1,
+                        self.progress)
 
 
 PAPER_FISHER = BrecqConfig(fisher=True, activation_stage=True, mixed_inputs=False)

@@ -19,11 +19,11 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_WEIGHT_RANGES
 from ptqbench.methods.options import check_at_least
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
-from ptqbench.methods.reconstruction import ReconstructionSettings, reconstruct
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.observers import make_observer
-from ptqbench.quant.unit import UnitConfig
-from ptqbench.sam.calibration import CalibrationSet
+from ptqbench.recon.engine import ReconstructionSettings, reconstruct
+from ptqbench.recon.unit import UnitConfig
+from ptqbench.sam.calibration import CalibrationSet, sample_forward
 from ptqbench.sam.units import sam_units
 
 PAPER_ITERATIONS = 20_000
@@ -61,8 +61,8 @@ def qdrop_reconstruct(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, iterati
     uniform per-channel grid; softmax sites may be on a log2 grid, whose scale is learned too).
     Leaves every quantizer with quantize_prob = 1, frozen scales and hard-rounded, frozen weights.
     """
-    reconstruct(sam_units(qmodel, qdrop_config(iterations)), qmodel, fp_model, calib, ReconstructionSettings(),
-                seed, progress)
+    reconstruct(sam_units(qmodel, qdrop_config(iterations)), qmodel, fp_model, calib,
+                ReconstructionSettings(forward=sample_forward), seed, progress)
 
 
 def initial_ranges(qmodel: Sam, calib: CalibrationSet, weight_ranges: int, *, progress: bool = True) -> None:

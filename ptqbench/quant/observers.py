@@ -168,7 +168,7 @@ def row_quantile(rows: Tensor, q: float) -> Tensor:
     one `topk` fetches the two order statistics around position q * (N - 1) (computed in float64),
     from whichever end of the row is nearer, so extreme percentiles stay cheap.
 
-    Why it is not `ptqbench.methods.pcc.reference_quantile`: that one reproduces the SAQ-SAM
+    Why it is not `ptqbench.methods.saqsam.pcc.reference_quantile`: that one reproduces the SAQ-SAM
     reference's arithmetic for PCC (a float32 rank below 2^24 elements, numpy's two-sided lerp
     above), one row at a time; this one takes the rank in float64 for many rows at once. The two
     differ in the last float32 bits (e.g. q = 0.999 of 1000 normal samples), so merging them

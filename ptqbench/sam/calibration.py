@@ -62,3 +62,9 @@ def sam_forward(model: Sam, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tenso
     """
     sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
     return decode_single_mask(model, model.image_encoder(image), sparse, dense)
+
+
+def sample_forward(model: Sam, sample: CalibrationSample) -> tuple[Tensor, Tensor]:
+    """`sam_forward` on one calibration sample: the forward the reconstruction engine runs
+    (`ptqbench.recon.engine.ReconstructionSettings.forward`) to reach a unit's hook points."""
+    return sam_forward(model, sample.image, sample.boxes)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from ptqbench.quant.unit import HookPoint, Take, Tensors, Unit, UnitConfig, lp_error
+from ptqbench.recon.unit import HookPoint, Take, Tensors, Unit, UnitConfig, lp_error
 
 ENCODER_BLOCKS = "image_encoder.blocks"
 NECK = "image_encoder.neck"

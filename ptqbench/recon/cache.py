@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ptqbench.quant.unit import HookPoint, Output, Unit, with_unmixed
+from ptqbench.recon.unit import HookPoint, Output, Unit, with_unmixed
 
 log = logging.getLogger(__name__)
 

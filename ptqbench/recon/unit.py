@@ -3,7 +3,7 @@
 A unit is a piece of the model reconstructed on its own (a sub-block, a block, a stage...). It
 says which modules' quantizers train, where its inputs appear in a whole-model forward (so the
 engine can capture them with hooks), how to run it from those inputs, what it is compared with
-and how. The engine (`ptqbench.methods.reconstruction.reconstruct`) knows nothing else about the
+and how. The engine (`ptqbench.recon.engine.reconstruct`) knows nothing else about the
 model, so a method defines new units and losses without touching the engine.
 
 Unit outputs and targets are a tensor or a tuple of tensors ("Output"); inputs and extras are

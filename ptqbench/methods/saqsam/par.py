@@ -1,7 +1,7 @@
 """Prompt-Aware Reconstruction (PAR, SAQ-SAM, methods/saqsam.md) on the shared reconstruction engine.
 
 PAR is a QDrop-style reconstruction (AdaRound weights + LSQ activation scales + drop 0.5, via
-`ptqbench.methods.reconstruction.reconstruct`) with its own units and losses:
+`ptqbench.recon.engine.reconstruct`) with its own units and losses:
 
 - encoder stages: one unit per stage, the blocks up to and including each global-attention block
   (SAM-B: 4 stages of 3 blocks; sam_tiny: 2 of 3). The loss is prompt-aware: the stage output
@@ -42,9 +42,9 @@ from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
-from ptqbench.methods.reconstruction import ReconstructionSettings, UnitReport, reconstruct
-from ptqbench.quant.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error, unmixed
-from ptqbench.sam.calibration import CalibrationSet
+from ptqbench.recon.engine import ReconstructionSettings, UnitReport, reconstruct
+from ptqbench.recon.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error, unmixed
+from ptqbench.sam.calibration import CalibrationSet, sample_forward
 from ptqbench.sam.units import ENCODER_BLOCKS, FINAL_ATTENTION, TRANSFORMER, attention_unit, first_argument, neck_unit
 
 PAR_SUM_DIM = -1
@@ -275,7 +275,7 @@ def par_reconstruct(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, settings:
 
 def engine_settings(settings: ParSettings) -> ReconstructionSettings:
     """The engine-wide settings of PAR: the prompt limit and the prompts-first capture forward."""
-    return ReconstructionSettings(max_prompts=settings.max_prompts)
+    return ReconstructionSettings(forward=sample_forward, max_prompts=settings.max_prompts)
 
 
 def with_iterations(settings: ParSettings, iterations: int) -> ParSettings:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ptqbench.methods.unit_cache import CacheEntry, tree_map
-from ptqbench.quant.unit import Unit, with_unmixed
+from ptqbench.recon.cache import CacheEntry, tree_map
+from ptqbench.recon.unit import Unit, with_unmixed
 
 log = logging.getLogger(__name__)
 

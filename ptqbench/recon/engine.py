@@ -4,7 +4,7 @@
 order; for each one it
 
 1. captures the unit's inputs in the quantized model (as reconstructed so far) and in the FP
-   model, its extras and its FP targets over the calibration set (`unit_cache.build_cache`);
+   model, its extras and its FP targets over the calibration set (`cache.build_cache`);
 2. installs the learnable pieces in the unit's trained modules: an `AdaRoundQuantizer` per
    weight (when `config.adaround`), LSQ scales on every activation quantizer in quantize mode
    (when `config.learn_scales`), QDrop's per-element drop (`config.quantize_prob`) with a seeded
@@ -12,7 +12,7 @@ order; for each one it
 3. trains them: each step takes one calibration sample, mixes the unit input
    `where(U < p, quantized input, FP input)`, runs the unit, adds the AdaRound regulariser
    (lambda, beta annealed 20 -> 2 after the warm-up) to the unit loss; Adam on V, Adam on the
-   scales with cosine decay to 0. The forward and gradients of a step (`unit_step.UnitStep`)
+   scales with cosine decay to 0. The forward and gradients of a step (`step.UnitStep`)
    are replayed as CUDA graphs on a GPU;
 4. ends the unit: weights are hard-rounded (`floor + 1[V >= 0]`) and written back into the
    layer's weight, whose own quantizer then reproduces them exactly (re-quantizing a grid value
@@ -32,49 +32,47 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ptqbench.errors import ConfigError
-from ptqbench.methods.unit_cache import Forward, Placement, UnitCache, build_cache
-from ptqbench.methods.unit_step import UnitStep
 from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.quant.unit import Unit, UnitConfig
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
+from ptqbench.recon.cache import Forward, Placement, UnitCache, build_cache
+from ptqbench.recon.step import UnitStep
+from ptqbench.recon.unit import Unit, UnitConfig
+
+if TYPE_CHECKING:
+    from ptqbench.sam.calibration import CalibrationSet
 
 log = logging.getLogger(__name__)
-
-
-def sam_sample_forward(model: nn.Module, sample: CalibrationSample) -> object:
-    """One SAM forward on a calibration sample (encoder, prompt encoder, single-mask decoder)."""
-    return sam_forward(model, sample.image, sample.boxes)
 
 
 @dataclass(frozen=True)
 class ReconstructionSettings:
     """Engine-wide settings (per-unit hyperparameters live in each unit's `UnitConfig`).
 
+    forward: (model, sample) -> anything; the whole-model forward that reaches the hook points,
+        given by the model's code (SAM: `ptqbench.sam.calibration.sample_forward`).
     cache: where captured data lives: "auto" (the device when it fits in `cache_memory_fraction`
         of the free device memory, else pinned CPU memory), "device" or "cpu".
     max_prompts: at most this many box prompts per calibration image (a seeded random subset,
         the same for every unit); None keeps them all.
-    forward: (model, sample) -> anything; the whole-model forward that reaches the hook points.
     log_every: steps between updates of the progress bar's running loss (each one syncs the
         device); at most a tenth of a unit's steps, so the first and last windows differ.
     cuda_graphs: on a GPU, capture each unit's training step (input mixing, forward, loss,
-        gradients) as CUDA graphs and replay them (`ptqbench.methods.unit_step`); False runs
+        gradients) as CUDA graphs and replay them (`ptqbench.recon.step`); False runs
         every step eagerly.
     """
 
+    forward: Forward
     cache: Placement = "auto"
     cache_memory_fraction: float = 0.5
     max_prompts: int | None = None
-    forward: Forward = sam_sample_forward
     log_every: int = 50
     cuda_graphs: bool = True
 
@@ -282,7 +280,7 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, fp_model: nn.Module, samples
 
 
 def reconstruct(units: Sequence[Unit], qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet,
-                settings: ReconstructionSettings = ReconstructionSettings(), seed: int = 0,
+                settings: ReconstructionSettings, seed: int = 0,
                 progress: bool = True, on_unit_done: Callable[[Unit, UnitReport], None] | None = None
                 ) -> list[UnitReport]:
     """Reconstruct `units` in order (see the module docstring); returns one report per unit.

@@ -1,10 +1,10 @@
 """`ptq4sam-s` and `ptq4sam` (= PTQ4SAM-L, alias `ptq4sam-l`); cards: methods/ptq4sam*.md.
 
 PTQ4SAM (Lv et al., CVPR 2024) adds two things to the setup that every method shares:
-- BIG (`ptqbench.quant.big`): in the mask decoder's token-to-image cross-attentions whose
+- BIG (`ptqbench.methods.ptq4sam.big`): in the mask decoder's token-to-image cross-attentions whose
   post-k_proj activation is bimodal, fold the per-channel sign of K into q_proj and k_proj; with
   BIG on, the k sites of every decoder attention use the averaged-MSE observer;
-- AGQ (`ptqbench.quant.agq`): every softmax site (encoder and decoder) gets a log2 grid with
+- AGQ (`ptqbench.methods.ptq4sam.agq`): every softmax site (encoder and decoder) gets a log2 grid with
   base 2^(1/tau), tau and scale searched against the attention output error.
 
 `ptq4sam-s` is statistics only (MSE per-channel weights, AvgMinMax activations); `ptq4sam` then
@@ -31,10 +31,10 @@ from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_SEARCH_ELEMENTS, FAST_SEARCH_ITERATIONS, FAST_WEIGHT_RANGES, mse_observer_options
 from ptqbench.methods.options import check_at_least
+from ptqbench.methods.ptq4sam.agq import AGQ_P, AGQ_TAUS, AgqCapture, AgqResult
+from ptqbench.methods.ptq4sam.big import channel_signs, fold_channel_signs, is_bimodal
 from ptqbench.methods.qdrop import FAST_ITERATIONS, PAPER_ITERATIONS, qdrop_reconstruct
 from ptqbench.methods.ranges import forward_all, observing, set_weight_ranges
-from ptqbench.quant.agq import AGQ_P, AGQ_TAUS, AgqCapture, AgqResult
-from ptqbench.quant.big import channel_signs, fold_channel_signs, is_bimodal
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.observers import Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer

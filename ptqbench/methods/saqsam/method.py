@@ -5,16 +5,16 @@
 0. the calibration images in the reference's order: images 0 and 8 swapped (`solver/utils.py:153`),
    so BIG and PCC run on the ninth image in loader order (sets of fewer than 9 images keep their
    order: the reference would fail there);
-1. BIG: the bimodal sign fold of PTQ4SAM (`ptqbench.methods.ptq4sam.apply_big`) on the first image;
+1. BIG: the bimodal sign fold of PTQ4SAM (`ptqbench.methods.ptq4sam.method.apply_big`) on the first image;
 2. one statistics pass with every quantizer off and the weights FP, in which the activation
    observers (AvgMSEFast, `make_observer("mse")`, on every site that is not a PCC site or a
    softmax) and the AGQ searches of every softmax are fed by: the two PCC forwards on the first
-   image (`ptqbench.methods.pcc.pcc_search`, each decoder attention searching its 4 QK sites when the
+   image (`ptqbench.methods.saqsam.pcc.pcc_search`, each decoder attention searching its 4 QK sites when the
    forward reaches it and then running with them quantizing), then one forward per image;
 3. MSE per-channel weight ranges.
 The encoder's relative-position term reads the FP q (`quant_model.py:775-782`).
 
-`saqsam` = `saqsam-s`, then PAR (`ptqbench.methods.par.par_reconstruct`): the PCC ranges and
+`saqsam` = `saqsam-s`, then PAR (`ptqbench.methods.saqsam.par.par_reconstruct`): the PCC ranges and
 the statistics become the initial LSQ scales and AdaRound grids that PAR trains.
 """
 
@@ -32,10 +32,10 @@ from segment_anything.modeling import Sam
 from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
 from ptqbench.methods.base import METHODS
-from ptqbench.methods.par import FAST_SETTINGS, PAPER_SETTINGS, ParSettings, par_reconstruct
-from ptqbench.methods.pcc import PccChoice, PccConfig, decoder_attentions, pcc_search, reference_maps
-from ptqbench.methods.ptq4sam import FAST_SEARCHES, Ptq4SamS, Ptq4SamSConfig, apply_big
-from ptqbench.quant.agq import AgqCapture
+from ptqbench.methods.ptq4sam.agq import AgqCapture
+from ptqbench.methods.ptq4sam.method import FAST_SEARCHES, Ptq4SamS, Ptq4SamSConfig, apply_big
+from ptqbench.methods.saqsam.par import FAST_SETTINGS, PAPER_SETTINGS, ParSettings, par_reconstruct
+from ptqbench.methods.saqsam.pcc import PccChoice, PccConfig, decoder_attentions, pcc_search, reference_maps
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.quantized import use_fp_query_for_rel_pos
