@@ -34,14 +34,17 @@ class _StopForward(Exception):
     """Raised by the last capture hook to end a forward early (never escapes `capture`)."""
 
 
-def capture(model: nn.Module, points: Sequence[HookPoint], forward: Forward, sample: Any) -> dict[str, Tensor]:
+def capture(model: nn.Module, points: Sequence[HookPoint], forward: Forward, sample: Any, *,
+            detach: bool = True) -> dict[str, Tensor]:
     """Run `forward(model, sample)` until every hook point has fired; return the named tensors
-    they took (detached). Raises RuntimeError if the forward ends before all of them fired."""
+    they took (detached, unless `detach` is False: then they keep their autograd graph). The
+    forward stops right after the last point fires: this is the one place in ptqbench that ends a
+    forward early. Raises RuntimeError if the forward ends before all of them fired."""
     found: dict[str, Tensor] = {}
     fired: set[int] = set()
 
     def record(index: int, point: HookPoint, args: tuple, kwargs: dict, output: object) -> None:
-        found.update({name: t.detach() for name, t in point.take(args, kwargs, output).items()})
+        found.update({name: t.detach() if detach else t for name, t in point.take(args, kwargs, output).items()})
         fired.add(index)
         if len(fired) == len(points):
             raise _StopForward

@@ -38,7 +38,9 @@ from ptqbench.methods.ranges import forward_all, observing, set_weight_ranges
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.observers import Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
+from ptqbench.recon.cache import capture
+from ptqbench.recon.unit import HookPoint
+from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_forward
 from ptqbench.sam.quantized import QuantDecoderAttention, QuantEncoderAttention
 
 log = logging.getLogger(__name__)
@@ -56,17 +58,11 @@ def token_to_image_attentions(model: Sam) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def capture_keys(model: Sam, sample: CalibrationSample, attention_paths: list[str]) -> dict[str, Tensor]:
-    """The post-k_proj activation K [boxes, tokens, C] of each attention on one sample (forward hooks)."""
-    keys: dict[str, Tensor] = {}
-    handles = [model.get_submodule(path).k_proj.register_forward_hook(
-        lambda _m, _args, out, path=path: keys.__setitem__(path, out.detach()))
-        for path in attention_paths]
-    try:
-        sam_forward(model, sample.image, sample.boxes)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return keys
+    """The post-k_proj activation K [boxes, tokens, C] of each attention on one sample, by path
+    (`ptqbench.recon.cache.capture`: the forward stops once the last one is computed)."""
+    points = [HookPoint(f"{path}.k_proj", "post", lambda args, kwargs, output, path=path: {path: output})
+              for path in attention_paths]
+    return capture(model, points, sample_forward, sample)
 
 
 class BigDecision(NamedTuple):

@@ -42,6 +42,7 @@ from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
+from ptqbench.recon.cache import capture
 from ptqbench.recon.engine import ReconstructionSettings, UnitReport, reconstruct
 from ptqbench.recon.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error, unmixed
 from ptqbench.sam.calibration import CalibrationSet, sample_forward
@@ -109,10 +110,6 @@ def prompt_embeddings(args: tuple, kwargs: dict, output: tuple[Tensor, Tensor]) 
     return {"sparse": output[0], "dense": output[1]}
 
 
-class _KeysReady(Exception):
-    """Ends a mask-decoder forward once the transformer's image tokens exist."""
-
-
 def transformer_keys(decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, sparse: Tensor,
                      dense: Tensor) -> Tensor:
     """The image tokens ("keys" output, [N, HW, 256]) of the decoder's TwoWayTransformer.
@@ -122,21 +119,14 @@ def transformer_keys(decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, 
     per-prompt image; it stops after the last two-way layer, whose keys the transformer returns
     unchanged (its final attention updates the tokens only). The autograd graph is kept.
     """
-    found: list[Tensor] = []
+    last_layer = f"transformer.layers.{len(decoder.transformer.layers) - 1}"
+    point = HookPoint(last_layer, "post", lambda args, kwargs, output: {"keys": output[1]})
 
-    def keep(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> None:
-        found.append(output[1])
-        raise _KeysReady
+    def forward(module: nn.Module, _: object) -> object:
+        return module(image_embeddings=embedding, image_pe=image_pe, sparse_prompt_embeddings=sparse,
+                      dense_prompt_embeddings=dense, multimask_output=False)
 
-    handle = decoder.transformer.layers[-1].register_forward_hook(keep)
-    try:
-        decoder(image_embeddings=embedding, image_pe=image_pe, sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense, multimask_output=False)
-    except _KeysReady:
-        pass
-    finally:
-        handle.remove()
-    return found[0]
+    return capture(decoder, [point], forward, None, detach=False)["keys"]
 
 
 def transformer_tail(transformer: TwoWayTransformer, start: int, queries: Tensor, keys: Tensor,

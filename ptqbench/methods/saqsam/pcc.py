@@ -42,6 +42,8 @@ from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
+from ptqbench.recon.cache import capture
+from ptqbench.recon.unit import HookPoint
 from ptqbench.sam.calibration import CalibrationSample, sam_forward
 from ptqbench.sam.quantized import QuantDecoderAttention, fp_twin
 
@@ -198,31 +200,11 @@ def decoder_attentions(model: nn.Module) -> dict[str, QuantDecoderAttention]:
             if isinstance(module, QuantDecoderAttention)}
 
 
-class _Reached(Exception):
-    """Raised by a probe hook to end a forward once the tensor it reads exists."""
-
-
 def read_input(model: nn.Module, path: str, forward: Callable[[nn.Module], object]) -> Tensor:
-    """The first argument of module `path` in `forward(model)`; the forward stops right there.
-
-    Raises RuntimeError when the forward never calls that module.
-    """
-    found: list[Tensor] = []
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        found.append(args[0].detach())
-        raise _Reached
-
-    handle = model.get_submodule(path).register_forward_pre_hook(hook)
-    try:
-        forward(model)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    if not found:
-        raise RuntimeError(f"the forward never reached {path}")
-    return found[0]
+    """The first argument of module `path` in `forward(model)` (detached); the forward stops right
+    there (`ptqbench.recon.cache.capture`). Raises RuntimeError when it never calls that module."""
+    point = HookPoint(path, "pre", lambda args, kwargs, output: {"input": args[0]})
+    return capture(model, [point], lambda module, _: forward(module), None)["input"]
 
 
 def _query_and_key(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
