@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from segment_anything.modeling import Sam
+from torch import nn
 
 from ptqbench.config import DEFAULT_CALIB_SIZE, BitSpec, RunConfig
 from ptqbench.distributed import DistributedContext
@@ -310,7 +310,7 @@ class Harness:
         return self.dist.broadcast_from_main(finished)
 
     def _calibrated(self, loaded: LoadedModel, method_name: str, spec: BitSpec,
-                    calib: CalibrationSet | None) -> tuple[Sam, float]:
+                    calib: CalibrationSet | None) -> tuple[nn.Module, float]:
         """The sealed quantized model of one cell and its calibration seconds.
 
         The main rank calibrates and seals; with several ranks it broadcasts the sealed state
@@ -336,7 +336,7 @@ class Harness:
                 load_sealed_state(qmodel, state)
         return qmodel, calib_s
 
-    def _evaluate(self, task: Task, model: Sam, cell_dir: Path) -> dict[str, float] | None:
+    def _evaluate(self, task: Task, model: nn.Module, cell_dir: Path) -> dict[str, float] | None:
         """The task's metrics on the main rank (None on the others).
 
         Each rank predicts its shard of the evaluation images; the main rank gathers the
@@ -352,7 +352,7 @@ class Harness:
         ordered = [prediction for _, prediction in sorted(gathered, key=lambda pair: pair[0])]
         return task.score(ordered, limit, cell_dir)
 
-    def _evaluate_cell(self, task: Task, model: Sam, fields: dict | None, spec: BitSpec | None, *,
+    def _evaluate_cell(self, task: Task, model: nn.Module, fields: dict | None, spec: BitSpec | None, *,
                        calib_s: float) -> None:
         device = self.device
         if device.type == "cuda":

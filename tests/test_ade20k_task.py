@@ -20,7 +20,6 @@ from ptqbench.errors import ConfigError, DataError
 from ptqbench.tasks.ade20k import (
     SSA_SETTINGS,
     Ade20kTask,
-    automatic_masks,
     component_boxes,
     make_ade20k_task,
     paint_masks,
@@ -327,6 +326,8 @@ def test_automatic_masks_match_generate():
         tuple(first): [rectangle(slice(5, 25), slice(5, 30)), islanded],
     }
     model = pytest.importorskip("ptqbench.sam.models").build_sam_tiny()
+    from ptqbench.sam.automatic import automatic_masks
+
     generator = ScriptedGenerator(model, scripted)
     expected = [record["segmentation"] for record in generator.generate(image)]
     masks = automatic_masks(generator, image)

@@ -189,3 +189,23 @@ def test_recon_imports_no_model_method_or_task_code() -> None:
                    for imported, _line in _imports(path)
                    if imported.startswith(QUANT_FORBIDDEN) and _node(imported) in QUANT_FORBIDDEN)
     assert not found, f"ptqbench/recon/ must not import model, method or task code: {found}"
+
+
+def _all_imports(source: str) -> Iterator[str]:
+    """Every module an `import` statement anywhere in `source` names (lazy and TYPE_CHECKING ones too)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+
+
+def test_segment_anything_is_imported_only_by_the_sam_adapter() -> None:
+    """SAM-1 sits behind one boundary: only `ptqbench/sam/` imports segment_anything; methods,
+    tasks, the harness and the engine see `nn.Module`s and the adapter's functions."""
+    outside = sorted(str(path.relative_to(PACKAGE_DIR.parent))
+                     for path in PACKAGE_DIR.rglob("*.py")
+                     if (PACKAGE_DIR / "sam") not in path.parents
+                     and any(name.split(".")[0] == "segment_anything"
+                             for name in _all_imports(path.read_text(encoding="utf-8"))))
+    assert not outside, f"segment_anything imported outside ptqbench/sam/: {outside}"

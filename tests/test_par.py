@@ -13,7 +13,6 @@ from ptqbench.methods.saqsam.par import (
     FAST_SETTINGS,
     PAPER_SETTINGS,
     CopyIntoReference,
-    encoder_stages,
     engine_settings,
     frozen_reference,
     par_decoder_loss,
@@ -27,6 +26,7 @@ from ptqbench.recon.cache import build_cache, capture
 from ptqbench.recon.engine import reconstruct
 from ptqbench.recon.step import unit_inputs
 from ptqbench.recon.unit import HookPoint
+from ptqbench.sam.attention_groups import encoder_stages
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.quantized import quantize_sam
 from ptqbench.sam.units import TRANSFORMER

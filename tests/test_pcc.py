@@ -11,7 +11,6 @@ from ptqbench.errors import PtqbenchError
 from ptqbench.methods.saqsam.pcc import (
     PCC_PERCENTILES,
     PccConfig,
-    decoder_attentions,
     focus_distance,
     focus_iou,
     focus_masks,
@@ -22,6 +21,7 @@ from ptqbench.methods.saqsam.pcc import (
 )
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.sites import quantizer_sites
+from ptqbench.sam.attention_groups import decoder_attentions
 from ptqbench.sam.calibration import CalibrationSample, sam_forward
 from ptqbench.sam.quantized import QuantDecoderAttention, fp_twin, quantize_sam
 

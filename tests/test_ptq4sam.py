@@ -12,9 +12,10 @@ from torch import nn
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.ptq4sam.agq import AgqCapture
-from ptqbench.methods.ptq4sam.method import Ptq4SamL, Ptq4SamS, Ptq4SamSConfig, softmax_attentions
+from ptqbench.methods.ptq4sam.method import Ptq4SamL, Ptq4SamS, Ptq4SamSConfig
 from ptqbench.quant.observers import AvgMinMaxObserver, MSEObserver, make_observer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
+from ptqbench.sam.attention_groups import softmax_attentions
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
 from ptqbench.sam.quantized import quantize_sam
 

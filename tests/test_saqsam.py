@@ -11,9 +11,10 @@ from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.saqsam.method import SaqSam, SaqSamS
 from ptqbench.methods.saqsam.par import FAST_SETTINGS, with_iterations
-from ptqbench.methods.saqsam.pcc import PccConfig, decoder_attentions
+from ptqbench.methods.saqsam.pcc import PccConfig
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
+from ptqbench.sam.attention_groups import decoder_attentions
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
 from ptqbench.sam.quantized import quantize_sam
 

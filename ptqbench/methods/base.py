@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from ptqbench.registry import Registry
 
 if TYPE_CHECKING:
-    from segment_anything.modeling import Sam
+    from torch import nn
 
     from ptqbench.config import BitSpec
     from ptqbench.sam.calibration import CalibrationSet
@@ -42,7 +42,8 @@ class Method(Protocol):
 
     def __init__(self, config: Any = None, *, progress: bool = True) -> None: ...
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None: ...
+    def calibrate(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, spec: BitSpec,
+                  seed: int) -> None: ...
 
 
 METHODS: Registry[Method] = Registry("method", entry_point_group="ptqbench.methods")

@@ -21,8 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import Sam
-from torch import Tensor
+from torch import Tensor, nn
 
 from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
@@ -87,7 +86,7 @@ def mask_kl(fp_logits: Tensor, q_logits: Tensor) -> Tensor:
     return (cross - entropy) / q_logits.shape[0]
 
 
-def _logits_with_graph(model: Sam, sample: CalibrationSample) -> Tensor:
+def _logits_with_graph(model: nn.Module, sample: CalibrationSample) -> Tensor:
     """Mask logits [N, 1, h, w] with every intermediate tensor in the autograd graph (the image and
     the prompt tokens require grad, so gradients reach any encoder or decoder tensor)."""
     embedding = model.image_encoder(sample.image.detach().requires_grad_(True))
@@ -110,7 +109,7 @@ class FisherWeights:
         self.output = output
         self.later = tuple(later)
 
-    def __call__(self, qmodel: Sam, fp_model: Sam, sample: CalibrationSample) -> dict[str, Tensor]:
+    def __call__(self, qmodel: nn.Module, fp_model: nn.Module, sample: CalibrationSample) -> dict[str, Tensor]:
         with torch.no_grad():
             fp_logits, _ = sam_forward(fp_model, sample.image, sample.boxes)
         later = {id(q): q for path in self.later for q in qmodel.get_submodule(path).modules()
@@ -162,7 +161,8 @@ class Brecq:
         self.config = config if config is not None else self.presets["paper"]
         self.progress = progress
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+    def calibrate(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, spec: BitSpec,
+                  seed: int) -> None:
         config = self.config
         initial_ranges(qmodel, calib, config.weight_ranges, progress=self.progress)
         activations = [q for q in quantizer_sites(qmodel).values() if not q.is_weight and q.mode == "quantize"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from segment_anything.modeling import Sam
+from torch import nn
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
@@ -52,7 +52,7 @@ def qdrop_config(iterations: int) -> UnitConfig:
     )
 
 
-def qdrop_reconstruct(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, iterations: int, seed: int, *,
+def qdrop_reconstruct(qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, iterations: int, seed: int, *,
                       progress: bool = True) -> None:
     """QDrop reconstruction of every SAM unit for `iterations` steps each, starting from the
     quantizers' current ranges.
@@ -65,7 +65,7 @@ def qdrop_reconstruct(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, iterati
                 ReconstructionSettings(forward=sample_forward), seed, progress)
 
 
-def initial_ranges(qmodel: Sam, calib: CalibrationSet, weight_ranges: int, *, progress: bool = True) -> None:
+def initial_ranges(qmodel: nn.Module, calib: CalibrationSet, weight_ranges: int, *, progress: bool = True) -> None:
     """The ranges reconstruction starts from (PTQ4SAM codebase): per-channel MSE weight ranges
     (a grid of `weight_ranges` ranges) and AvgMinMax activation ranges."""
     set_weight_ranges(qmodel, "mse", num_ranges=weight_ranges)
@@ -84,6 +84,7 @@ class QDrop:
         self.config = config if config is not None else self.presets["paper"]
         self.progress = progress
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+    def calibrate(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, spec: BitSpec,
+                  seed: int) -> None:
         initial_ranges(qmodel, calib, self.config.weight_ranges, progress=self.progress)
         qdrop_reconstruct(qmodel, fp_model, calib, self.config.iterations, seed, progress=self.progress)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 
 import torch
-from segment_anything.modeling import Sam
+from torch import nn
 from tqdm.auto import tqdm
 
 from ptqbench.config import BitSpec
@@ -17,7 +17,7 @@ from ptqbench.quant.sites import quantizer_sites, weight_layers
 from ptqbench.sam.calibration import CalibrationSet, sam_forward
 
 
-def set_weight_ranges(qmodel: Sam, observer: str, **observer_kw) -> None:
+def set_weight_ranges(qmodel: nn.Module, observer: str, **observer_kw) -> None:
     """Per-channel weight ranges from `observer` (one update with the whole weight)."""
     for layer in weight_layers(qmodel).values():
         obs = make_observer(observer, channel_axis=0, bits=layer.weight_quantizer.bits, **observer_kw)
@@ -27,7 +27,7 @@ def set_weight_ranges(qmodel: Sam, observer: str, **observer_kw) -> None:
 
 
 @contextmanager
-def observing(qmodel: Sam, observer_for: Callable[[str, int], Observer],
+def observing(qmodel: nn.Module, observer_for: Callable[[str, int], Observer],
               skip: Collection[str] = ()) -> Iterator[dict[str, FakeQuantizer]]:
     """Attach a fresh observer to every activation site that is still off (except `skip`) for the
     `with` block, then turn their statistics into ranges (the sites then quantize).
@@ -50,13 +50,13 @@ def observing(qmodel: Sam, observer_for: Callable[[str, int], Observer],
 
 
 @torch.no_grad()
-def forward_all(qmodel: Sam, calib: CalibrationSet, description: str, *, progress: bool = True) -> None:
+def forward_all(qmodel: nn.Module, calib: CalibrationSet, description: str, *, progress: bool = True) -> None:
     """One forward of `qmodel` per calibration sample, in order."""
     for sample in tqdm(calib.samples, desc=description, disable=not progress, leave=False):
         sam_forward(qmodel, sample.image, sample.boxes)
 
 
-def observe_activations(qmodel: Sam, calib: CalibrationSet,
+def observe_activations(qmodel: nn.Module, calib: CalibrationSet,
                         observer_for: Callable[[str, int], Observer], *, progress: bool = True) -> None:
     """Calibrate every activation site that is still off, in one pass over the calibration set.
 
@@ -91,7 +91,7 @@ class RangeSettingMethod:
         """Extra options of the activation observer under this configuration (none by default)."""
         return {}
 
-    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet) -> list[tuple[str, Callable[[], object]]]:
+    def statistics_steps(self, qmodel: nn.Module, calib: CalibrationSet) -> list[tuple[str, Callable[[], object]]]:
         """Activations observed on the FP model, then weights (the reference's `calibrate` order)."""
         options = self.activation_observer_options()
         return [("activations", lambda: observe_activations(
@@ -99,6 +99,7 @@ class RangeSettingMethod:
                     progress=self.progress)),
                 ("weights", lambda: set_weight_ranges(qmodel, self.weight_observer, **self.weight_observer_options()))]
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+    def calibrate(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, spec: BitSpec,
+                  seed: int) -> None:
         for _, step in self.statistics_steps(qmodel, calib):
             step()

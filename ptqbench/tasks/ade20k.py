@@ -179,41 +179,6 @@ def vote_with_prior(masks: list[np.ndarray], prior: np.ndarray) -> np.ndarray:
     return semantic
 
 
-def automatic_masks(generator: Any, image: np.ndarray) -> list[np.ndarray]:
-    """The masks of `generator.generate(image)`, bool [H, W] each, in the same order.
-
-    generator: a segment_anything `SamAutomaticMaskGenerator`; image: uint8 RGB [H, W, 3].
-    Same steps as `generate` (per-crop point batches and NMS via its `_process_crop`, NMS between
-    crops preferring the smaller crop, small-region cleanup, RLE -> mask), except that an image
-    where no mask survives gives an empty list: segment_anything 1.0 raises IndexError there
-    whenever crop layers are on (`box_area` of an empty crop-box tensor), which a badly
-    quantized model triggers.
-    """
-    import torch
-    from segment_anything.utils.amg import MaskData, generate_crop_boxes, rle_to_mask
-    from torchvision.ops.boxes import batched_nms, box_area
-
-    image_hw = image.shape[:2]
-    crop_boxes, layer_indices = generate_crop_boxes(
-        image_hw, generator.crop_n_layers, generator.crop_overlap_ratio)
-    data = MaskData()
-    for crop_box, layer_index in zip(crop_boxes, layer_indices):
-        data.cat(generator._process_crop(image, crop_box, layer_index, image_hw))
-    if len(data["rles"]) == 0:
-        return []
-    if len(crop_boxes) > 1:
-        boxes = data["boxes"].float()
-        crop_scores = (1 / box_area(data["crop_boxes"])).to(boxes.device)
-        categories = torch.zeros(len(boxes), device=boxes.device)
-        data.filter(batched_nms(boxes, crop_scores, categories, generator.crop_nms_thresh))
-    data.to_numpy()
-    if generator.min_mask_region_area > 0:
-        data = generator.postprocess_small_regions(
-            data, generator.min_mask_region_area,
-            max(generator.box_nms_thresh, generator.crop_nms_thresh))
-    return [rle_to_mask(rle) for rle in data["rles"]]
-
-
 def read_prior(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     """Read a semantic prior PNG: uint8 [H, W] training ids 0..149 or 255 (DataError otherwise)."""
     if not path.is_file():
@@ -370,6 +335,8 @@ class Ade20kTask:
         name-sorted split), PNG-encoded; one `AdePrediction` per index, in order."""
         from PIL import Image
 
+        from ptqbench.sam.automatic import automatic_masks
+
         generator = self._mask_generator(predictor) if self.mode == "ssa" else None
         start = time.perf_counter()
         results = []
@@ -422,20 +389,14 @@ class Ade20kTask:
         return paint_masks(masks, classes)
 
     def _mask_generator(self, predictor: BoxPredictor) -> Any:
-        """segment_anything's SamAutomaticMaskGenerator on `predictor.model` with SSA settings."""
-        from segment_anything import SamAutomaticMaskGenerator
+        """SAM's automatic mask generator on `predictor.model` with SSA settings."""
+        from ptqbench.sam.automatic import automatic_mask_generator
 
         self._check_priors()
         points_per_batch = self.points_per_batch
         if points_per_batch is None:
             points_per_batch = 256 if predictor.device.type == "cuda" else 64
-        return SamAutomaticMaskGenerator(
-            predictor.model,
-            points_per_side=self.points_per_side,
-            points_per_batch=points_per_batch,
-            output_mode="binary_mask",
-            **SSA_SETTINGS,
-        )
+        return automatic_mask_generator(predictor.model, self.points_per_side, points_per_batch, SSA_SETTINGS)
 
 
 @TASKS.register("ade20k")

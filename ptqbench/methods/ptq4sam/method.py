@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
-from segment_anything.modeling import Sam
-from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import Tensor, nn
 
 from ptqbench.config import BitSpec
@@ -40,24 +38,21 @@ from ptqbench.quant.observers import Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.recon.cache import capture
 from ptqbench.recon.unit import HookPoint
+from ptqbench.sam.attention_groups import (
+    DECODER,
+    decoder_attention_paths,
+    softmax_attentions,
+    token_to_image_attentions,
+)
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_forward
-from ptqbench.sam.quantized import QuantDecoderAttention, QuantEncoderAttention
 
 log = logging.getLogger(__name__)
 
-DECODER = "mask_decoder.transformer"
-TOKEN_TO_IMAGE = ("cross_attn_token_to_image", "final_attn_token_to_image")
 DECODER_KEY_SITES = f"{DECODER}.*.k"
 
 
-def token_to_image_attentions(model: Sam) -> dict[str, nn.Module]:
-    """The decoder's token-to-image cross-attentions (every layer's and the final one), by module path."""
-    return {f"{DECODER}.{name}": module for name, module in model.mask_decoder.transformer.named_modules()
-            if name.rsplit(".", 1)[-1] in TOKEN_TO_IMAGE}
-
-
 @torch.no_grad()
-def capture_keys(model: Sam, sample: CalibrationSample, attention_paths: list[str]) -> dict[str, Tensor]:
+def capture_keys(model: nn.Module, sample: CalibrationSample, attention_paths: list[str]) -> dict[str, Tensor]:
     """The post-k_proj activation K [boxes, tokens, C] of each attention on one sample, by path
     (`ptqbench.recon.cache.capture`: the forward stops once the last one is computed)."""
     points = [HookPoint(f"{path}.k_proj", "post", lambda args, kwargs, output, path=path: {path: output})
@@ -72,7 +67,7 @@ class BigDecision(NamedTuple):
     folded: bool
 
 
-def apply_big(qmodel: Sam, fp_model: Sam, calib: CalibrationSet) -> dict[str, BigDecision]:
+def apply_big(qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet) -> dict[str, BigDecision]:
     """BIG: detect bimodal K in the FP model on the first calibration image, fold the signs into `qmodel`.
 
     As the reference (`LSQSignFakeQuantize.judge_bimodal` on every decoder attention's k,
@@ -83,8 +78,7 @@ def apply_big(qmodel: Sam, fp_model: Sam, calib: CalibrationSet) -> dict[str, Bi
     Returns attention path -> its decision, for all decoder attentions in forward order.
     """
     folding = set(token_to_image_attentions(fp_model))
-    paths = [f"{DECODER}.{name}" for name, module in fp_model.mask_decoder.transformer.named_modules()
-             if isinstance(module, DecoderAttention)]
+    paths = decoder_attention_paths(fp_model)
     keys = capture_keys(fp_model, calib.samples[0], paths)
     decisions = {}
     for path in paths:
@@ -94,12 +88,6 @@ def apply_big(qmodel: Sam, fp_model: Sam, calib: CalibrationSet) -> dict[str, Bi
             fold_channel_signs(qmodel.get_submodule(path), channel_signs(keys[path]))
         log.info("BIG: %s is %s", path, "bimodal" if bimodal else "not bimodal")
     return decisions
-
-
-def softmax_attentions(qmodel: Sam) -> dict[str, nn.Module]:
-    """Every quantizable attention twin (encoder and decoder), by module path."""
-    return {path: module for path, module in qmodel.named_modules()
-            if isinstance(module, (QuantEncoderAttention, QuantDecoderAttention))}
 
 
 def set_log2_grids(attentions: dict[str, nn.Module], results: dict[str, AgqResult]) -> None:
@@ -172,7 +160,7 @@ class Ptq4SamS:
         return make_observer(name, bits=bits, **options)
 
     @torch.no_grad()
-    def observe(self, qmodel: Sam, calib: CalibrationSet, *, skip: Collection[str] = (),
+    def observe(self, qmodel: nn.Module, calib: CalibrationSet, *, skip: Collection[str] = (),
                 before: Callable[[AgqCapture, dict[str, FakeQuantizer]], object] | None = None) -> object:
         """The reference's statistics pass (`calibrate`): one forward per calibration image with
         the weights FP, every activation observer and (AGQ on) every softmax search fed together.
@@ -191,7 +179,7 @@ class Ptq4SamS:
             set_log2_grids(attentions, capture.results())
         return before_result
 
-    def statistics_steps(self, qmodel: Sam, calib: CalibrationSet, *, skip: Collection[str] = (),
+    def statistics_steps(self, qmodel: nn.Module, calib: CalibrationSet, *, skip: Collection[str] = (),
                          before: Callable[[AgqCapture, dict[str, FakeQuantizer]], object] | None = None,
                          ) -> list[tuple[str, Callable[[], object]]]:
         """The activation (with AGQ) and weight steps after BIG, in the reference's order."""
@@ -199,7 +187,8 @@ class Ptq4SamS:
                 ("weights", lambda: set_weight_ranges(qmodel, self.weight_observer,
                                                       **mse_observer_options(self.config, weights=True)))]
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+    def calibrate(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, spec: BitSpec,
+                  seed: int) -> None:
         if self.config.big:
             apply_big(qmodel, fp_model, calib)
         for _, step in self.statistics_steps(qmodel, calib):
@@ -213,6 +202,7 @@ class Ptq4SamL(Ptq4SamS):
     name = "ptq4sam"
     presets = {"paper": Ptq4SamConfig(), "fast": Ptq4SamConfig(iterations=FAST_ITERATIONS, **FAST_SEARCHES)}
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+    def calibrate(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, spec: BitSpec,
+                  seed: int) -> None:
         super().calibrate(qmodel, fp_model, calib, spec, seed)
         qdrop_reconstruct(qmodel, fp_model, calib, self.config.iterations, seed, progress=self.progress)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-from segment_anything.modeling import Sam
+from torch import nn
 
 from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
@@ -35,8 +35,9 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.ptq4sam.agq import AgqCapture
 from ptqbench.methods.ptq4sam.method import FAST_SEARCHES, Ptq4SamS, Ptq4SamSConfig, apply_big
 from ptqbench.methods.saqsam.par import FAST_SETTINGS, PAPER_SETTINGS, ParSettings, par_reconstruct
-from ptqbench.methods.saqsam.pcc import PccChoice, PccConfig, decoder_attentions, pcc_search, reference_maps
+from ptqbench.methods.saqsam.pcc import PccChoice, PccConfig, pcc_search, reference_maps
 from ptqbench.quant.quantizer import FakeQuantizer
+from ptqbench.sam.attention_groups import decoder_attentions
 from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
 from ptqbench.sam.quantized import use_fp_query_for_rel_pos
 
@@ -75,8 +76,9 @@ def observers_paused(sites: dict[str, FakeQuantizer]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def pcc_forwards(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: PccConfig, capture: AgqCapture,
-                 observed: dict[str, FakeQuantizer], *, progress: bool = True) -> list[PccChoice]:
+def pcc_forwards(qmodel: nn.Module, fp_model: nn.Module, sample: CalibrationSample, config: PccConfig,
+                 capture: AgqCapture, observed: dict[str, FakeQuantizer], *,
+                 progress: bool = True) -> list[PccChoice]:
     """The reference's PCC forwards inside the statistics pass (`test_quant_SAQ_m.py:786-803`).
 
     First the FP-map forward on the search image (`enable_get_ori_ATM`), on qmodel itself, which
@@ -126,7 +128,8 @@ class SaqSamS:
         self.statistics = Ptq4SamS(self.config, progress=progress)
         self.progress = progress
 
-    def steps(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> list[Step]:
+    def steps(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, spec: BitSpec,
+              seed: int) -> list[Step]:
         """The calibration as named steps, run in order by `calibrate` (and timed by benchmarks).
 
         `calib` is taken in the reference's order (`reference_order`); PAR gets the same order.
@@ -147,7 +150,8 @@ class SaqSamS:
                                                           progress=self.progress))
         return steps
 
-    def calibrate(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> None:
+    def calibrate(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, spec: BitSpec,
+                  seed: int) -> None:
         for name, step in self.steps(qmodel, fp_model, calib, spec, seed):
             log.info("%s: %s", self.name, name)
             step()
@@ -160,7 +164,8 @@ class SaqSam(SaqSamS):
     name = "saqsam"
     presets = {"paper": SaqSamConfig(), "fast": SaqSamConfig(pcc=FAST_PCC, par=FAST_SETTINGS, **FAST_SEARCHES)}
 
-    def steps(self, qmodel: Sam, fp_model: Sam, calib: CalibrationSet, spec: BitSpec, seed: int) -> list[Step]:
+    def steps(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet, spec: BitSpec,
+              seed: int) -> list[Step]:
         return super().steps(qmodel, fp_model, calib, spec, seed) + [
             ("PAR", lambda: par_reconstruct(qmodel, fp_model, reference_order(calib), self.config.par, seed,
                                             progress=self.progress))]

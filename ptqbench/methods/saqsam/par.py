@@ -38,13 +38,12 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
-from segment_anything.modeling import MaskDecoder, Sam
-from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
 from ptqbench.recon.cache import capture
 from ptqbench.recon.engine import ReconstructionSettings, UnitReport, reconstruct
 from ptqbench.recon.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error, unmixed
+from ptqbench.sam.attention_groups import encoder_stages
 from ptqbench.sam.calibration import CalibrationSet, sample_forward
 from ptqbench.sam.units import ENCODER_BLOCKS, FINAL_ATTENTION, TRANSFORMER, attention_unit, first_argument, neck_unit
 
@@ -90,27 +89,12 @@ FAST_SETTINGS = ParSettings(stage_iterations=20, neck_iterations=20, decoder_ite
                             max_prompts=4)
 
 
-def encoder_stages(model: Sam) -> list[tuple[int, ...]]:
-    """Block indices of each encoder stage: the blocks up to and including each global-attention
-    block (window size 0); trailing windowed blocks, if any, form a last stage."""
-    stages: list[tuple[int, ...]] = []
-    current: list[int] = []
-    for index, block in enumerate(model.image_encoder.blocks):
-        current.append(index)
-        if block.window_size == 0:
-            stages.append(tuple(current))
-            current = []
-    if current:
-        stages.append(tuple(current))
-    return stages
-
-
 def prompt_embeddings(args: tuple, kwargs: dict, output: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
     """The prompt encoder's output: sparse [N, 2, 256] (box corners) and dense [N, 256, h, w]."""
     return {"sparse": output[0], "dense": output[1]}
 
 
-def transformer_keys(decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, sparse: Tensor,
+def transformer_keys(decoder: nn.Module, embedding: Tensor, image_pe: Tensor, sparse: Tensor,
                      dense: Tensor) -> Tensor:
     """The image tokens ("keys" output, [N, HW, 256]) of the decoder's TwoWayTransformer.
 
@@ -129,7 +113,7 @@ def transformer_keys(decoder: MaskDecoder, embedding: Tensor, image_pe: Tensor, 
     return capture(decoder, [point], forward, None, detach=False)["keys"]
 
 
-def transformer_tail(transformer: TwoWayTransformer, start: int, queries: Tensor, keys: Tensor,
+def transformer_tail(transformer: nn.Module, start: int, queries: Tensor, keys: Tensor,
                      query_pe: Tensor, key_pe: Tensor) -> Tensor:
     """The final token output [N, T, 256] of `transformer` from the input of layer `start` on:
     layers start.., then the final token-to-image attention, its residual and norm (the arithmetic
@@ -164,7 +148,7 @@ def par_decoder_loss(alpha: float = 1.0, beta: float = 1.0, query_weight: float 
     return loss
 
 
-def stage_unit(reference: Sam, stage: tuple[int, ...], image_pe: Tensor, config: UnitConfig) -> Unit:
+def stage_unit(reference: nn.Module, stage: tuple[int, ...], image_pe: Tensor, config: UnitConfig) -> Unit:
     """The PAR unit of one encoder stage (block indices `stage`), trained through the FP neck and
     FP decoder transformer of `reference`; output and target: image tokens [N, HW, 256]."""
 
@@ -183,7 +167,7 @@ def stage_unit(reference: Sam, stage: tuple[int, ...], image_pe: Tensor, config:
         run=run, loss=lp_error(PAR_SUM_DIM), config=config, shared_inputs=frozenset({"sparse", "dense"}))
 
 
-def decoder_layer_unit(reference: Sam, index: int, loss: LossFn, config: UnitConfig) -> Unit:
+def decoder_layer_unit(reference: nn.Module, index: int, loss: LossFn, config: UnitConfig) -> Unit:
     """The PAR unit of two-way layer `index`: output (queries [N, T, C], keys [N, HW, C], final
     tokens [N, T, C]); queries and keys from the layer on its mixed input, the final tokens from
     the layer on its unmixed quantized-model input followed by the rest of `reference`'s FP
@@ -204,14 +188,14 @@ def decoder_layer_unit(reference: Sam, index: int, loss: LossFn, config: UnitCon
                 unmixed_inputs=True)
 
 
-def frozen_reference(fp_model: Sam) -> Sam:
+def frozen_reference(fp_model: nn.Module) -> nn.Module:
     """A private copy of the FP model with every parameter frozen (eval mode)."""
     reference = copy.deepcopy(fp_model).eval()
     reference.requires_grad_(False)
     return reference
 
 
-def par_units(qmodel: Sam, reference: Sam, settings: ParSettings = PAPER_SETTINGS) -> list[Unit]:
+def par_units(qmodel: nn.Module, reference: nn.Module, settings: ParSettings = PAPER_SETTINGS) -> list[Unit]:
     """PAR's units in order: encoder stages, neck, decoder layers, final token-to-image attention.
 
     reference: the frozen FP reference (`frozen_reference`) whose neck and decoder the stage and
@@ -235,7 +219,7 @@ class CopyIntoReference:
     trained modules (quantizers, hard-rounded weights) are copied into `reference` in place of
     the FP ones, frozen (sequential targets)."""
 
-    def __init__(self, qmodel: Sam, reference: Sam, unit_names: set[str]) -> None:
+    def __init__(self, qmodel: nn.Module, reference: nn.Module, unit_names: set[str]) -> None:
         self.qmodel = qmodel
         self.reference = reference
         self.unit_names = set(unit_names)
@@ -249,8 +233,9 @@ class CopyIntoReference:
             self.reference.set_submodule(path, module)
 
 
-def par_reconstruct(qmodel: Sam, fp_model: Sam, calib: CalibrationSet, settings: ParSettings = PAPER_SETTINGS,
-                    seed: int = 0, *, progress: bool = True) -> list[UnitReport]:
+def par_reconstruct(qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet,
+                    settings: ParSettings = PAPER_SETTINGS, seed: int = 0, *,
+                    progress: bool = True) -> list[UnitReport]:
     """Run PAR on `qmodel` (every site already set, e.g. by PCC and the statistics step).
 
     Encoder stages and the neck are copied into a frozen copy of `fp_model` once reconstructed

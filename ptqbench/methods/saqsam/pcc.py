@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything.modeling import Sam
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -44,6 +43,7 @@ from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.recon.cache import capture
 from ptqbench.recon.unit import HookPoint
+from ptqbench.sam.attention_groups import decoder_attentions
 from ptqbench.sam.calibration import CalibrationSample, sam_forward
 from ptqbench.sam.quantized import QuantDecoderAttention, fp_twin
 
@@ -58,7 +58,6 @@ QK_SITES: tuple[str, ...] = ("q_proj.input", "k_proj.input", "q", "k")
 """The searched sites of each attention, in search order (relative to the attention module)."""
 DEFAULT_THETA = 0.5
 IOU_EPS = 1e-6
-DECODER = "mask_decoder.transformer"
 
 
 def focus_masks(attn: Tensor, theta: float = DEFAULT_THETA) -> Tensor:
@@ -194,12 +193,6 @@ class PccChoice:
     choice: ClipChoice
 
 
-def decoder_attentions(model: nn.Module) -> dict[str, QuantDecoderAttention]:
-    """The quantizable attentions of the mask decoder's transformer (7 in SAM), in forward order."""
-    return {f"{DECODER}.{name}": module for name, module in model.get_submodule(DECODER).named_modules()
-            if isinstance(module, QuantDecoderAttention)}
-
-
 def read_input(model: nn.Module, path: str, forward: Callable[[nn.Module], object]) -> Tensor:
     """The first argument of module `path` in `forward(model)` (detached); the forward stops right
     there (`ptqbench.recon.cache.capture`). Raises RuntimeError when it never calls that module."""
@@ -240,7 +233,7 @@ def search_attention(attention: QuantDecoderAttention, q: Tensor, k: Tensor, ref
 
 
 @torch.no_grad()
-def reference_maps(model: Sam, image: Tensor, boxes: Tensor) -> dict[str, Tensor]:
+def reference_maps(model: nn.Module, image: Tensor, boxes: Tensor) -> dict[str, Tensor]:
     """The FP attention map [B, heads, Nq, Nk] of every decoder attention on one image, by path:
     one forward of `model` (the reference's `set_ori_ATM` pass), a quantizable twin that computes
     in FP (every site off or observing, e.g. `fp_twin`, or the twin before calibration)."""
@@ -271,7 +264,7 @@ def _check_only_qk_sites(qmodel: nn.Module, searched: set[str]) -> None:
 
 
 @torch.no_grad()
-def pcc_search(qmodel: Sam, fp_model: Sam, sample: CalibrationSample, config: PccConfig = PccConfig(),
+def pcc_search(qmodel: nn.Module, fp_model: nn.Module, sample: CalibrationSample, config: PccConfig = PccConfig(),
                *, maps: dict[str, Tensor] | None = None, progress: bool = True) -> list[PccChoice]:
     """Run PCC on `qmodel` with the search image `sample`; returns every site choice of every pass.
 
