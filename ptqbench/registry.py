@@ -60,7 +60,7 @@ BUILTINS: dict[str, dict[str, Builtin]] = {
 BUILTIN_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     kind: {name: entry.aliases for name, entry in entries.items()} for kind, entries in BUILTINS.items()}
 # kind -> the entry-point group through which installed packages add entries of that kind.
-ENTRY_POINT_GROUPS = {"method": "ptqbench.methods"}
+ENTRY_POINT_GROUPS = {"method": "ptqbench.methods", "task": "ptqbench.tasks"}
 _LIVE: dict[str, Registry] = {}  # kind -> its registry, once the module defining it is imported
 
 

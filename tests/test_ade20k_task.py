@@ -21,7 +21,6 @@ from ptqbench.tasks.ade20k import (
     SSA_SETTINGS,
     Ade20kTask,
     component_boxes,
-    make_ade20k_task,
     paint_masks,
     read_prior,
     vote_with_prior,
@@ -236,7 +235,7 @@ def test_options_are_checked(tmp_path):
         Ade20kTask(TaskConfig(data_root=tmp_path, options=(("points_per_side", "0"),)))
     with pytest.raises(ConfigError, match="takes no prompts file"):
         Ade20kTask(TaskConfig(data_root=tmp_path, prompts="dets.json"))
-    assert TASKS.get("ade20k") is make_ade20k_task
+    assert TASKS.get("ade20k") is Ade20kTask
 
 
 def test_class_names():
@@ -262,7 +261,7 @@ def _tiny_predictor():
 def test_gt_mode_on_real_images_with_sam_tiny(tmp_path):
     if not REAL_ADE.is_dir():
         pytest.skip("../shared/realdata is absent")
-    task = make_ade20k_task(TaskConfig(data_root=REAL_ROOT, model_input_size=256))
+    task = Ade20kTask(TaskConfig(data_root=REAL_ROOT, model_input_size=256))
     scores = task.evaluate(_tiny_predictor(), limit=None, progress=False, out_dir=tmp_path)
     assert set(scores) == {"mIoU", "aAcc", "mAcc"}
     assert all(0.0 <= value <= 100.0 for value in scores.values())

@@ -14,7 +14,7 @@ import torch
 from ptqbench.errors import DataError
 from ptqbench.sam.inference import PendingMasks
 from ptqbench.tasks.base import TASKS, TaskConfig
-from ptqbench.tasks.coco import RESULTS_FILE, load_split, make_coco_task, score_results_file
+from ptqbench.tasks.coco import RESULTS_FILE, CocoTask, load_split, score_results_file
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, write_results
 
 REALDATA = Path(__file__).parents[2] / "shared" / "realdata"
@@ -126,8 +126,8 @@ class BoxFillPredictor(StreamedFake):
 
 
 def test_registered_and_names():
-    assert TASKS.get("coco") is make_coco_task
-    task = make_coco_task(TaskConfig(data_root=REALDATA))
+    assert TASKS.get("coco") is CocoTask
+    task = CocoTask(TaskConfig(data_root=REALDATA))
     assert (task.name, task.metric, task.metrics) == ("coco", "mask_AP", METRICS)
     assert METRICS == ("mask_AP", "AP50", "AP75", "APs", "APm", "APl",
                        "AR100", "AR300", "AR1000", "ARs", "ARm", "ARl")
@@ -211,9 +211,9 @@ def test_results_file_errors(val, tmp_path):
 
 def test_missing_layout_errors(tmp_path):
     with pytest.raises(DataError, match=r"data root .*missing-root does not exist.*instances_<split>.json"):
-        make_coco_task(TaskConfig(data_root=tmp_path / "missing-root"))
+        CocoTask(TaskConfig(data_root=tmp_path / "missing-root"))
     with pytest.raises(DataError, match=r"instances_val2017.json does not exist"):
-        make_coco_task(TaskConfig(data_root=tmp_path))
+        CocoTask(TaskConfig(data_root=tmp_path))
 
 
 def test_annotation_file_without_categories(tmp_path):
@@ -229,7 +229,7 @@ def test_missing_image_is_a_data_error(tmp_path):
     (tmp_path / "coco" / "val2017").mkdir()
     (tmp_path / "coco" / "annotations" / "instances_val2017.json").symlink_to(
         COCO_DIR / "annotations" / "instances_val2017.json")
-    task = make_coco_task(TaskConfig(data_root=tmp_path))
+    task = CocoTask(TaskConfig(data_root=tmp_path))
     with pytest.raises(DataError, match=r"val2017/000000006818.jpg .*does not exist"):
         task.evaluate(BoxFillPredictor(), limit=1, progress=False, out_dir=tmp_path / "out")
 
@@ -237,7 +237,7 @@ def test_missing_image_is_a_data_error(tmp_path):
 def test_evaluate_gt_prompts_with_oracle_masks(val, tmp_path):
     """Oracle masks on the first 3 images by id score 100: the limit restricts COCOeval too;
     the score of each result is 1.0 x predicted IoU."""
-    task = make_coco_task(TaskConfig(data_root=REALDATA))
+    task = CocoTask(TaskConfig(data_root=REALDATA))
     predictor = OraclePredictor(val)
     metrics = task.evaluate(predictor, limit=3, progress=False, out_dir=tmp_path)
     assert metrics == pytest.approx({key: 100.0 for key in METRICS}, abs=1e-9)
@@ -251,7 +251,7 @@ def test_evaluate_gt_prompts_with_oracle_masks(val, tmp_path):
 
 
 def test_evaluate_detection_prompts(tmp_path):
-    task = make_coco_task(TaskConfig(data_root=REALDATA, prompts=str(VAL_DETS)))
+    task = CocoTask(TaskConfig(data_root=REALDATA, prompts=str(VAL_DETS)))
     metrics = task.evaluate(BoxFillPredictor(), limit=2, progress=False, out_dir=tmp_path)
     assert all(0.0 <= value <= 100.0 for value in metrics.values())
     written = json.loads((tmp_path / RESULTS_FILE).read_text())
@@ -270,7 +270,7 @@ def test_placeholder_prompt_for_an_image_without_detections(val, tmp_path):
     dets = json.loads(VAL_DETS.read_text())
     path = tmp_path / "dets.json"
     path.write_text(json.dumps([d for d in dets if d["image_id"] != 17627]))
-    task = make_coco_task(TaskConfig(data_root=REALDATA, prompts=str(path)))
+    task = CocoTask(TaskConfig(data_root=REALDATA, prompts=str(path)))
     predictor = BoxFillPredictor()
     metrics = task.evaluate(predictor, limit=3, progress=False, out_dir=tmp_path)
     np.testing.assert_array_equal(predictor.boxes[1], [[0.0, 0.0, 0.0, 0.0]])
@@ -286,7 +286,7 @@ def test_gt_prompts_give_no_placeholder(val, tmp_path):
     """58636 (5th by id) has no annotation: with GT prompts it gets no prompt and no entry (the
     reference's placeholder belongs to its detector wrapper; here it would only add a false positive)."""
     predictor = OraclePredictor(val)
-    metrics = make_coco_task(TaskConfig(data_root=REALDATA)).evaluate(predictor, limit=5, progress=False,
+    metrics = CocoTask(TaskConfig(data_root=REALDATA)).evaluate(predictor, limit=5, progress=False,
                                                                        out_dir=tmp_path)
     written = json.loads((tmp_path / RESULTS_FILE).read_text())
     assert sorted({r["image_id"] for r in written}) == [6818, 17627, 37777, 41888]
@@ -298,20 +298,20 @@ def test_malformed_detection_prompts(tmp_path):
     bad = tmp_path / "dets.json"
     bad.write_text('[{"image_id": 397133, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5},\n'
                    ' {"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]')
-    task = make_coco_task(TaskConfig(data_root=REALDATA, prompts=str(bad)))
+    task = CocoTask(TaskConfig(data_root=REALDATA, prompts=str(bad)))
     with pytest.raises(DataError, match=r"dets.json, entry 1: unknown image_id 1 "):
         task.evaluate(BoxFillPredictor(), limit=1, progress=False, out_dir=tmp_path)
     bad.write_text('[{"image_id": 397133,')
     with pytest.raises(DataError, match=r"dets.json is not valid JSON"):
         task.evaluate(BoxFillPredictor(), limit=1, progress=False, out_dir=tmp_path)
     with pytest.raises(DataError, match="does not exist"):
-        make_coco_task(TaskConfig(data_root=REALDATA, prompts=str(tmp_path / "none.json")))
+        CocoTask(TaskConfig(data_root=REALDATA, prompts=str(tmp_path / "none.json")))
 
 
 def test_calibration_items_gt_and_detections():
     train = json.loads((COCO_DIR / "annotations" / "instances_train2017.json").read_text())
     first = train["images"][0]
-    task = make_coco_task(TaskConfig(data_root=REALDATA))
+    task = CocoTask(TaskConfig(data_root=REALDATA))
     items = task.calibration_items(2, seed=0)
     assert len(items) == 2
     assert items[0].image.shape == (first["height"], first["width"], 3) and items[0].image.dtype == np.uint8
@@ -320,7 +320,7 @@ def test_calibration_items_gt_and_detections():
     assert items[0].boxes.shape == (len(anns), 4)
     np.testing.assert_array_equal(items[0].boxes[0], [x, y, x + w, y + h])
 
-    det_task = make_coco_task(TaskConfig(data_root=REALDATA, calib_prompts=str(TRAIN_DETS)))
+    det_task = CocoTask(TaskConfig(data_root=REALDATA, calib_prompts=str(TRAIN_DETS)))
     det_items = det_task.calibration_items(10, seed=0)   # all 6 images of the split
     assert len(det_items) == 6 and sum(len(item.boxes) for item in det_items) == 600
     first_dets = [d for d in json.loads(TRAIN_DETS.read_text()) if d["image_id"] == first["id"]]
@@ -334,7 +334,7 @@ def test_calibration_placeholder_prompt(tmp_path):
     dets = json.loads(TRAIN_DETS.read_text())
     path = tmp_path / "train_dets.json"
     path.write_text(json.dumps([d for d in dets if d["image_id"] != first]))
-    items = make_coco_task(TaskConfig(data_root=REALDATA, calib_prompts=str(path))).calibration_items(2, seed=0)
+    items = CocoTask(TaskConfig(data_root=REALDATA, calib_prompts=str(path))).calibration_items(2, seed=0)
     np.testing.assert_array_equal(items[0].boxes, [[0.0, 0.0, 0.0, 0.0]])
     assert len(items[1].boxes) == sum(d["image_id"] == second for d in dets)
 
@@ -375,12 +375,12 @@ def test_images_decoded_as_the_reference(tmp_path):
 
 
 def test_fingerprint():
-    gt = make_coco_task(TaskConfig(data_root=REALDATA))
+    gt = CocoTask(TaskConfig(data_root=REALDATA))
     fp = gt.fingerprint()
     assert len(fp) == 16 and int(fp, 16) >= 0
-    assert make_coco_task(TaskConfig(data_root=REALDATA)).fingerprint() == fp
-    assert make_coco_task(TaskConfig(data_root=REALDATA, prompts=str(VAL_DETS))).fingerprint() != fp
-    assert make_coco_task(TaskConfig(data_root=REALDATA, calib_split="val2017")).fingerprint() != fp
+    assert CocoTask(TaskConfig(data_root=REALDATA)).fingerprint() == fp
+    assert CocoTask(TaskConfig(data_root=REALDATA, prompts=str(VAL_DETS))).fingerprint() != fp
+    assert CocoTask(TaskConfig(data_root=REALDATA, calib_split="val2017")).fingerprint() != fp
     assert "val2017" in gt.describe() and "GT boxes" in gt.describe()
 
 
@@ -388,7 +388,7 @@ def test_evaluate_with_tiny_sam(tmp_path):
     from ptqbench.sam.inference import BoxPredictor
     from ptqbench.sam.models import build_sam_tiny
 
-    task = make_coco_task(TaskConfig(data_root=REALDATA, model_input_size=256))
+    task = CocoTask(TaskConfig(data_root=REALDATA, model_input_size=256))
     metrics = task.evaluate(BoxPredictor(build_sam_tiny()), limit=2, progress=False, out_dir=tmp_path)
     assert tuple(metrics) == METRICS
     assert all(0.0 <= value <= 100.0 and not math.isnan(value) for value in metrics.values())

@@ -120,9 +120,9 @@ def test_launch_boxes_equals_predict_boxes_and_keeps_images_apart(sam_tiny):
 
 def test_coco_prediction_through_the_twin_equals_the_plain_model(sam_tiny, realdata):
     """A run's FP row (coco `predict` through fp_twin) writes the same RLE entries as the plain model."""
-    from ptqbench.tasks.coco import make_coco_task
+    from ptqbench.tasks.coco import CocoTask
 
-    task = make_coco_task(TaskConfig(data_root=realdata, model_input_size=sam_tiny.image_encoder.img_size))
+    task = CocoTask(TaskConfig(data_root=realdata, model_input_size=sam_tiny.image_encoder.img_size))
     indices = [0, 1, 2]
     plain = task.predict(BoxPredictor(sam_tiny, chunk_size=4), indices)
     twin = task.predict(BoxPredictor(fp_twin(sam_tiny), chunk_size=4), indices)
@@ -138,12 +138,12 @@ def test_coco_metric_through_ptqbench_equals_a_sam_predictor_loop(tmp_path):
     from ptqbench.demo.install import ensure_demo_data
     from ptqbench.demo.writers import DemoSizes
     from ptqbench.sam.models import load_model
-    from ptqbench.tasks.coco import evaluation_image_ids, make_coco_task, mask_results, score_results
+    from ptqbench.tasks.coco import CocoTask, evaluation_image_ids, mask_results, score_results
 
     root = ensure_demo_data(tmp_path / "demo", DemoSizes(coco_val=3, coco_train=1, dota_val=0, dota_train=0,
                                                          ade_val=0, ade_train=0))
     model = load_model("sam_tiny").model
-    task = make_coco_task(TaskConfig(data_root=root, model_input_size=model.image_encoder.img_size))
+    task = CocoTask(TaskConfig(data_root=root, model_input_size=model.image_encoder.img_size))
     results = task.predict(BoxPredictor(fp_twin(model), encoder_batch=2), [0, 1, 2])
     metrics = task.score(results, 3, tmp_path)
 

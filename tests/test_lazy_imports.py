@@ -36,9 +36,9 @@ def test_get_imports_the_module_that_registers_a_builtin():
     from ptqbench.methods.base import METHODS
     from ptqbench.methods.saqsam.method import SaqSam
     from ptqbench.tasks.base import TASKS
-    from ptqbench.tasks.coco import make_coco_task
+    from ptqbench.tasks.coco import CocoTask
 
-    assert TASKS.get("coco") is make_coco_task
+    assert TASKS.get("coco") is CocoTask
     assert METHODS.get("saqsam") is SaqSam and METHODS.get("saq-sam") is SaqSam
 
 

@@ -153,3 +153,24 @@ def test_the_readme_plugin_method_takes_an_option_from_the_command_line(small_de
         (stored,) = conn.execute("SELECT method_config FROM runs WHERE method = 'my-method'").fetchone()
     assert json.loads(stored) == {"percentile": 99.9, "weight_ranges": 20}
     capsys.readouterr()
+
+
+def test_the_readme_toy_task_runs_like_a_builtin(tmp_path, capsys):
+    """The "Adding a task" example of the README, as a new user would use it: registered, then
+    run from the command line with a method, scored, and stored in the leaderboard."""
+    from ptqbench.tasks.base import TASKS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Adding a task"):]
+    snippet = section[section.index("```python") + len("```python"):section.index("```\n")]
+    try:
+        exec(compile(snippet, "README.md", "exec"), {})
+        out = tmp_path / "out"
+        assert main(["run", "--tasks", "squares", "--methods", "minmax", "--bits", "8", "--calib-size", "2",
+                     "--data-root", str(tmp_path), "--out", str(out), "--device", "cpu"]) == 0
+    finally:
+        TASKS._factories.pop("squares", None)
+    rows = _rows(out / "leaderboard_squares.csv")
+    assert [(r["method"], r["bits"], r["images"]) for r in rows] == [("fp", "fp", "6"), ("minmax", "W8A8", "6")]
+    assert all(0.0 <= float(r["mIoU"]) <= 100.0 for r in rows)
+    capsys.readouterr()

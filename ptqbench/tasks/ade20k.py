@@ -53,7 +53,7 @@ from ptqbench.tasks.ade20k_metric import (
     read_label_png,
     score_prediction_folder,
 )
-from ptqbench.tasks.base import TASKS, TaskConfig, check_result_count, read_rgb_image
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count, read_rgb_image
 from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
@@ -206,8 +206,11 @@ def _option_int(config: TaskConfig, key: str) -> int | None:
     return value
 
 
-class Ade20kTask:
-    """ADE20K semantic segmentation with SAM; see the module docstring for the protocol."""
+@TASKS.register("ade20k")
+class Ade20kTask(Task):
+    """ADE20K semantic segmentation with SAM; see the module docstring for the protocol (options:
+    mode, semantic_prior, points_per_side, points_per_batch, split). `evaluate` writes
+    `<out_dir>/ade20k_pred/<stem>.png` and returns {"mIoU", "aAcc", "mAcc"} in percent."""
 
     name = "ade20k"
     metric = "mIoU"
@@ -368,15 +371,6 @@ class Ade20kTask:
             (pred_dir / f"{result.stem}.png").write_bytes(result.png)
         return score_prediction_folder(pred_dir, self.config.data_root, self.split, limit=len(samples))
 
-    def evaluate(self, predictor: BoxPredictor, *, limit: int | None, progress: bool,
-                 out_dir: Path) -> dict[str, float]:
-        """Predict every evaluation image, write `<out_dir>/ade20k_pred/<stem>.png`, score them.
-
-        limit: evaluate only the first `limit` images (sorted by name). Returns
-        {"mIoU", "aAcc", "mAcc"} in percent.
-        """
-        indices = range(self.eval_image_count(limit))
-        return self.score(self.predict(predictor, indices, progress), limit, out_dir)
 
     @staticmethod
     def _predict_gt(predictor: BoxPredictor, image: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -399,8 +393,3 @@ class Ade20kTask:
         return automatic_mask_generator(predictor.model, self.points_per_side, points_per_batch, SSA_SETTINGS)
 
 
-@TASKS.register("ade20k")
-def make_ade20k_task(config: TaskConfig) -> Ade20kTask:
-    """The ADE20K task for `config` (options: mode, semantic_prior, points_per_side,
-    points_per_batch, split)."""
-    return Ade20kTask(config)

@@ -1,11 +1,12 @@
-"""The Task interface: a dataset protocol that turns a predictor into metrics."""
+"""The Task base class: a dataset protocol that turns a predictor into metrics."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,23 +54,32 @@ def read_rgb_image(path: Path) -> np.ndarray:
         raise DataError(f"image {path} cannot be read: {error}") from error
 
 
-class Task(Protocol):
-    """A task reads its split(s) below `config.data_root` and scores a predictor."""
+class Task(ABC):
+    """A task reads its split(s) below `config.data_root` and scores a predictor.
+
+    A subclass is constructed from a `TaskConfig` and registered as a class (`@TASKS.register`).
+    It implements the abstract steps; `evaluate` (predict, then score) and `check_eval_inputs`
+    (nothing to check) are shared.
+    """
 
     name: str
     metric: str                # the headline metric key, e.g. "mask_AP"
     metrics: tuple[str, ...]   # every key `evaluate` returns, headline first
 
+    @abstractmethod
     def fingerprint(self) -> str:
         """A short hash of the evaluation + calibration data and prompts (keys the run store)."""
 
+    @abstractmethod
     def describe(self) -> str:
         """One line saying which data and prompts the task uses."""
 
+    @abstractmethod
     def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
         """The first `n` calibration images in file order with their box prompts (all of them,
         fewer than `n`, when the calibration split has fewer)."""
 
+    @abstractmethod
     def eval_image_count(self, limit: int | None) -> int:
         """How many evaluation images `evaluate(limit=limit)` scores."""
 
@@ -77,7 +87,9 @@ class Task(Protocol):
         """Read the evaluation inputs `predict` uses besides the split itself (a detector prompt
         file or folder, semantic prior maps) with the readers `predict` uses, so that a missing
         or malformed one raises DataError before the model loads; nothing for GT prompts."""
+        return None
 
+    @abstractmethod
     def predict(self, predictor: BoxPredictor, indices: Sequence[int], progress: bool = False) -> list[Any]:
         """Phase 1 of `evaluate`: the per-image results of the evaluation images at `indices`.
 
@@ -86,6 +98,7 @@ class Task(Protocol):
         Images are independent, so data-parallel ranks can each predict a shard of them.
         """
 
+    @abstractmethod
     def score(self, results: Sequence[Any], limit: int | None, out_dir: Path) -> dict[str, float]:
         """Phase 2 of `evaluate`: the metrics of the per-image results of the first
         `eval_image_count(limit)` images (in evaluation order); writes artefacts under out_dir."""
@@ -96,6 +109,8 @@ class Task(Protocol):
 
         Equals `score(predict(predictor, range(eval_image_count(limit)), progress), limit, out_dir)`.
         """
+        indices = range(self.eval_image_count(limit))
+        return self.score(self.predict(predictor, indices, progress), limit, out_dir)
 
 
 def check_result_count(task: str, results: Sequence[Any], expected: int) -> None:
@@ -104,4 +119,4 @@ def check_result_count(task: str, results: Sequence[Any], expected: int) -> None
         raise ValueError(f"{task}: score got {len(results)} per-image results for {expected} evaluation images")
 
 
-TASKS: Registry[Task] = Registry("task")
+TASKS: Registry[Task] = Registry("task", entry_point_group="ptqbench.tasks")

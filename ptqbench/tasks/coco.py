@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.sam.inference import PromptedImage, predict_stream
-from ptqbench.tasks.base import TASKS, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, stdout_into_log, write_results
 from ptqbench.tasks.prompts import (
     Detections,
@@ -272,8 +272,10 @@ class CocoImageResult:
     entries: list[dict[str, Any]]
 
 
-class CocoTask:
-    """The `coco` task (see the module docstring for the protocol)."""
+@TASKS.register("coco")
+class CocoTask(Task):
+    """The `coco` task (see the module docstring for the protocol). `evaluate` segments every
+    prompt box, writes `out_dir/coco_segm_results.json` and returns the METRICS (percentages)."""
 
     name = "coco"
     metric = "mask_AP"
@@ -427,12 +429,6 @@ class CocoTask:
                  metrics["mask_AP"])
         return metrics
 
-    def evaluate(self, predictor: BoxPredictor, *, limit: int | None, progress: bool,
-                 out_dir: Path) -> dict[str, float]:
-        """Segment every prompt box of the evaluation images, write
-        `out_dir/coco_segm_results.json` and return the METRICS (percentages)."""
-        indices = range(self.eval_image_count(limit))
-        return self.score(self.predict(predictor, indices, progress), limit, out_dir)
 
 
 def _detections_or_placeholder(detections: dict[int, Detections], category_id: int, image_id: int) -> Detections:
@@ -445,7 +441,3 @@ def _prompted_image(split: CocoSplit, image_id: int, detections: Detections, pos
     return PromptedImage(key=position, image=split.read_image(image_id), boxes=detections.boxes, extra=detections)
 
 
-@TASKS.register("coco")
-def make_coco_task(config: TaskConfig) -> CocoTask:
-    """Factory registered as `coco`."""
-    return CocoTask(config)

@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
-from ptqbench.tasks.base import TASKS, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
 from ptqbench.tasks.dota_eval import (
     DOTA_CLASSES,
     METRIC_KEYS,
@@ -274,8 +274,11 @@ def _prompt_dir(source: str | None) -> Path | None:
     return path
 
 
-class DotaTask:
-    """DOTA-v1.0 Task 1 (oriented boxes) from SAM masks; see the module docstring."""
+@TASKS.register("dota")
+class DotaTask(Task):
+    """DOTA-v1.0 Task 1 (oriented boxes) from SAM masks; see the module docstring (options: window,
+    gap). `evaluate` predicts rotated boxes for the val images, writes Task1 files and scores them
+    (percent)."""
 
     name = "dota"
     metric = "mAP"
@@ -419,14 +422,3 @@ class DotaTask:
         write_task1(det_dir, lines)
         return evaluate_task1(labels, read_task1_folder(det_dir, labels))
 
-    def evaluate(self, predictor: BoxPredictor, *, limit: int | None, progress: bool,
-                 out_dir: Path) -> dict[str, float]:
-        """Predict rotated boxes for the val images, write Task1 files, score them (percent)."""
-        indices = range(self.eval_image_count(limit))
-        return self.score(self.predict(predictor, indices, progress), limit, out_dir)
-
-
-@TASKS.register("dota")
-def make_dota_task(config: TaskConfig) -> DotaTask:
-    """The `dota` task for a TaskConfig (options: window, gap)."""
-    return DotaTask(config)
