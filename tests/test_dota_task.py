@@ -102,7 +102,7 @@ def test_window_options(tmp_path: Path) -> None:
     assert (task.window, task.gap) == (400, 0)
     with pytest.raises(ConfigError, match="window > gap"):
         make_task(tmp_path, options=(("window", "100"), ("gap", "100")))
-    with pytest.raises(ConfigError, match="not an integer"):
+    with pytest.raises(ConfigError, match="expected an integer"):
         make_task(tmp_path, options=(("window", "big"),))
     with pytest.raises(ConfigError, match="unknown dota option"):
         make_task(tmp_path, options=(("windw", "512"),))

@@ -53,7 +53,7 @@ from ptqbench.tasks.ade20k_metric import (
     read_label_png,
     score_prediction_folder,
 )
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count, read_rgb_image
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_options, check_result_count, int_option, read_rgb_image
 from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
@@ -192,20 +192,6 @@ def read_prior(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     return prior
 
 
-def _option_int(config: TaskConfig, key: str) -> int | None:
-    """A positive integer option, None when unset (ConfigError when not a positive integer)."""
-    text = config.option(key)
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ConfigError(f"ade20k option {key}={text!r}: expected a positive integer")
-    return value
-
-
 @TASKS.register("ade20k")
 class Ade20kTask(Task):
     """ADE20K semantic segmentation with SAM; see the module docstring for the protocol (options:
@@ -217,10 +203,7 @@ class Ade20kTask(Task):
     metrics = ("mIoU", "aAcc", "mAcc")
 
     def __init__(self, config: TaskConfig) -> None:
-        unknown = sorted(set(dict(config.options)) - set(OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown ade20k option(s) {', '.join(unknown)}; valid options: "
-                              f"{', '.join(OPTIONS)}")
+        check_options(config, "ade20k", OPTIONS)
         for field_name in ("prompts", "calib_prompts"):
             value = getattr(config, field_name)
             if value is not None and value.lower() != "gt":
@@ -231,8 +214,8 @@ class Ade20kTask(Task):
         if self.mode not in MODES:
             raise ConfigError(f"ade20k option mode={self.mode!r}: expected one of {MODES}")
         self.split = config.option("split") or "validation"
-        self.points_per_side = _option_int(config, "points_per_side") or SSA_POINTS_PER_SIDE
-        self.points_per_batch = _option_int(config, "points_per_batch")
+        self.points_per_side = int_option(config, "ade20k", "points_per_side", SSA_POINTS_PER_SIDE, minimum=1)
+        self.points_per_batch = int_option(config, "ade20k", "points_per_batch", None, minimum=1)
 
     @cached_property
     def root(self) -> Path:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ptqbench.errors import DataError
+from ptqbench.errors import ConfigError, DataError
 from ptqbench.registry import Registry
 from ptqbench.types import CalibrationItem
 
@@ -40,6 +40,28 @@ class TaskConfig:
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)
+
+
+def check_options(config: TaskConfig, task: str, valid: Sequence[str]) -> None:
+    """ConfigError naming every `--task-option` key that `task` does not take, and the valid ones."""
+    unknown = sorted(set(dict(config.options)) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown {task} option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
+
+
+def int_option(config: TaskConfig, task: str, key: str, default: int | None, minimum: int) -> int | None:
+    """The integer `--task-option` `key` (`default` when unset); ConfigError when it is not an
+    integer of at least `minimum`."""
+    text = config.option(key)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"{task} option {key}={text!r}: expected an integer of at least {minimum}")
+    return value
 
 
 def read_rgb_image(path: Path) -> np.ndarray:

@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_options, check_result_count, int_option
 from ptqbench.tasks.dota_eval import (
     DOTA_CLASSES,
     METRIC_KEYS,
@@ -242,23 +242,10 @@ def write_task1(det_dir: Path, lines: Mapping[str, Sequence[str]]) -> None:
         (det_dir / f"Task1_{name}.txt").write_text(text, encoding="utf-8")
 
 
-def _int_option(config: TaskConfig, key: str, default: int) -> int:
-    value = config.option(key)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError as err:
-        raise ConfigError(f"dota option {key}={value!r} is not an integer") from err
-    return number
-
-
 def _resolve_windows(config: TaskConfig) -> tuple[int, int]:
-    unknown = sorted(set(dict(config.options)) - set(OPTION_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown dota option(s) {', '.join(unknown)}; valid: {', '.join(OPTION_KEYS)}")
-    window = _int_option(config, "window", config.model_input_size)
-    gap = _int_option(config, "gap", round(window * GAP_PER_WINDOW))
+    check_options(config, "dota", OPTION_KEYS)
+    window = int_option(config, "dota", "window", config.model_input_size, minimum=1)
+    gap = int_option(config, "dota", "gap", round(window * GAP_PER_WINDOW), minimum=0)
     if window <= 0 or gap < 0 or gap >= window:
         raise ConfigError(f"dota windows need window > gap >= 0, got window={window}, gap={gap}")
     return window, gap
