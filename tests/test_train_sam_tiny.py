@@ -1,4 +1,5 @@
-"""tools/train_sam_tiny.py: a 3-step CPU run end to end, and the pieces that re-express SAM code."""
+"""tools/train_sam_tiny (the package): a 3-step CPU run end to end, and the pieces that re-express
+SAM code."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import csv
 import hashlib
 import json
 import math
-import runpy
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,12 +17,21 @@ import torch
 
 from ptqbench.sam.models import build_sam_tiny
 
-SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "train_sam_tiny.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def train() -> SimpleNamespace:
-    return SimpleNamespace(**runpy.run_path(str(SCRIPT), run_name="train_sam_tiny"))
+    """The package's pieces under test, imported as `python3 -m tools.train_sam_tiny` finds them
+    (from the repository root)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tools.train_sam_tiny import __main__ as cli
+    from tools.train_sam_tiny import prompts, sam_forward, scenes
+
+    return SimpleNamespace(main=cli.main, decode=sam_forward.decode, embed_points=sam_forward.embed_points,
+                           mask_boxes=scenes.mask_boxes, prompt_counts=prompts.prompt_counts,
+                           jitter_boxes=prompts.jitter_boxes)
 
 
 def test_three_cpu_steps_write_a_strict_fp16_checkpoint(train: SimpleNamespace, tmp_path: Path,
