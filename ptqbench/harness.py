@@ -45,7 +45,7 @@ from ptqbench.sam.calibration import CalibrationSet, build_calibration_set
 from ptqbench.sam.inference import BoxPredictor
 from ptqbench.sam.models import MODELS, LoadedModel, load_model
 from ptqbench.sam.quantized import fp_twin, quantize_sam
-from ptqbench.tasks.base import TASKS, Task, TaskConfig
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, route_task_options
 from ptqbench.types import CalibrationItem
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,9 @@ class Harness:
         a missing split or a bad prompts file fails here, not after the FP cell.
         """
         input_size = MODELS.get(self.config.model)().input_size
-        tasks = [self._make_task(name, input_size) for name in self.config.tasks]
+        options = route_task_options(self.config.task_options,
+                                     {name: TASKS.get(name).options for name in self.config.tasks})
+        tasks = [self._make_task(name, input_size, options[name]) for name in self.config.tasks]
         quantizes = any(METHODS.canonical(name) != "fp" for name in self.config.methods)
         if self.dist.is_main:
             for task in tasks:
@@ -210,12 +212,11 @@ class Harness:
                         task.calibration_items(1, self.config.seed)
         return tasks
 
-    def _make_task(self, name: str, input_size: int) -> Task:
+    def _make_task(self, name: str, input_size: int, options: tuple[tuple[str, str], ...]) -> Task:
         factory = TASKS.get(name)
         return factory(TaskConfig(
             data_root=self.run.data_root, prompts=self.config.prompts, calib_prompts=self.config.calib_prompts,
-            calib_split=self.config.calib_split, model_input_size=input_size,
-            options=self.config.task_options))
+            calib_split=self.config.calib_split, model_input_size=input_size, options=options))
 
     def _record(self, loaded: LoadedModel, task: Task, dataset_fingerprint: str, method: str,
                 spec: BitSpec | None, calib_fingerprint: str, labels: tuple[str, ...]) -> dict:

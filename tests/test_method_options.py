@@ -174,3 +174,21 @@ def test_the_readme_toy_task_runs_like_a_builtin(tmp_path, capsys):
     assert [(r["method"], r["bits"], r["images"]) for r in rows] == [("fp", "fp", "6"), ("minmax", "W8A8", "6")]
     assert all(0.0 <= float(r["mIoU"]) <= 100.0 for r in rows)
     capsys.readouterr()
+
+
+def test_task_options_reach_the_tasks_that_take_them(small_demo, tmp_path, capsys):
+    """A plain `--task-option` goes to every task of the run that takes it, `TASK.KEY=VALUE` to
+    that task only; a key that no task of the run takes is one error line."""
+    from ptqbench.tasks.base import route_task_options
+
+    takes = {"coco": (), "dota": ("window", "gap"), "ade20k": ("mode", "split")}
+    assert route_task_options((("mode", "gt"), ("dota.gap", "0"), ("window", "200")), takes) == {
+        "coco": (), "dota": (("gap", "0"), ("window", "200")), "ade20k": (("mode", "gt"),)}
+    with pytest.raises(ConfigError, match="no task of this run takes the option 'mdoe'"):
+        route_task_options((("mdoe", "gt"),), takes)
+    out = tmp_path / "out"
+    assert main(["run", "--data-root", str(small_demo), "--tasks", "dota,ade20k", "--methods", "fp",
+                 "--task-option", "mode=gt", "--task-option", "dota.window=128", "--out", str(out)]) == 0
+    assert main(["run", "--data-root", str(small_demo), "--tasks", "dota", "--methods", "fp",
+                 "--task-option", "mode=gt", "--out", str(out)]) == 2
+    assert "no task of this run takes the option 'mode'" in capsys.readouterr().err

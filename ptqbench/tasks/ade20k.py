@@ -199,6 +199,7 @@ class Ade20kTask(Task):
     `<out_dir>/ade20k_pred/<stem>.png` and returns {"mIoU", "aAcc", "mAcc"} in percent."""
 
     name = "ade20k"
+    options = OPTIONS
     metric = "mIoU"
     metrics = ("mIoU", "aAcc", "mAcc")
 

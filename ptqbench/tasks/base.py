@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,29 @@ class TaskConfig:
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)
+
+
+def route_task_options(options: Sequence[tuple[str, str]],
+                       takes: Mapping[str, Sequence[str]]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """The `--task-option`s of each task of a run. takes: task name -> the keys it takes.
+
+    "TASK.KEY=VALUE" goes to that task only; a plain "KEY=VALUE" to every task of the run that
+    takes KEY, so `--task-option mode=ssa` reaches ADE20K and not DOTA. ConfigError for a plain key
+    that no task of the run takes.
+    """
+    routed: dict[str, list[tuple[str, str]]] = {name: [] for name in takes}
+    for key, value in options:
+        prefix, dot, rest = key.partition(".")
+        if dot and prefix in takes:
+            routed[prefix].append((rest, value))
+            continue
+        targets = [name for name, keys in takes.items() if key in keys]
+        if not targets:
+            offered = "; ".join(f"{name}: {', '.join(keys) or 'none'}" for name, keys in takes.items())
+            raise ConfigError(f"no task of this run takes the option {key!r} (options: {offered})")
+        for name in targets:
+            routed[name].append((key, value))
+    return {name: tuple(pairs) for name, pairs in routed.items()}
 
 
 def check_options(config: TaskConfig, task: str, valid: Sequence[str]) -> None:
@@ -87,6 +110,7 @@ class Task(ABC):
     name: str
     metric: str                # the headline metric key, e.g. "mask_AP"
     metrics: tuple[str, ...]   # every key `evaluate` returns, headline first
+    options: tuple[str, ...] = ()  # the `--task-option` keys the task takes
 
     @abstractmethod
     def fingerprint(self) -> str:

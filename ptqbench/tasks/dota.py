@@ -268,6 +268,7 @@ class DotaTask(Task):
     (percent)."""
 
     name = "dota"
+    options = OPTION_KEYS
     metric = "mAP"
     metrics = METRIC_KEYS
 
