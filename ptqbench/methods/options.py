@@ -2,7 +2,7 @@
 set by name from the command line or YAML, and the configuration's identity in the store.
 
 A method class carries `presets = {"paper": Config(...), "fast": Config(...)}`; the harness takes
-the run's preset, applies the user's options (`with_options`: `--method-option saqsam.pcc_prompts=8`,
+the run's preset, applies the user's options (`with_options`: `--method-option saqsam.pcc.max_prompts=8`,
 or a `method_options:` block in YAML) and builds the method from the result. Every stored row
 records that effective configuration (`config_json`) and the leaderboard shows its short hash
 (`config_id`), so two configurations of one method are two rows. This module imports no torch.
@@ -62,7 +62,7 @@ def option_names(config: Any) -> list[str]:
 
 
 def with_options(config: Any, options: Mapping[str, object], owner: str) -> Any:
-    """`config` with the fields named in `options` set: {"pcc_prompts": "8", "par.max_prompts": 4}.
+    """`config` with the fields named in `options` set: {"pcc.max_prompts": "8", "par.max_prompts": 4}.
 
     Values may be strings (the command line: "8", "0.5", "true", "none") or already typed (YAML);
     each is checked against the field's type. owner: the method's name, for the error message.
