@@ -63,11 +63,12 @@ class RunConfig:
 
     data_root None means: the demo data (generated offline on first use) when no model was named
     either, else $PTQBENCH_DATASETS, else ./datasets. preset None means: `fast` for sam_tiny,
-    `paper` for full-size SAM. method_options: (method, option, value) triples set on the
-    preset's configuration of that method (`ptqbench.methods.options`; option names may be
-    dotted, e.g. ("saqsam", "pcc.max_prompts", "8")). calib_size None means: DEFAULT_CALIB_SIZE calibration samples, or
+    `paper` for full-size SAM. calib_size None means: DEFAULT_CALIB_SIZE calibration samples, or
     all the calibration split has when it has fewer (the demo's splits are small on purpose);
     an explicit size larger than the split is calibrated on all of it with a warning.
+    method_options: (method, option, value) triples set on the preset's configuration of that
+    method (`ptqbench.methods.options`; option names may be dotted, e.g. ("saqsam",
+    "pcc.max_prompts", "8")).
     """
 
     model: str = "sam_tiny"

@@ -37,7 +37,14 @@ from ptqbench.config import DEFAULT_CALIB_SIZE, BitSpec, RunConfig
 from ptqbench.distributed import DistributedContext
 from ptqbench.errors import CellError, ConfigError, PtqbenchError
 from ptqbench.methods.base import METHODS
-from ptqbench.methods.options import NoOptions, config_id, config_json, options_by_method, preset_config, with_options
+from ptqbench.methods.options import (
+    NO_OPTIONS_JSON,
+    config_id,
+    config_json,
+    options_by_method,
+    preset_config,
+    with_options,
+)
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
 from ptqbench.results import STORE_FILENAME, RunRecord, RunStore, now_iso, write_leaderboards
@@ -227,7 +234,7 @@ class Harness:
             dataset_fingerprint=dataset_fingerprint, prompts=self.config.prompts or "gt",
             images=task.eval_image_count(self.config.limit), method=method,
             bits=spec.label if spec else "fp", preset=self.run.preset if spec else "-",
-            method_config=config_json(self.run.method_configs[method]) if spec else config_json(NoOptions()),
+            method_config=config_json(self.run.method_configs[method]) if spec else NO_OPTIONS_JSON,
             seed=self.config.seed, calib_fingerprint=calib_fingerprint, labels=labels)
 
     def _run_task(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...]) -> None:

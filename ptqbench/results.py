@@ -2,10 +2,10 @@
 
 `<out>/ptqbench.sqlite` is the source of truth: one row per cell (model, checkpoint, task,
 dataset, prompts, evaluated images, method, bits, preset, method configuration, seed, calibration
-set, labels), keyed
-by `cell_key`, so a finished cell is found again on re-run (resume). Each `put` is one transaction; the
-file is in WAL mode so readers and a writer can share it. Every operation opens its own
-short-lived connection: several `RunStore` objects (or processes) on one file are fine.
+set, labels), keyed by `cell_key`, so a finished cell is found again on re-run (resume). Each
+`put` is one transaction; the file is in WAL mode so readers and a writer can share it. Every
+operation opens its own short-lived connection: several `RunStore` objects (or processes) on one
+file are fine.
 
 `write_leaderboards` regenerates `<out>/leaderboard_<task>.csv` and `.md` from the store.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from ptqbench.errors import DataError
-from ptqbench.methods.options import config_id
+from ptqbench.methods.options import NO_OPTIONS_JSON, config_id
 
 STORE_FILENAME = "ptqbench.sqlite"
 FP = "fp"
@@ -286,7 +286,7 @@ def _short_hash(value: str) -> str:
 
 def _config_column(method_config: str) -> str:
     """The leaderboard's config column: the configuration's short hash, "-" where there is none."""
-    return "-" if method_config in (UNRECORDED_CONFIG, "{}") else config_id(method_config)
+    return "-" if method_config in (UNRECORDED_CONFIG, NO_OPTIONS_JSON) else config_id(method_config)
 
 
 def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:

@@ -186,6 +186,8 @@ def test_task_options_reach_the_tasks_that_take_them(small_demo, tmp_path, capsy
         "coco": (), "dota": (("gap", "0"), ("window", "200")), "ade20k": (("mode", "gt"),)}
     with pytest.raises(ConfigError, match="no task of this run takes the option 'mdoe'"):
         route_task_options((("mdoe", "gt"),), takes)
+    with pytest.raises(ConfigError, match="no task of this run takes the option 'mode'"):
+        route_task_options((("dota.mode", "gt"),), takes)
     out = tmp_path / "out"
     assert main(["run", "--data-root", str(small_demo), "--tasks", "dota,ade20k", "--methods", "fp",
                  "--task-option", "mode=gt", "--task-option", "dota.window=128", "--out", str(out)]) == 0

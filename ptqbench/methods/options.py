@@ -156,6 +156,10 @@ def config_json(config: Any) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True, separators=(",", ":"))
 
 
+NO_OPTIONS_JSON = config_json(NoOptions())
+"""The stored configuration of the FP row and of methods without settings."""
+
+
 def config_id(config_text: str) -> str:
     """The short identity of a stored configuration (`config_json`): 8 hex digits of its sha256."""
     return hashlib.sha256(config_text.encode("utf-8")).hexdigest()[:8]

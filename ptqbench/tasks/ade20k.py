@@ -53,7 +53,7 @@ from ptqbench.tasks.ade20k_metric import (
     read_label_png,
     score_prediction_folder,
 )
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_options, check_result_count, int_option, read_rgb_image
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count, read_rgb_image
 from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ class Ade20kTask(Task):
     metrics = ("mIoU", "aAcc", "mAcc")
 
     def __init__(self, config: TaskConfig) -> None:
-        check_options(config, "ade20k", OPTIONS)
+        self.check_options(config)
         for field_name in ("prompts", "calib_prompts"):
             value = getattr(config, field_name)
             if value is not None and value.lower() != "gt":
@@ -215,8 +215,8 @@ class Ade20kTask(Task):
         if self.mode not in MODES:
             raise ConfigError(f"ade20k option mode={self.mode!r}: expected one of {MODES}")
         self.split = config.option("split") or "validation"
-        self.points_per_side = int_option(config, "ade20k", "points_per_side", SSA_POINTS_PER_SIDE, minimum=1)
-        self.points_per_batch = int_option(config, "ade20k", "points_per_batch", None, minimum=1)
+        self.points_per_side = self.int_option(config, "points_per_side", SSA_POINTS_PER_SIDE, minimum=1)
+        self.points_per_batch = self.int_option(config, "points_per_batch", None, minimum=1)
 
     @cached_property
     def root(self) -> Path:

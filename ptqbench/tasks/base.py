@@ -47,44 +47,22 @@ def route_task_options(options: Sequence[tuple[str, str]],
     """The `--task-option`s of each task of a run. takes: task name -> the keys it takes.
 
     "TASK.KEY=VALUE" goes to that task only; a plain "KEY=VALUE" to every task of the run that
-    takes KEY, so `--task-option mode=ssa` reaches ADE20K and not DOTA. ConfigError for a plain key
-    that no task of the run takes.
+    takes KEY, so `--task-option mode=ssa` reaches ADE20K and not DOTA. ConfigError for a key that
+    no task it is meant for takes.
     """
     routed: dict[str, list[tuple[str, str]]] = {name: [] for name in takes}
     for key, value in options:
         prefix, dot, rest = key.partition(".")
         if dot and prefix in takes:
-            routed[prefix].append((rest, value))
-            continue
-        targets = [name for name, keys in takes.items() if key in keys]
+            key, targets = rest, [prefix] if rest in takes[prefix] else []
+        else:
+            targets = [name for name, keys in takes.items() if key in keys]
         if not targets:
             offered = "; ".join(f"{name}: {', '.join(keys) or 'none'}" for name, keys in takes.items())
             raise ConfigError(f"no task of this run takes the option {key!r} (options: {offered})")
         for name in targets:
             routed[name].append((key, value))
     return {name: tuple(pairs) for name, pairs in routed.items()}
-
-
-def check_options(config: TaskConfig, task: str, valid: Sequence[str]) -> None:
-    """ConfigError naming every `--task-option` key that `task` does not take, and the valid ones."""
-    unknown = sorted(set(dict(config.options)) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown {task} option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
-
-
-def int_option(config: TaskConfig, task: str, key: str, default: int | None, minimum: int) -> int | None:
-    """The integer `--task-option` `key` (`default` when unset); ConfigError when it is not an
-    integer of at least `minimum`."""
-    text = config.option(key)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise ConfigError(f"{task} option {key}={text!r}: expected an integer of at least {minimum}")
-    return value
 
 
 def read_rgb_image(path: Path) -> np.ndarray:
@@ -111,6 +89,28 @@ class Task(ABC):
     metric: str                # the headline metric key, e.g. "mask_AP"
     metrics: tuple[str, ...]   # every key `evaluate` returns, headline first
     options: tuple[str, ...] = ()  # the `--task-option` keys the task takes
+
+    def check_options(self, config: TaskConfig) -> None:
+        """ConfigError naming every option key of `config` that this task does not take
+        (`options`), and the valid ones."""
+        unknown = sorted(set(dict(config.options)) - set(self.options))
+        if unknown:
+            raise ConfigError(f"unknown {self.name} option(s) {', '.join(unknown)}; valid options: "
+                              f"{', '.join(self.options)}")
+
+    def int_option(self, config: TaskConfig, key: str, default: int | None, minimum: int) -> int | None:
+        """The integer option `key` of `config` (`default` when unset); ConfigError when it is not
+        an integer of at least `minimum`."""
+        text = config.option(key)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise ConfigError(f"{self.name} option {key}={text!r}: expected an integer of at least {minimum}")
+        return value
 
     @abstractmethod
     def fingerprint(self) -> str:

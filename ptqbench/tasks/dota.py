@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_options, check_result_count, int_option
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
 from ptqbench.tasks.dota_eval import (
     DOTA_CLASSES,
     METRIC_KEYS,
@@ -242,15 +242,6 @@ def write_task1(det_dir: Path, lines: Mapping[str, Sequence[str]]) -> None:
         (det_dir / f"Task1_{name}.txt").write_text(text, encoding="utf-8")
 
 
-def _resolve_windows(config: TaskConfig) -> tuple[int, int]:
-    check_options(config, "dota", OPTION_KEYS)
-    window = int_option(config, "dota", "window", config.model_input_size, minimum=1)
-    gap = int_option(config, "dota", "gap", round(window * GAP_PER_WINDOW), minimum=0)
-    if window <= 0 or gap < 0 or gap >= window:
-        raise ConfigError(f"dota windows need window > gap >= 0, got window={window}, gap={gap}")
-    return window, gap
-
-
 def _prompt_dir(source: str | None) -> Path | None:
     if source is None or source == "gt":
         return None
@@ -274,7 +265,11 @@ class DotaTask(Task):
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
-        self.window, self.gap = _resolve_windows(config)
+        self.check_options(config)
+        self.window = self.int_option(config, "window", config.model_input_size, minimum=1)
+        self.gap = self.int_option(config, "gap", round(self.window * GAP_PER_WINDOW), minimum=0)
+        if self.gap >= self.window:
+            raise ConfigError(f"dota windows need window > gap >= 0, got window={self.window}, gap={self.gap}")
         self.calib_split = config.calib_split or self._default_calib_split()
         self.prompt_dir = _prompt_dir(config.prompts)
         self.calib_prompt_dir = _prompt_dir(config.calib_prompts)

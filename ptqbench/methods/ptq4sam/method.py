@@ -49,6 +49,8 @@ from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_f
 log = logging.getLogger(__name__)
 
 DECODER_KEY_SITES = f"{DECODER}.*.k"
+ActivationObserver = Literal["avgminmax", "mse", "minmax", "percentile", "omse"]
+"""The observers a PTQ4SAM-style statistics pass can put on its other activation sites."""
 
 
 @torch.no_grad()
@@ -109,7 +111,7 @@ class Ptq4SamSConfig:
     big: bool = True
     agq: bool = True
     p: float = AGQ_P
-    activation_observer: Literal["avgminmax", "mse", "minmax", "percentile", "omse"] = "avgminmax"
+    activation_observer: ActivationObserver = "avgminmax"
     search_iterations: int | None = None
     search_elements: int | None = None
     weight_ranges: int = MSE_NUM_RANGES

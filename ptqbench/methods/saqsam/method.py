@@ -24,7 +24,6 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 from torch import nn
@@ -33,7 +32,7 @@ from ptqbench.config import BitSpec
 from ptqbench.errors import ConfigError
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.ptq4sam.agq import AgqCapture
-from ptqbench.methods.ptq4sam.method import FAST_SEARCHES, Ptq4SamS, Ptq4SamSConfig, apply_big
+from ptqbench.methods.ptq4sam.method import FAST_SEARCHES, ActivationObserver, Ptq4SamS, Ptq4SamSConfig, apply_big
 from ptqbench.methods.saqsam.par import FAST_SETTINGS, PAPER_SETTINGS, ParSettings, par_reconstruct
 from ptqbench.methods.saqsam.pcc import PccChoice, PccConfig, pcc_search, reference_maps
 from ptqbench.quant.quantizer import FakeQuantizer
@@ -100,7 +99,7 @@ class SaqSamSConfig(Ptq4SamSConfig):
     `fast`: at most FAST_PCC_PROMPTS), search_image: the index of the calibration image PCC
     searches on (the reference: the first, after `reference_order`)."""
 
-    activation_observer: Literal["avgminmax", "mse", "minmax", "percentile", "omse"] = "mse"
+    activation_observer: ActivationObserver = "mse"
     pcc: PccConfig = PccConfig()
     search_image: int = 0
 
