@@ -1,6 +1,5 @@
-"""The lockstep search engine: scipy's bounded Brent search vectorised over lanes, batched
-searches that equal the searches run alone, deferred observer searches, and the loss arithmetic
-per device."""
+"""The lockstep search engine: scipy's bounded Brent search as a generator, batched searches that
+equal the searches run alone, deferred observer searches, and the loss arithmetic per device."""
 
 from __future__ import annotations
 
@@ -11,8 +10,9 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
+from ptqbench.quant.bounded_brent import bounded_brent, run_alone
 from ptqbench.quant.fused_lp_error import HAS_TRITON, FusedLpError
-from ptqbench.quant.lockstep import BrentSearches, grid_qparams, lp_error, run_lockstep
+from ptqbench.quant.lockstep import grid_qparams, lp_error
 from ptqbench.quant.mse_search import search_tensor_ranges, side_of, tensor_extrema
 from ptqbench.quant.observers import DeferredSearches, make_observer
 
@@ -20,33 +20,19 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("max_iter", [None, 5, 17])
-def test_brent_lanes_visit_what_scipy_visits(max_iter):
-    """200 searches advanced together as lanes (finishing at different steps) visit, each, the
-    same points as scipy's bounded search alone and end at its minimiser and minimum, given the
-    float32 losses the reference hands it (`loss.cpu().numpy()`), on bumpy functions with plateaus."""
+def test_bounded_brent_visits_what_scipy_visits(max_iter):
+    """Same points, same minimiser, same minimum as scipy's bounded search, with the float32
+    losses the reference hands it (`loss.cpu().numpy()`), on bumpy functions with plateaus."""
     rng = np.random.default_rng(0)
-    functions = [_bumpy(rng.normal(size=5)) for _ in range(200)]
-    bounds = [sorted(rng.normal(size=2) * 3) for _ in range(200)]
-    bounds[7] = [1.5, 1.5]
-    seen_ours: list[list[float]] = [[] for _ in functions]
-
-    def score(lanes: np.ndarray, x: np.ndarray) -> torch.Tensor:
-        for lane, point in zip(lanes, x):
-            seen_ours[lane].append(float(point))
-        return torch.tensor([float(functions[lane](point)) for lane, point in zip(lanes, x)], dtype=torch.float32)
-
-    lanes = BrentSearches([lo for lo, _ in bounds], [hi for _, hi in bounds], score, max_iter)
-    run_lockstep([lanes])
-    options = None if max_iter is None else {"maxiter": max_iter}
-    for i, (f, (lo, hi)) in enumerate(zip(functions, bounds)):
-        seen_scipy: list[float] = []
-        if hi <= lo:
-            assert seen_ours[i] == [lo] and lanes.best_x[i] == lo and lanes.best_loss[i] == f(lo)
-            continue
+    for _ in range(200):
+        f = _bumpy(rng.normal(size=5))
+        lo, hi = sorted(rng.normal(size=2) * 3)
+        seen_scipy, seen_ours = [], []
+        options = None if max_iter is None else {"maxiter": max_iter}
         expected = minimize_scalar(_recording(f, seen_scipy), bounds=(lo, hi), method="bounded", options=options)
-        assert seen_ours[i] == seen_scipy
-        assert (lanes.best_x[i], lanes.best_loss[i]) == (expected.x, expected.fun)
-    assert len({len(seen) for seen in seen_ours}) > (5 if max_iter is None else 1)
+        got = run_alone(bounded_brent(lo, hi, max_iter), _recording(f, seen_ours))
+        assert seen_ours == seen_scipy
+        assert got == (expected.x, expected.fun)
 
 
 def _bumpy(c: np.ndarray) -> Callable[[float], np.ndarray]:
@@ -61,17 +47,10 @@ def _recording(f: Callable[[float], np.ndarray], seen: list[float]) -> Callable[
     return lambda x: seen.append(x) or f(x)
 
 
-def test_grid_qparams_is_the_reference_arithmetic():
-    """The vectorised qparams equal the reference's Python arithmetic, `round` half to even."""
-    rng = np.random.default_rng(3)
-    lo, hi = rng.normal(size=500) * 3, rng.normal(size=500) * 3
-    lo[:3], hi[:3] = [-0.5, -1.5, -2.5], [15.0 - 0.5, 15.0 - 1.5, 15.0 - 2.5]
-    scale, zero_point = grid_qparams(lo, hi, 4)
-    for a, b, s, z in zip(lo, hi, scale, zero_point):
-        low, high = min(a, 0.0), max(b, 0.0)
-        expected_scale = max((high - low) / 15, 1e-8)
-        assert s == expected_scale
-        assert z == int(min(max(0 - round(low / expected_scale), 0), 15))
+def test_point_interval_evaluates_once():
+    calls = []
+    assert run_alone(bounded_brent(2.0, 2.0), lambda x: calls.append(x) or 1.5) == (2.0, np.float32(1.5))
+    assert calls == [2.0]
 
 
 def _tensors() -> list[torch.Tensor]:
@@ -122,8 +101,7 @@ def test_loss_arithmetic_per_device(device):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(4000, generator=g) * 3).to(device)
     for lo, hi in [(-2.0, 3.1), (-0.7, 0.9), (0.0, 5.0)]:
-        (s,), (z,) = grid_qparams([lo], [hi], 4)
-        s, z = float(s), int(z)
+        s, z = grid_qparams(lo, hi, 4)
         for reciprocal in (False, True):
             got = lp_error(x, s, z, 4, 2.4, reciprocal=reciprocal)
             assert got.dtype == torch.float32 and got.device == x.device
@@ -143,17 +121,17 @@ def test_fused_loss_is_the_eager_arithmetic(p):
     g = torch.Generator().manual_seed(2)
     singles = [(torch.randn(1, generator=g) * 4).cuda() for _ in range(300)]
     ranges = [(-2.0, 3.1), (-0.7, 0.9), (0.0, 5.0), (-1e-3, 2e-3)]
-    scale, zero_point = grid_qparams([ranges[i % 4][0] for i in range(300)], [ranges[i % 4][1] for i in range(300)], 4)
-    fused = FusedLpError(singles, 4, p).losses(np.arange(300), scale, zero_point)
-    eager = torch.stack([lp_error(x, float(s), int(z), 4, p) for x, s, z in zip(singles, scale, zero_point)])
+    qparams = [grid_qparams(*ranges[i % 4], 4) for i in range(300)]
+    fused = FusedLpError(singles, 4, p).losses(list(range(300)), qparams)
+    eager = torch.stack([lp_error(x, s, z, 4, p) for x, (s, z) in zip(singles, qparams)])
     if p == 2.0:
         assert fused.equal(eager)
     else:
         assert torch.allclose(fused, eager, rtol=4e-7, atol=0)
     large = [(torch.randn(n, generator=g) * 2).cuda() for n in (5, 70_000, 300_001, 1 << 20)]
     scorer = FusedLpError(large, 6, p)
-    scale, zero_point = grid_qparams([-1.5 - i for i in range(4)], [2.0 + i for i in range(4)], 6)
-    together = scorer.losses(np.arange(4), scale, zero_point)
-    for i, (x, s, z) in enumerate(zip(large, scale, zero_point)):
-        assert scorer.losses(np.array([i]), scale[i : i + 1], zero_point[i : i + 1]).equal(together[i : i + 1])
-        assert torch.isclose(together[i], lp_error(x, float(s), int(z), 6, p), rtol=1e-5, atol=0)
+    qparams = [grid_qparams(-1.5 - i, 2.0 + i, 6) for i in range(4)]
+    together = scorer.losses([0, 1, 2, 3], qparams)
+    for i, (x, (s, z)) in enumerate(zip(large, qparams)):
+        assert scorer.losses([i], [(s, z)]).equal(together[i : i + 1])
+        assert torch.isclose(together[i], lp_error(x, s, z, 6, p), rtol=1e-5, atol=0)

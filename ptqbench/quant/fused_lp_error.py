@@ -161,23 +161,22 @@ class FusedLpError:
         numel_f32 = self.numels.astype(np.float32)
         self.inv_numels = np.float32(1.0) / numel_f32
 
-    def losses(self, rows: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> Tensor:
-        """rows: tensor indices [P]; scale, zero_point: one grid per row [P], as
-        `lockstep.grid_qparams` gives them -> float32 losses [P] on the device (queued, nothing
-        read back)."""
+    def losses(self, rows: Sequence[int], qparams: Sequence[tuple[float, int]]) -> Tensor:
+        """rows: tensor indices; qparams: one (scale, zero point) per row, as `lockstep.grid_qparams`
+        gives them -> float32 losses [len(rows)] on the device (queued, nothing read back)."""
         rows = np.asarray(rows, dtype=np.int64)
-        scales = np.asarray(scale).astype(np.float32)
-        table = np.stack([scales, np.float32(1.0) / scales, np.asarray(zero_point).astype(np.float32)], 1)
+        scales = np.array([s for s, _ in qparams], dtype=np.float32)
+        table = np.stack([scales, np.float32(1.0) / scales, np.array([z for _, z in qparams], dtype=np.float32)], 1)
         counts = self.chunks[rows]
         first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        chunk_row = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
-        ints = self._to_device(np.concatenate([self.addresses[rows], self.numels[rows], first, counts, chunk_row]))
-        address, numel, first_chunk, chunk_count = ints[: 4 * len(rows)].view(4, len(rows))
+        chunk_row = np.repeat(np.arange(len(rows), dtype=np.int32), counts)
+        ints = self._to_device(np.concatenate([self.addresses[rows], self.numels[rows], first, counts]))
+        address, numel, first_chunk, chunk_count = ints.view(4, len(rows))
         floats = self._to_device(np.concatenate([table.reshape(-1), self.inv_numels[rows]]))
         partials = torch.empty(int(chunk_row.size), dtype=torch.float32, device=self.device)
         out = torch.empty(len(rows), dtype=torch.float32, device=self.device)
         _partial_sums_kernel[(int(chunk_row.size),)](
-            address, numel, first_chunk, floats, ints[4 * len(rows):], partials,
+            address, numel, first_chunk, floats, self._to_device(chunk_row), partials,
             self.qmin, self.qmax, self.p, P_IS_TWO=self.p == 2.0, BLOCK=BLOCK, CHUNK=CHUNK,
             enable_fp_fusion=False)
         _row_means_kernel[(len(rows),)](partials, first_chunk, chunk_count, floats[3 * len(rows):], out,

@@ -1,89 +1,64 @@
 """Independent scalar searches advanced in lockstep, their losses read back once per step.
 
-A lane search (`LaneSearch`) holds many independent searches whose state lives in numpy arrays
-(`ptqbench.quant.bounded_brent.BrentLanes`). The reference runs its searches one after another and
-reads one loss back per evaluation; here every step queues the losses of every pending candidate
-of every search on the data's device (no read-back), reads them back in one transfer, and advances
-all searches with a few numpy operations. Each search still sees exactly the losses it would see
+A search is a generator (`ptqbench.quant.bounded_brent`): it yields a candidate, receives its
+loss, and finally returns its result. The reference runs its searches one after another and
+reads one loss back per evaluation; here every step collects the next candidate of every
+unfinished search, scores all of them on the data's device (queued work, no read-back), and
+reads the losses back in one transfer. Each search still sees exactly the losses it would see
 alone, so the results do not depend on how searches are batched.
 
-`BrentSearches` is the plain case (one bounded search per lane, scored by a callable);
-`ptqbench.quant.mse_search` nests two of them. `LpErrorRows` scores the MSE range searches.
+The searches of one batch are grouped by a `RowEvaluator`, which scores the candidates of its
+searches (one data row each) without reading anything back (for the MSE range search,
+`LpErrorRows`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Generator, Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ptqbench.quant.bounded_brent import BrentLanes
 from ptqbench.quant.functional import quant_range
 from ptqbench.quant.fused_lp_error import FusedLpError, can_fuse
 
 
-class LaneSearch(Protocol):
-    """Independent searches that want losses of their pending candidates, step after step."""
+class RowEvaluator(Protocol):
+    """Scores candidates for a group of searches, one data row per search."""
 
-    def done(self) -> bool:
-        """Whether every search has finished."""
-        ...
-
-    def score_pending(self) -> Tensor:
-        """The float32 losses [P] of the P pending candidates, queued on the data's device."""
-        ...
-
-    def tell(self, losses: np.ndarray) -> None:
-        """Hand back the P losses of `score_pending` (float32, same order)."""
+    def losses(self, rows: Sequence[int], candidates: Sequence[object]) -> Tensor:
+        """rows: the indices (into the group, increasing) of the searches still running;
+        candidates: one per row -> float32 losses [len(rows)] on the data's device."""
         ...
 
 
-def run_lockstep(searches: Sequence[LaneSearch]) -> None:
-    """Run every search to its end: each step scores the pending candidates of all unfinished
-    searches and brings their losses to the host in one transfer."""
-    while active := [search for search in searches if not search.done()]:
-        parts = [search.score_pending() for search in active]
+def run_lockstep(groups: Sequence[tuple[RowEvaluator, Sequence[Generator]]]) -> list[list[object]]:
+    """Run every search of every group to its end; returns each group's results in order.
+
+    groups: (evaluator, searches) pairs, searches[i] scored on the evaluator's row i. Each step
+    scores all pending candidates (one `losses` call per group with unfinished searches) and
+    brings the losses to the host in one transfer.
+    """
+    pending: list[dict[int, object]] = [{i: next(search) for i, search in enumerate(searches)}
+                                        for _, searches in groups]
+    results: list[list[object]] = [[None] * len(searches) for _, searches in groups]
+    while any(pending):
+        active = [g for g, waiting in enumerate(pending) if waiting]
+        parts = [groups[g][0].losses(list(pending[g]), list(pending[g].values())) for g in active]
         losses = torch.cat(parts).float().cpu().numpy()
         position = 0
-        for search, part in zip(active, parts):
-            search.tell(losses[position : position + part.numel()])
-            position += part.numel()
-
-
-class BrentSearches:
-    """One bounded Brent search per lane on [lower[i], upper[i]], its points scored by `score`.
-
-    score(lanes, x): lane indices [P] (int64) and their points [P] (float64) -> float32 losses [P]
-    on the data's device, queued. After `run_lockstep`, `best_x` / `best_loss` are each lane's
-    minimiser and minimum.
-    """
-
-    def __init__(self, lower: Sequence[float], upper: Sequence[float],
-                 score: Callable[[np.ndarray, np.ndarray], Tensor], max_iter: int | None = None) -> None:
-        self.lanes = BrentLanes(len(lower), max_iter)
-        self.active = np.arange(len(lower))
-        self.lanes.start(self.active, np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64))
-        self.score = score
-
-    def done(self) -> bool:
-        return self.active.size == 0
-
-    def score_pending(self) -> Tensor:
-        return self.score(self.active, self.lanes.x[self.active])
-
-    def tell(self, losses: np.ndarray) -> None:
-        self.active = self.active[~self.lanes.tell(self.active, losses)]
-
-    @property
-    def best_x(self) -> np.ndarray:
-        return self.lanes.xf
-
-    @property
-    def best_loss(self) -> np.ndarray:
-        return self.lanes.fx
+        for g in active:
+            searches = groups[g][1]
+            for i in list(pending[g]):
+                try:
+                    pending[g][i] = searches[i].send(np.float32(losses[position]))
+                except StopIteration as stop:
+                    del pending[g][i]
+                    results[g][i] = stop.value
+                position += 1
+    return results
 
 
 def deferral_limit(device: torch.device) -> int:
@@ -94,16 +69,14 @@ def deferral_limit(device: torch.device) -> int:
     return 1 << 30
 
 
-def grid_qparams(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's `calculate_qparams` for candidate ranges (lo, hi) [P], in float64 on the
-    host (as its Python arithmetic): each range widened to include 0, scale = width / (qmax - qmin)
-    (at least 1e-8), and the zero point qmin - round(low / scale) (half to even, as Python's
-    `round`) clamped to the grid. Returns (scale [P] float64, zero point [P] int64)."""
+def grid_qparams(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """The reference's `calculate_qparams` for one candidate range, in float64 on the host:
+    the range widened to include 0, scale = width / (qmax - qmin) (at least 1e-8), and the
+    zero point qmin - round(low / scale) clamped to the grid."""
     qmin, qmax = quant_range(bits)
-    low = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
-    high = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
-    scale = np.maximum((high - low) / (qmax - qmin), 1e-8)
-    zero_point = np.clip(qmin - np.rint(low / scale), qmin, qmax).astype(np.int64)
+    low, high = min(lo, 0.0), max(hi, 0.0)
+    scale = max((high - low) / (qmax - qmin), 1e-8)
+    zero_point = int(min(max(qmin - round(low / scale), qmin), qmax))
     return scale, zero_point
 
 
@@ -111,7 +84,7 @@ def lp_error(x: Tensor, scale: float, zero_point: int, bits: int, p: float,
              reciprocal: bool | None = None) -> Tensor:
     """mean(|Q(x) - x|^p) of one tensor under a per-tensor grid, a 0-d float32 tensor on x's device.
 
-    x: float32, any shape; scale, zero_point: Python numbers (from `grid_qparams`), as the reference
+    x: float32, any shape; scale, zero_point: Python numbers (`grid_qparams`), as the reference
     hands them to its fake quantization. Q is that fake quantization (`round(x / s) + z`, clamped to
     the grid, minus z, times s) in the arithmetic the reference gets on each device: true division
     by the float32 scale on the CPU; on a GPU, torch multiplies by the float32 reciprocal of the
@@ -141,10 +114,9 @@ class LpErrorRows:
         self.bits, self.p = bits, p
         self.fused = FusedLpError(self.tensors, bits, p) if can_fuse(self.tensors) else None
 
-    def losses(self, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> Tensor:
-        """rows: tensor indices [P]; lo, hi: candidate ranges [P] -> float32 losses [P], queued."""
-        scale, zero_point = grid_qparams(lo, hi, self.bits)
+    def losses(self, rows: Sequence[int], candidates: Sequence[object]) -> Tensor:
+        qparams = [grid_qparams(lo, hi, self.bits) for lo, hi in candidates]
         if self.fused is not None:
-            return self.fused.losses(rows, scale, zero_point)
-        return torch.stack([lp_error(self.tensors[row], float(s), int(z), self.bits, self.p)
-                            for row, s, z in zip(rows, scale, zero_point)])
+            return self.fused.losses(rows, qparams)
+        return torch.stack([lp_error(self.tensors[row], scale, zero_point, self.bits, self.p)
+                            for row, (scale, zero_point) in zip(rows, qparams)])

@@ -9,7 +9,7 @@ wraps them into observers (`make_observer("mse")`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ptqbench.errors import ConfigError
-from ptqbench.quant.bounded_brent import BrentLanes
+from ptqbench.quant.bounded_brent import bounded_brent, drive, loss_of
 from ptqbench.quant.functional import affine_qparams, quant_range
 from ptqbench.quant.fused_lp_error import can_fuse, channel_grid_minima
 from ptqbench.quant.lockstep import LpErrorRows, run_lockstep
@@ -195,90 +195,50 @@ def tensor_extrema(xs: Sequence[Tensor]) -> list[tuple[float, float]]:
 Range = tuple[float, float]
 
 
-class MseFastSearches:
-    """The reference's per-tensor MSEFast search (SAQ-SAM `observer.py:270-367`) for many tensors of
-    one bit width, as a lane search (`run_lockstep`): lane i searches tensors[i], whose float32
-    (min, max) is extrema[i] and sidedness sides[i]; `ranges()` gives the chosen ranges.
+def mse_fast_search(side: OneSide, x_min: float, x_max: float, bits: int,
+                    max_iter: int | None = None) -> Generator[Range, np.float32, Range]:
+    """The reference's per-tensor MSEFast search (SAQ-SAM `observer.py:270-367`) as a search
+    generator: yields candidate grids (lo, hi), receives each one's mean(|Q(x) - x|^p), returns
+    the chosen range. x_min, x_max: the data's float32 min and max; side: its sidedness.
 
     - One-sided ('pos' / 'neg'): a bounded search of r over [min(0.1, 0.01 R), R],
-      R = max(|x_min|, x_max), of the grid [0, r] (or [-r, 0]); the range is (0, r) or (-r, 0).
+      R = max(|x_min|, x_max), of the grid [0, r] (or [-r, 0]); returns (0, r) or (-r, 0).
     - Two-sided: R = x_max - x_min (float32); each width r in [min(0.1, 0.01 R), R] is scored by
       the best shift t in [qmin d, qmax d] (d = r / (qmax - qmin)) of the grid [-t, r - t]
       (a nested bounded search), then the best shift of the chosen width is searched again;
-      the range is that grid clipped to the data, (max(-t, x_min), min(r - t, x_max)).
-    Every search is scipy's bounded Brent search with its default tolerance (`BrentLanes`), the
-    width searches in `outer`, the shift searches in `inner`; `max_iter` caps each one (the `fast`
-    preset's cut; None = scipy's default). Each candidate grid is scored by `LpErrorRows`.
+      the result is that grid clipped to the data, (max(-t, x_min), min(r - t, x_max)).
+    Every search is scipy's bounded Brent search with its default tolerance (`bounded_brent`);
+    `max_iter` caps each one (the `fast` preset's cut; None = scipy's default).
     """
+    qmin, qmax = quant_range(bits)
+    if side != "no":
+        extent = max(abs(x_min), x_max)
 
-    def __init__(self, tensors: Sequence[Tensor], sides: Sequence[OneSide], extrema: Sequence[tuple[float, float]],
-                 bits: int, p: float, max_iter: int | None = None) -> None:
-        self.rows = LpErrorRows(tensors, bits, p)
-        self.extrema = list(extrema)
-        self.qmin, self.qmax = quant_range(bits)
-        size = len(self.extrema)
-        self.sign = np.array([{"pos": 1.0, "neg": -1.0, "no": 0.0}[side] for side in sides])
-        self.two_sided = self.sign == 0.0
-        extent = np.array([float(np.float32(hi) - np.float32(lo)) if side == "no" else max(abs(lo), hi)
-                           for side, (lo, hi) in zip(sides, self.extrema)])
-        self.outer, self.inner = BrentLanes(size, max_iter), BrentLanes(size, max_iter)
-        self.active = np.arange(size)
-        self.outer.start(self.active, np.minimum(0.1, 0.01 * extent), extent)
-        self.width = np.zeros(size)
-        self.final = np.zeros(size, dtype=bool)
-        self._start_shifts(self.active[self.two_sided], self.outer.x[self.two_sided])
+        def grid(r: float) -> Range:
+            return (0.0 if side == "pos" else -r), (0.0 if side == "neg" else r)
 
-    def _start_shifts(self, lanes: np.ndarray, width: np.ndarray) -> None:
-        """Start the shift searches of `lanes` for the grid widths `width`."""
-        step = width / float(self.qmax - self.qmin)
-        self.inner.start(lanes, step * self.qmin, step * self.qmax)
-        self.width[lanes] = width
+        r_best, _ = yield from drive(bounded_brent(min(0.1, 0.01 * extent), extent, max_iter),
+                                     lambda r: loss_of(grid(r)))
+        return grid(r_best)
+    extent = float(np.float32(x_max) - np.float32(x_min))
 
-    def done(self) -> bool:
-        return self.active.size == 0
+    def best_shift(r: float) -> Generator[Range, np.float32, tuple[float, np.float32]]:
+        step = r / float(qmax - qmin)
+        return drive(bounded_brent(step * qmin, step * qmax, max_iter), lambda t: loss_of((0.0 - t, r - t)))
 
-    def score_pending(self) -> Tensor:
-        lanes = self.active
-        two_sided = self.two_sided[lanes]
-        r = self.outer.x[lanes]
-        shift = self.inner.x[lanes]
-        lo = np.where(two_sided, 0.0 - shift, np.where(self.sign[lanes] > 0, 0.0, -r))
-        hi = np.where(two_sided, self.width[lanes] - shift, np.where(self.sign[lanes] > 0, r, 0.0))
-        return self.rows.losses(lanes, lo, hi)
+    def loss_of_width(r: float) -> Generator[Range, np.float32, np.float32]:
+        _, loss = yield from best_shift(r)
+        return loss
 
-    def tell(self, losses: np.ndarray) -> None:
-        lanes = self.active
-        two_sided = self.two_sided[lanes]
-        one = lanes[~two_sided]
-        finished = [one[self.outer.tell(one, losses[~two_sided])]]
-        two = lanes[two_sided]
-        shifted = two[self.inner.tell(two, losses[two_sided])]
-        finished.append(shifted[self.final[shifted]])
-        scored = shifted[~self.final[shifted]]
-        width_done = self.outer.tell(scored, self.inner.fx[scored])
-        chosen, going_on = scored[width_done], scored[~width_done]
-        self.final[chosen] = True
-        self._start_shifts(chosen, self.outer.xf[chosen])
-        self._start_shifts(going_on, self.outer.x[going_on])
-        self.active = np.setdiff1d(lanes, np.concatenate(finished), assume_unique=True)
-
-    def ranges(self) -> list[Range]:
-        """Each lane's chosen range, in lane order (Python floats)."""
-        found: list[Range] = []
-        for i, (x_min, x_max) in enumerate(self.extrema):
-            r = float(self.outer.xf[i])
-            if self.two_sided[i]:
-                t = float(self.inner.xf[i])
-                found.append((max(0.0 - t, x_min), min(r - t, x_max)))
-            else:
-                found.append((0.0, r) if self.sign[i] > 0 else (-r, 0.0))
-        return found
+    r_best, _ = yield from drive(bounded_brent(min(0.1, 0.01 * extent), extent, max_iter), loss_of_width)
+    t_best, _ = yield from best_shift(r_best)
+    return max(0.0 - t_best, x_min), min(r_best - t_best, x_max)
 
 
 def search_tensor_ranges(xs: Sequence[Tensor], sides: Sequence[OneSide], bits: Sequence[int], p: float,
                          max_iter: int | None = None,
                          extrema: Sequence[tuple[float, float]] | None = None) -> list[Range]:
-    """The MSEFast search (`MseFastSearches`) of many tensors at once, in lockstep (`run_lockstep`).
+    """`mse_fast_search` for many tensors at once, in lockstep (`run_lockstep`).
 
     xs: tensors of any shapes, on one device; sides, bits: per tensor; extrema: their
     `tensor_extrema` when already known. Returns each tensor's range, in order; every range equals
@@ -288,20 +248,21 @@ def search_tensor_ranges(xs: Sequence[Tensor], sides: Sequence[OneSide], bits: S
     members: dict[int, list[int]] = {}
     for i, b in enumerate(bits):
         members.setdefault(b, []).append(i)
-    searches = [MseFastSearches([xs[i].detach().float() for i in indices], [sides[i] for i in indices],
-                                [extrema[i] for i in indices], group_bits, p, max_iter)
-                for group_bits, indices in members.items()]
-    run_lockstep(searches)
+    groups = []
+    for group_bits, indices in members.items():
+        tensors = [xs[i].detach().float() for i in indices]
+        searches = [mse_fast_search(sides[i], *extrema[i], group_bits, max_iter) for i in indices]
+        groups.append((LpErrorRows(tensors, group_bits, p), searches))
     ranges: list[Range] = [(0.0, 0.0)] * len(xs)
-    for indices, search in zip(members.values(), searches):
-        for i, found_range in zip(indices, search.ranges()):
+    for indices, found in zip(members.values(), run_lockstep(groups)):
+        for i, found_range in zip(indices, found):
             ranges[i] = found_range
     return ranges
 
 
 def bounded_search_per_tensor(x: Tensor, bits: int, p: float, side: OneSide | None = None,
                               max_iter: int | None = None) -> Range:
-    """The per-tensor range of the reference's MSEFast search for one tensor (`MseFastSearches`).
+    """The per-tensor range of the reference's MSEFast search for one tensor (`mse_fast_search`).
 
     x: any shape, on any device; side: the data's sidedness (None = decide from x).
     """

@@ -262,7 +262,7 @@ class MSEObserver(SearchObserver):
     """Lp clipping search (LAPQ / BRECQ / QDrop / PTQ4SAM), p = 2.4 by default.
 
     Per channel (`channel_axis` given, weights): `grid_search_per_channel` on each update.
-    Per tensor (activations): the reference's AvgMSEFast observer, `MseFastSearches` on each
+    Per tensor (activations): the reference's AvgMSEFast observer, `mse_fast_search` on each
     update with the sidedness of the first update kept for the later ones; searched at once, or,
     after `defer_searches`, together with other observers' updates (same ranges).
     The per-update ranges are averaged over updates.

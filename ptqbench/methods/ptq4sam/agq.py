@@ -11,7 +11,7 @@ with A the attention probabilities and V the values of that image. Over images t
 are averaged and the errors summed; tau is the argmin of the summed error (ties: the smaller tau).
 p = 2.4 follows the reference code (the paper writes p = 2).
 
-Each search is the reference's bounded Brent search (`BrentSearches`), run in lockstep with the
+Each search is the reference's bounded Brent search (`bounded_brent`), run in lockstep with the
 other taus and the other attention maps (`run_lockstep`): every step scores all pending
 candidates on the device and reads their losses back at once.
 
@@ -34,7 +34,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ptqbench.errors import PtqbenchError
 from ptqbench.quant import functional as qf
-from ptqbench.quant.lockstep import BrentSearches, deferral_limit, run_lockstep
+from ptqbench.quant.bounded_brent import Search, bounded_brent
+from ptqbench.quant.lockstep import deferral_limit, run_lockstep
 
 AGQ_TAUS: tuple[int, ...] = (1, 2, 4)
 AGQ_P = 2.4
@@ -100,21 +101,20 @@ class AgqResult:
 
 
 class AgqRows:
-    """The AGQ loss of one image's attention map for each tau's search (the lanes of a `BrentSearches`).
+    """The AGQ loss of one image's attention map for each tau's search (`run_lockstep` rows).
 
     attn: [..., Nq, Nk], value: [..., Nk, D] (after `split_heads`), float32 on one device.
-    A candidate of lane i is a scale for the grid with base 2^(1/taus[i]).
+    A candidate of row i is a scale for the grid with base 2^(1/taus[i]).
     """
 
     def __init__(self, attn: Tensor, value: Tensor, taus: tuple[int, ...], bits: int, p: float) -> None:
         self.attn, self.value, self.target = attn, value, attn @ value
         self.taus, self.bits, self.p = taus, bits, p
 
-    def losses(self, lanes: np.ndarray, scales: np.ndarray) -> Tensor:
-        """lanes [P] (indices into taus), scales [P] (float64) -> float32 losses [P], queued."""
-        on_device = torch.from_numpy(scales.astype(np.float32)).to(self.attn.device)
-        return torch.stack([agq_loss(self.attn, self.value, scale, self.taus[lane], self.bits, self.p, self.target)
-                            for lane, scale in zip(lanes, on_device)])
+    def losses(self, rows: Sequence[int], candidates: Sequence[object]) -> Tensor:
+        scales = torch.tensor([float(s) for s in candidates], dtype=torch.float32).to(self.attn.device)
+        return torch.stack([agq_loss(self.attn, self.value, scale, self.taus[row], self.bits, self.p, self.target)
+                            for row, scale in zip(rows, scales)])
 
 
 @dataclass
@@ -129,9 +129,9 @@ class AgqSearch:
     scale_sums: dict[int, float] = field(default_factory=dict)
     error_sums: dict[int, float] = field(default_factory=dict)
 
-    def searches(self, attn: Tensor, value: Tensor, attn_max: float) -> BrentSearches:
-        """The lane search of one image: every tau's bounded search of the scale over
-        `agq_scale_bounds(attn_max)`, one lane per tau. Feed it, once run, to `record`.
+    def searches(self, attn: Tensor, value: Tensor, attn_max: float) -> tuple[AgqRows, list[Search]]:
+        """The lockstep group of one image: every tau's bounded search of the scale over
+        `agq_scale_bounds(attn_max)` and their evaluator. Feed the results to `record`.
 
         attn: A [..., Nq, Nk]; value: [..., Nk, D] with A's leading dims, or [B, Nk, C] for
         A [B, heads, Nq, Nk] (see `split_heads`); attn_max: max(A).
@@ -141,11 +141,11 @@ class AgqSearch:
         check_multiplies(attn, value)
         low, high = agq_scale_bounds(attn_max)
         rows = AgqRows(attn, value, self.taus, self.bits, self.p)
-        return BrentSearches([low] * len(self.taus), [high] * len(self.taus), rows.losses, self.max_iter)
+        return rows, [bounded_brent(low, high, self.max_iter) for _ in self.taus]
 
-    def record(self, found: BrentSearches) -> None:
-        """Add one image's (scale, error) per tau, from its finished searches (lanes in `taus` order)."""
-        for tau, scale, error in zip(self.taus, found.best_x, found.best_loss):
+    def record(self, found: Sequence[tuple[float, np.float32]]) -> None:
+        """Add one image's (scale, error) per tau, in `taus` order."""
+        for tau, (scale, error) in zip(self.taus, found):
             self.scale_sums[tau] = self.scale_sums.get(tau, 0.0) + float(scale)
             self.error_sums[tau] = self.error_sums.get(tau, 0.0) + float(error)
         self.images += 1
@@ -153,9 +153,8 @@ class AgqSearch:
     @torch.no_grad()
     def update(self, attn: Tensor, value: Tensor) -> None:
         """Search every tau on one image's attention map A [..., Nq, Nk] and values V (see `searches`)."""
-        search = self.searches(attn, value, attn.max().item())
-        run_lockstep([search])
-        self.record(search)
+        (found,) = run_lockstep([self.searches(attn, value, attn.max().item())])
+        self.record(found)
 
     def result(self) -> AgqResult:
         """tau = argmin of the summed error (first of `taus` on ties), scale = mean over images."""
@@ -231,10 +230,9 @@ class AgqCapture:
         if not maps:
             return
         maxima = torch.stack([attn.max() for _, attn, _ in maps]).cpu().tolist()
-        searches = [self.searches[name].searches(attn, value, attn_max)
-                    for (name, attn, value), attn_max in zip(maps, maxima)]
-        run_lockstep(searches)
-        for (name, _, _), found in zip(maps, searches):
+        groups = [self.searches[name].searches(attn, value, attn_max)
+                  for (name, attn, value), attn_max in zip(maps, maxima)]
+        for (name, _, _), found in zip(maps, run_lockstep(groups)):
             self.searches[name].record(found)
 
     def results(self) -> dict[str, AgqResult]:
