@@ -33,12 +33,12 @@ from tabulate import tabulate
 from ptqbench.config import BitSpec
 from ptqbench.distributed import DistributedContext, shard_of
 from ptqbench.methods.minmax import MinMax
+from ptqbench.models.sam1.calibration import build_calibration_set
+from ptqbench.models.sam1.inference import BoxPredictor
+from ptqbench.models.sam1.models import build_sam_official, build_sam_tiny
+from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
-from ptqbench.sam.calibration import build_calibration_set
-from ptqbench.sam.inference import BoxPredictor
-from ptqbench.sam.models import build_sam_official, build_sam_tiny
-from ptqbench.sam.quantized import quantize_sam
 from ptqbench.tasks.base import TaskConfig
 from ptqbench.tasks.coco import CocoTask
 from ptqbench.types import CalibrationItem

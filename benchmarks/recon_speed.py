@@ -23,13 +23,14 @@ from tabulate import tabulate
 
 from ptqbench.methods.qdrop import PAPER_ITERATIONS, qdrop_config
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.calibration import sample_forward
+from ptqbench.models.sam1.models import build_sam_official, build_sam_tiny
+from ptqbench.models.sam1.quantized import quantize_sam
+from ptqbench.models.sam1.units import sam_units
 from ptqbench.quant.observers import make_observer
 from ptqbench.recon.engine import ReconstructionSettings, reconstruct
 from ptqbench.recon.unit import Unit
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_forward
-from ptqbench.sam.models import build_sam_official, build_sam_tiny
-from ptqbench.sam.quantized import quantize_sam
-from ptqbench.sam.units import sam_units
 
 PAPER_CALIBRATION_IMAGES = 32
 WARMUP_STEPS = 5

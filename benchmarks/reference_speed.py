@@ -67,10 +67,11 @@ from tabulate import tabulate
 from torch import nn
 
 from ptqbench.methods.ptq4sam.method import Ptq4SamS, apply_big
+from ptqbench.models.calibration import CalibrationSet
+from ptqbench.models.sam1 import models as ptqbench_models
+from ptqbench.models.sam1.calibration import sample_forward
+from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.recon.engine import ReconstructionSettings
-from ptqbench.sam import models as ptqbench_models
-from ptqbench.sam.calibration import CalibrationSet, sample_forward
-from ptqbench.sam.quantized import quantize_sam
 
 from recon_speed import WARMUP_STEPS, bench_model, build, random_calibration  # the script folder is on sys.path
 from stats_speed import timed

@@ -28,7 +28,7 @@ from tabulate import tabulate
 from ptqbench.config import BitSpec
 from ptqbench.methods.saqsam.method import SaqSam
 from ptqbench.methods.saqsam.par import par_units, with_iterations
-from ptqbench.sam.quantized import quantize_sam
+from ptqbench.models.sam1.quantized import quantize_sam
 
 from recon_speed import add_calibration_arguments, build, random_calibration  # the script folder is on sys.path
 

@@ -22,7 +22,7 @@ from tabulate import tabulate
 from ptqbench.config import BitSpec
 from ptqbench.methods.mse import Mse
 from ptqbench.methods.ptq4sam.method import Ptq4SamS, apply_big
-from ptqbench.sam.quantized import quantize_sam
+from ptqbench.models.sam1.quantized import quantize_sam
 
 from recon_speed import add_calibration_arguments, build, random_calibration  # the script folder is on sys.path
 

@@ -260,7 +260,7 @@ def _list(args: argparse.Namespace) -> None:
     if args.what == "tasks":
         from ptqbench.tasks.base import TASKS as registry
     else:
-        from ptqbench.sam.models import MODELS as registry
+        from ptqbench.models.spec import MODELS as registry
     sys.stdout.write("\n".join(registry.names()) + "\n")
 
 

@@ -45,13 +45,13 @@ from ptqbench.methods.options import (
     preset_config,
     with_options,
 )
+from ptqbench.models.adapter import adapter_for
+from ptqbench.models.calibration import CalibrationSet
+from ptqbench.models.checkpoints import load_model
+from ptqbench.models.spec import MODELS, LoadedModel
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
 from ptqbench.results import STORE_FILENAME, RunRecord, RunStore, now_iso, write_leaderboards
-from ptqbench.sam.calibration import CalibrationSet, build_calibration_set
-from ptqbench.sam.inference import BoxPredictor
-from ptqbench.sam.models import MODELS, LoadedModel, load_model
-from ptqbench.sam.quantized import fp_twin, quantize_sam
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, route_task_options
 from ptqbench.types import CalibrationItem
 
@@ -82,7 +82,7 @@ def resolve(config: RunConfig, *, model_given: bool) -> ResolvedRun:
     for name in config.methods:
         METHODS.canonical(name)
     data_root, is_demo = _data_root(config, model_given)
-    preset = config.preset or ("fast" if config.model == "sam_tiny" else "paper")
+    preset = config.preset or MODELS.get(config.model)().default_preset
     return ResolvedRun(config, data_root, is_demo, preset, _device(config.device), _method_configs(config, preset))
 
 
@@ -245,7 +245,8 @@ class Harness:
             if self._finished(fp_fields):
                 log.info("skipping %s fp: already in the store", task.name)
             else:
-                self._evaluate_cell(task, fp_twin(loaded.model).to(self.device), fp_fields, None, calib_s=0.0)
+                fp_model = loaded.adapter.fp_twin(loaded.model).to(self.device)
+                self._evaluate_cell(task, fp_model, fp_fields, None, calib_s=0.0)
         calib: CalibrationSet | None = None
         for method_name in self.config.methods:
             method_name = METHODS.canonical(method_name)
@@ -264,7 +265,7 @@ class Harness:
         fields = None
         if self.dist.is_main:
             if calib is None:
-                calib = build_calibration_set(loaded.model, self._calibration_items(task), self.device)
+                calib = loaded.adapter.calibration_set(loaded.model, self._calibration_items(task), self.device)
             fields = self._record(loaded, task, dataset_fingerprint, method_name, spec, calib.fingerprint, labels)
         if self._finished(fields):
             log.info("skipping %s %s %s: already in the store", task.name, method_name, spec.label)
@@ -325,7 +326,7 @@ class Harness:
         (state_dict and per-quantizer attributes), which each other rank loads into its own
         twin of the FP model. Other ranks report 0 calibration seconds (they do not record).
         """
-        qmodel = quantize_sam(loaded.model, spec.w_bits, spec.a_bits).to(self.device)
+        qmodel = loaded.adapter.quantized_twin(loaded.model, spec.w_bits, spec.a_bits).to(self.device)
         calib_s = 0.0
         if self.dist.is_main:
             config = self.run.method_configs[method_name]
@@ -353,7 +354,7 @@ class Harness:
         """
         limit = self.config.limit
         indices = self.dist.shard(range(task.eval_image_count(limit)))
-        predictions = task.predict(BoxPredictor(model, self.device), indices, self.progress)
+        predictions = task.predict(adapter_for(model).predictor(model, self.device), indices, self.progress)
         gathered = self.dist.gather_to_main(list(zip(indices, predictions)))
         if not self.dist.is_main:
             return None

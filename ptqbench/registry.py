@@ -50,10 +50,10 @@ BUILTINS: dict[str, dict[str, Builtin]] = {
     },
     "task": {"coco": Builtin(_T + "coco"), "dota": Builtin(_T + "dota"), "ade20k": Builtin(_T + "ade20k")},
     "model": {
-        "sam_tiny": Builtin("ptqbench.sam.models", ("tiny",)),
-        "sam_vit_b": Builtin("ptqbench.sam.models", ("vit_b",)),
-        "sam_vit_l": Builtin("ptqbench.sam.models", ("vit_l",)),
-        "sam_vit_h": Builtin("ptqbench.sam.models", ("vit_h",)),
+        "sam_tiny": Builtin("ptqbench.models.sam1.models", ("tiny",)),
+        "sam_vit_b": Builtin("ptqbench.models.sam1.models", ("vit_b",)),
+        "sam_vit_l": Builtin("ptqbench.models.sam1.models", ("vit_l",)),
+        "sam_vit_h": Builtin("ptqbench.models.sam1.models", ("vit_h",)),
     },
 }
 # kind -> built-in name -> its aliases (derived from BUILTINS).

@@ -31,7 +31,7 @@ def small_demo(tmp_path_factory) -> Path:
 @pytest.fixture()
 def sam_tiny():
     """A fresh untrained sam_tiny whose relative-position tables are non-zero (so they matter)."""
-    from ptqbench.sam.models import build_sam_tiny
+    from ptqbench.models.sam1.models import build_sam_tiny
 
     model = build_sam_tiny(seed=0)
     generator = torch.Generator().manual_seed(1)

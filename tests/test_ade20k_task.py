@@ -253,8 +253,8 @@ def test_class_names():
 
 
 def _tiny_predictor():
-    models = pytest.importorskip("ptqbench.sam.models")
-    inference = pytest.importorskip("ptqbench.sam.inference")
+    models = pytest.importorskip("ptqbench.models.sam1.models")
+    inference = pytest.importorskip("ptqbench.models.sam1.inference")
     return inference.BoxPredictor(models.build_sam_tiny(), device="cpu")
 
 
@@ -324,8 +324,8 @@ def test_automatic_masks_match_generate():
         # the same box again from a smaller crop: NMS between crops keeps this one
         tuple(first): [rectangle(slice(5, 25), slice(5, 30)), islanded],
     }
-    model = pytest.importorskip("ptqbench.sam.models").build_sam_tiny()
-    from ptqbench.sam.automatic import automatic_masks
+    model = pytest.importorskip("ptqbench.models.sam1.models").build_sam_tiny()
+    from ptqbench.models.sam1.automatic import automatic_masks
 
     generator = ScriptedGenerator(model, scripted)
     expected = [record["segmentation"] for record in generator.generate(image)]

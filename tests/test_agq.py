@@ -9,9 +9,9 @@ import torch
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 from ptqbench.methods.ptq4sam.agq import AgqCapture, AgqSearch, agq_error, agq_scale_bounds, split_heads
+from ptqbench.models.sam1.quantized import QuantDecoderAttention
 from ptqbench.quant.functional import fake_quant_log2
 from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.sam.quantized import QuantDecoderAttention
 
 
 def test_log2_grid_matches_the_formula_by_hand():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ptqbench.sam.batched_encoder import BatchedImageEncoder
+from ptqbench.models.sam1.batched_encoder import BatchedImageEncoder
 
 
 def _inputs(encoder, count: int) -> list[torch.Tensor]:
@@ -64,7 +64,7 @@ def test_batch_dependent_blocks_fall_back_to_single_images(sam_tiny, caplog):
     with torch.no_grad():
         expected = [encoder(x) for x in inputs]
     batched = BatchedImageEncoder(encoder, batch_size=3)
-    with caplog.at_level(logging.WARNING, logger="ptqbench.sam.batched_encoder"):
+    with caplog.at_level(logging.WARNING, logger="ptqbench.models.sam1.batched_encoder"):
         embeddings = batched(inputs)
     assert "different bits for a batch of 3 images" in caplog.text
     assert all(torch.equal(e, r) for e, r in zip(embeddings, expected))

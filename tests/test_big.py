@@ -8,8 +8,9 @@ import torch
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 from ptqbench.methods.ptq4sam.big import channel_signs, fold_channel_signs, is_bimodal, kde_peaks
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
-from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.calibration import sam_forward
+from ptqbench.models.sam1.quantized import QuantDecoderAttention, quantize_sam
 
 
 def _logits(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

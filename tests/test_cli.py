@@ -163,7 +163,7 @@ def test_unexpected_cell_exception_is_one_line_keeps_finished_cells_and_logs_the
 def test_a_checkpoint_that_is_not_the_official_one_is_accepted_and_labelled(small_demo, tmp_path):
     import torch
 
-    from ptqbench.sam.models import load_model
+    from ptqbench.models.checkpoints import load_model
 
     weights = tmp_path / "sam_tiny_fp32.pth"  # the shipped weights, stored in float32: other bytes
     torch.save(load_model("sam_tiny").model.state_dict(), weights)
@@ -213,8 +213,8 @@ def test_list_methods_has_one_line_description_each(capsys):
 
 def test_builtin_name_catalogue_matches_the_registries():
     from ptqbench.methods.base import METHODS
+    from ptqbench.models.spec import MODELS
     from ptqbench.registry import BUILTIN_NAMES
-    from ptqbench.sam.models import MODELS
     from ptqbench.tasks.base import TASKS
 
     for registry in (METHODS, TASKS, MODELS):

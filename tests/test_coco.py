@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ptqbench.errors import DataError
-from ptqbench.sam.inference import PendingMasks
+from ptqbench.models.sam1.inference import PendingMasks
 from ptqbench.tasks.base import TASKS, TaskConfig
 from ptqbench.tasks.coco import RESULTS_FILE, CocoTask, load_split, score_results_file
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, write_results
@@ -385,8 +385,8 @@ def test_fingerprint():
 
 
 def test_evaluate_with_tiny_sam(tmp_path):
-    from ptqbench.sam.inference import BoxPredictor
-    from ptqbench.sam.models import build_sam_tiny
+    from ptqbench.models.sam1.inference import BoxPredictor
+    from ptqbench.models.sam1.models import build_sam_tiny
 
     task = CocoTask(TaskConfig(data_root=REALDATA, model_input_size=256))
     metrics = task.evaluate(BoxPredictor(build_sam_tiny()), limit=2, progress=False, out_dir=tmp_path)

@@ -22,12 +22,12 @@ from ptqbench.demo.writers import DemoSizes
 from ptqbench.distributed import DistributedContext, shard_of
 from ptqbench.errors import PtqbenchError
 from ptqbench.methods.minmax import MinMax
+from ptqbench.models.sam1.calibration import build_calibration_set, sam_forward
+from ptqbench.models.sam1.models import build_sam_tiny
+from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation, weight_layers
-from ptqbench.sam.calibration import build_calibration_set, sam_forward
-from ptqbench.sam.models import build_sam_tiny
-from ptqbench.sam.quantized import quantize_sam
 from ptqbench.types import CalibrationItem
 
 REPO = Path(__file__).resolve().parents[1]

@@ -244,8 +244,8 @@ def test_bad_images_and_missing_labels(tmp_path: Path) -> None:
 
 
 def test_evaluate_with_sam_tiny_box_predictor(tmp_path: Path) -> None:
-    from ptqbench.sam.inference import BoxPredictor
-    from ptqbench.sam.models import build_sam_tiny
+    from ptqbench.models.sam1.inference import BoxPredictor
+    from ptqbench.models.sam1.models import build_sam_tiny
 
     write_dota(tmp_path / "data")
     predictor = BoxPredictor(build_sam_tiny(seed=0))

@@ -30,11 +30,11 @@ from ptqbench.errors import SealError
 from ptqbench.harness import Harness
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.minmax import MinMax
+from ptqbench.models.sam1.models import build_sam_tiny
+from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation, site_name, weight_layers
-from ptqbench.sam.models import build_sam_tiny
-from ptqbench.sam.quantized import quantize_sam
 
 ONE_IMAGE = DemoSizes(coco_val=1, coco_train=1, dota_val=1, dota_train=1, ade_val=1, ade_train=1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
-from ptqbench.sam.fused_rel_pos import HAS_TRITON, add_rel_pos_, can_fuse
-from ptqbench.sam.quantized import add_rel_pos, fp_twin
+from ptqbench.models.sam1.fused_rel_pos import HAS_TRITON, add_rel_pos_, can_fuse
+from ptqbench.models.sam1.quantized import add_rel_pos, fp_twin
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="the fused add needs a GPU")
 

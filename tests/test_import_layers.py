@@ -1,6 +1,6 @@
 """Import layering of ptqbench, checked statically (the source is parsed with `ast`, never imported).
 
-The graph has one node per subpackage (``ptqbench.quant``, ``ptqbench.sam``, ``ptqbench.methods``,
+The graph has one node per subpackage (``ptqbench.quant``, ``ptqbench.models.sam1``, ``ptqbench.methods``,
 ``ptqbench.tasks``, ``ptqbench.demo``) or top-level module (``ptqbench.harness``,
 ``ptqbench.config``, ...). An edge A -> B is a module-level import in A of anything in B, resolved
 for relative and absolute forms. Imports inside functions or classes are lazy and do not count;
@@ -19,7 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "ptqbench"
 # pair; they are to be removed, never added to. Empty: quant/ holds method-agnostic primitives.
 QUANT_ALLOWED_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 
-QUANT_FORBIDDEN = ("ptqbench.sam", "ptqbench.methods", "ptqbench.tasks")  # for quant/ and recon/
+QUANT_FORBIDDEN = ("ptqbench.models", "ptqbench.methods", "ptqbench.tasks")  # for quant/ and recon/
 
 
 def _module_name(path: Path) -> str:
@@ -87,8 +87,12 @@ def _exists(module: str) -> bool:
 
 
 def _node(module: str) -> str:
-    """The graph node of a ptqbench module: its subpackage or top-level module."""
-    return ".".join(module.split(".")[:2])
+    """The graph node of a ptqbench module: its subpackage or top-level module; under
+    `ptqbench.models`, each family package (`ptqbench.models.sam1`) is a node of its own."""
+    parts = module.split(".")
+    if parts[1:2] == ["models"] and len(parts) > 2 and (PACKAGE_DIR / "models" / parts[2]).is_dir():
+        return ".".join(parts[:3])
+    return ".".join(parts[:2])
 
 
 def _edges() -> dict[tuple[str, str], list[str]]:
@@ -139,7 +143,7 @@ def test_graph_sees_known_edges() -> None:
     edges = _edges()
     assert ("ptqbench.methods", "ptqbench.quant") in edges
     assert ("ptqbench.harness", "ptqbench.tasks") in edges
-    assert ("ptqbench.sam", "ptqbench.quant") in edges
+    assert ("ptqbench.models.sam1", "ptqbench.quant") in edges
 
 
 def test_lazy_and_type_checking_imports_do_not_count() -> None:
@@ -150,7 +154,7 @@ def test_lazy_and_type_checking_imports_do_not_count() -> None:
         "from ..errors import DataError\n"
         "from ptqbench.tasks import coco\n"
         "if TYPE_CHECKING:\n"
-        "    from ptqbench.sam.inference import BoxPredictor\n"
+        "    from ptqbench.models.sam1.inference import BoxPredictor\n"
         "def lazy():\n"
         "    from ptqbench.tasks import base\n"
     )
@@ -174,7 +178,7 @@ def test_quant_imports_no_method_model_or_task_code() -> None:
     found = set()
     for path in sorted((PACKAGE_DIR / "quant").rglob("*.py")):
         for imported, _line in _imports(path):
-            if imported.startswith(QUANT_FORBIDDEN) and _node(imported) in QUANT_FORBIDDEN:
+            if imported.startswith(QUANT_FORBIDDEN):
                 found.add((str(path.relative_to(PACKAGE_DIR.parent)), imported))
     new = sorted(found - QUANT_ALLOWED_VIOLATIONS)
     assert not new, f"ptqbench/quant/ must stay method-agnostic; new imports: {new}"
@@ -187,7 +191,7 @@ def test_recon_imports_no_model_method_or_task_code() -> None:
     found = sorted((str(path.relative_to(PACKAGE_DIR.parent)), imported)
                    for path in sorted((PACKAGE_DIR / "recon").rglob("*.py"))
                    for imported, _line in _imports(path)
-                   if imported.startswith(QUANT_FORBIDDEN) and _node(imported) in QUANT_FORBIDDEN)
+                   if imported.startswith(QUANT_FORBIDDEN))
     assert not found, f"ptqbench/recon/ must not import model, method or task code: {found}"
 
 
@@ -201,11 +205,11 @@ def _all_imports(source: str) -> Iterator[str]:
 
 
 def test_segment_anything_is_imported_only_by_the_sam_adapter() -> None:
-    """SAM-1 sits behind one boundary: only `ptqbench/sam/` imports segment_anything; methods,
+    """SAM-1 sits behind one boundary: only `ptqbench/models/sam1/` imports segment_anything; methods,
     tasks, the harness and the engine see `nn.Module`s and the adapter's functions."""
     outside = sorted(str(path.relative_to(PACKAGE_DIR.parent))
                      for path in PACKAGE_DIR.rglob("*.py")
-                     if (PACKAGE_DIR / "sam") not in path.parents
+                     if (PACKAGE_DIR / "models" / "sam1") not in path.parents
                      and any(name.split(".")[0] == "segment_anything"
                              for name in _all_imports(path.read_text(encoding="utf-8"))))
-    assert not outside, f"segment_anything imported outside ptqbench/sam/: {outside}"
+    assert not outside, f"segment_anything imported outside ptqbench/models/sam1/: {outside}"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from ptqbench.sam.inference import BoxPredictor, PromptedImage, predict_stream
-from ptqbench.sam.quantized import fp_twin
+from ptqbench.models.sam1.inference import BoxPredictor, PromptedImage, predict_stream
+from ptqbench.models.sam1.quantized import fp_twin
 from ptqbench.tasks.base import TaskConfig
 
 
@@ -137,7 +137,7 @@ def test_coco_metric_through_ptqbench_equals_a_sam_predictor_loop(tmp_path):
     model with the GT boxes."""
     from ptqbench.demo.install import ensure_demo_data
     from ptqbench.demo.writers import DemoSizes
-    from ptqbench.sam.models import load_model
+    from ptqbench.models.checkpoints import load_model
     from ptqbench.tasks.coco import CocoTask, evaluation_image_ids, mask_results, score_results
 
     root = ensure_demo_data(tmp_path / "demo", DemoSizes(coco_val=3, coco_train=1, dota_val=0, dota_train=0,

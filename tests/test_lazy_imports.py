@@ -44,7 +44,7 @@ def test_get_imports_the_module_that_registers_a_builtin():
 
 @pytest.mark.parametrize("kind,registry", [("method", "ptqbench.methods.base:METHODS"),
                                            ("task", "ptqbench.tasks.base:TASKS"),
-                                           ("model", "ptqbench.sam.models:MODELS")])
+                                           ("model", "ptqbench.models.spec:MODELS")])
 def test_every_builtin_is_registered_by_the_module_the_table_names(kind, registry):
     module, attribute = registry.split(":")
     reg = getattr(importlib.import_module(module), attribute)

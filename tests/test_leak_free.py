@@ -12,15 +12,16 @@ from torch import nn
 
 from ptqbench.methods.qdrop import qdrop_config
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.calibration import sam_forward, sample_forward
+from ptqbench.models.sam1.models import build_sam_tiny
+from ptqbench.models.sam1.quantized import quantize_sam
+from ptqbench.models.sam1.units import sam_units
 from ptqbench.quant.adaround import AdaRoundQuantizer
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation, weight_layers
 from ptqbench.recon.engine import ReconstructionSettings, reconstruct
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward, sample_forward
-from ptqbench.sam.models import build_sam_tiny
-from ptqbench.sam.quantized import quantize_sam
-from ptqbench.sam.units import sam_units
 
 
 def tiny_calibration(images: int) -> CalibrationSet:

@@ -12,15 +12,10 @@ import pytest
 import torch
 
 from ptqbench.errors import CheckpointError, UnknownNameError
-from ptqbench.sam.models import (
-    MODELS,
-    SAM_TINY_PACKAGED,
-    UNTRAINED_SHA256,
-    ModelSpec,
-    build_sam_tiny,
-    load_model,
-    resolve_checkpoint,
-)
+from ptqbench.models.checkpoints import UNTRAINED_SHA256, load_model, resolve_checkpoint
+from ptqbench.models.sam1.adapter import ADAPTER
+from ptqbench.models.sam1.models import SAM_TINY_PACKAGED, build_sam_tiny
+from ptqbench.models.spec import MODELS, ModelSpec
 
 PAYLOAD = bytes(range(256)) * 10_000  # 2.56 MB: several download chunks
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -69,7 +64,7 @@ def _url(httpd, path: str) -> str:
 
 
 def _spec(url: str, sha256: str = PAYLOAD_SHA256, md5_prefix: str | None = PAYLOAD_MD5[:6]) -> ModelSpec:
-    return ModelSpec(name="fake", build=build_sam_tiny, input_size=256, file_name="fake_ckpt.pth",
+    return ModelSpec(name="fake", build=build_sam_tiny, input_size=256, adapter=ADAPTER, file_name="fake_ckpt.pth",
                      url=url, sha256=sha256, md5_prefix=md5_prefix)
 
 

@@ -20,16 +20,16 @@ from ptqbench.methods.saqsam.par import (
     par_units,
     with_iterations,
 )
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.attention_groups import encoder_stages
+from ptqbench.models.sam1.quantized import quantize_sam
+from ptqbench.models.sam1.units import TRANSFORMER
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.recon.cache import build_cache, capture
 from ptqbench.recon.engine import reconstruct
 from ptqbench.recon.step import unit_inputs
 from ptqbench.recon.unit import HookPoint
-from ptqbench.sam.attention_groups import encoder_stages
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
-from ptqbench.sam.quantized import quantize_sam
-from ptqbench.sam.units import TRANSFORMER
 
 
 def _calibration(images: int = 2, boxes: int = 3, size: int = 256) -> CalibrationSet:

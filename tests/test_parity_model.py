@@ -11,10 +11,10 @@ from segment_anything.modeling.transformer import Attention
 from ptqbench.config import BitSpec
 from ptqbench.methods.saqsam.method import SaqSamS
 from ptqbench.methods.saqsam.pcc import PccConfig, search_attention
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.checkpoints import load_model
+from ptqbench.models.sam1.quantized import QuantDecoderAttention, quantize_sam
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
-from ptqbench.sam.models import load_model
-from ptqbench.sam.quantized import QuantDecoderAttention, quantize_sam
 
 from parity_fixtures import PARITY, compare, fixtures_of, load
 

@@ -19,11 +19,12 @@ from ptqbench.methods.saqsam.pcc import (
     read_input,
     search_clip,
 )
+from ptqbench.models.calibration import CalibrationSample
+from ptqbench.models.sam1.attention_groups import decoder_attentions
+from ptqbench.models.sam1.calibration import sam_forward
+from ptqbench.models.sam1.quantized import QuantDecoderAttention, fp_twin, quantize_sam
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.sites import quantizer_sites
-from ptqbench.sam.attention_groups import decoder_attentions
-from ptqbench.sam.calibration import CalibrationSample, sam_forward
-from ptqbench.sam.quantized import QuantDecoderAttention, fp_twin, quantize_sam
 
 
 def test_focus_masks_keep_keys_above_theta_times_the_row_max():

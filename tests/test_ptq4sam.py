@@ -13,11 +13,12 @@ from ptqbench.config import BitSpec
 from ptqbench.methods.base import METHODS
 from ptqbench.methods.ptq4sam.agq import AgqCapture
 from ptqbench.methods.ptq4sam.method import Ptq4SamL, Ptq4SamS, Ptq4SamSConfig
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.attention_groups import softmax_attentions
+from ptqbench.models.sam1.calibration import sam_forward
+from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.quant.observers import AvgMinMaxObserver, MSEObserver, make_observer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
-from ptqbench.sam.attention_groups import softmax_attentions
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
-from ptqbench.sam.quantized import quantize_sam
 
 
 def _micro_sam() -> Sam:

@@ -11,10 +11,10 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from ptqbench.errors import ConfigError
+from ptqbench.models.sam1.calibration import sam_forward
+from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation, select_sites, weight_layers
-from ptqbench.sam.calibration import sam_forward
-from ptqbench.sam.quantized import quantize_sam
 
 
 def _reduced_vit_b() -> Sam:

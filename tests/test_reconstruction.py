@@ -15,6 +15,11 @@ from ptqbench.methods import brecq
 from ptqbench.methods.brecq import Brecq, FisherWeights
 from ptqbench.methods.qdrop import qdrop_config
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.calibration import sample_forward
+from ptqbench.models.sam1.models import build_sam_tiny
+from ptqbench.models.sam1.quantized import quantize_sam
+from ptqbench.models.sam1.units import first_argument, sam_units
 from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule, rectified_sigmoid
 from ptqbench.quant.layers import QuantLinear
 from ptqbench.quant.observers import make_observer
@@ -24,10 +29,6 @@ from ptqbench.recon.cache import build_cache
 from ptqbench.recon.engine import ReconstructionSettings, reconstruct
 from ptqbench.recon.step import mix_inputs
 from ptqbench.recon.unit import HookPoint, Unit, UnitConfig, lp_error
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_forward
-from ptqbench.sam.models import build_sam_tiny
-from ptqbench.sam.quantized import quantize_sam
-from ptqbench.sam.units import first_argument, sam_units
 
 
 class Wrapper(nn.Module):

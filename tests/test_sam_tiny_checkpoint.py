@@ -7,8 +7,9 @@ import pytest
 
 from ptqbench.demo.install import ensure_demo_data
 from ptqbench.demo.writers import DemoSizes
-from ptqbench.sam.inference import BoxPredictor
-from ptqbench.sam.models import SAM_TINY_PACKAGED, load_model
+from ptqbench.models.checkpoints import load_model
+from ptqbench.models.sam1.inference import BoxPredictor
+from ptqbench.models.sam1.models import SAM_TINY_PACKAGED
 
 
 @pytest.fixture(scope="module")

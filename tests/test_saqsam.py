@@ -12,11 +12,12 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.saqsam.method import SaqSam, SaqSamS
 from ptqbench.methods.saqsam.par import FAST_SETTINGS, with_iterations
 from ptqbench.methods.saqsam.pcc import PccConfig
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.attention_groups import decoder_attentions
+from ptqbench.models.sam1.calibration import sam_forward
+from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
-from ptqbench.sam.attention_groups import decoder_attentions
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward
-from ptqbench.sam.quantized import quantize_sam
 
 QUICK_PCC = PccConfig(percentiles=(0.9, 0.99, 0.999), max_prompts=2)
 

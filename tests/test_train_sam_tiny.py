@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptqbench.sam.models import build_sam_tiny
+from ptqbench.models.sam1.models import build_sam_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

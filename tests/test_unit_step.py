@@ -10,14 +10,15 @@ import torch
 
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.methods.saqsam.par import FAST_SETTINGS, frozen_reference, par_units
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.calibration import sample_forward
+from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.recon.cache import build_cache
 from ptqbench.recon.engine import ReconstructionSettings, _LearnablePieces, reconstruct
 from ptqbench.recon.step import UnitStep, unit_inputs
 from ptqbench.recon.unit import Unit
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_forward
-from ptqbench.sam.quantized import quantize_sam
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 

@@ -10,12 +10,12 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.modeling.image_encoder import window_partition
 from torch import Tensor, nn
 
+from ptqbench.models.sam1.calibration import sam_forward
+from ptqbench.models.sam1.quantized import quantize_sam
+from ptqbench.models.sam1.units import first_argument, module_output, sam_units
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.recon.cache import capture
 from ptqbench.recon.unit import HookPoint, Unit, UnitConfig
-from ptqbench.sam.calibration import sam_forward
-from ptqbench.sam.quantized import quantize_sam
-from ptqbench.sam.units import first_argument, module_output, sam_units
 
 CONFIG = UnitConfig(iterations=1)
 BOXES = torch.tensor([[10.0, 20.0, 120.0, 150.0], [60.0, 30.0, 200.0, 90.0]])

@@ -93,7 +93,7 @@ def random_sam_b_checkpoint(path: Path) -> Path:
     """sam_vit_b's seeded random init (`build_sam_official`) saved as a state dict at `path`."""
     import torch
 
-    from ptqbench.sam.models import build_sam_official
+    from ptqbench.models.sam1.models import build_sam_official
 
     if not path.is_file():
         torch.save(build_sam_official("vit_b").state_dict(), path)

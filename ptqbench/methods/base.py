@@ -3,7 +3,7 @@
 A method is a configuration plus an algorithm: its class holds `presets`, the `paper` and `fast`
 instances of its frozen configuration dataclass (`ptqbench.methods.options`), and is built from
 one of them with the user's options applied. It receives a quantizable twin of SAM
-(`ptqbench.sam.quantized.quantize_sam`, every site off), the FP model, the calibration set, the
+(`ptqbench.models.sam1.quantized.quantize_sam`, every site off), the FP model, the calibration set, the
 bit widths and the seed, and sets every site.
 The harness then seals the model for evaluation (`ptqbench.quant.sites.seal_for_evaluation`),
 so no method can leave a random bypass, an observer or a trainable scale behind. The shared
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ptqbench.config import BitSpec
-    from ptqbench.sam.calibration import CalibrationSet
+    from ptqbench.models.calibration import CalibrationSet
 
 
 class Method(Protocol):

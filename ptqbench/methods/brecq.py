@@ -29,13 +29,14 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_WEIGHT_RANGES
 from ptqbench.methods.options import check_at_least
 from ptqbench.methods.qdrop import initial_ranges
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.calibration import sam_forward, sample_forward
+from ptqbench.models.sam1.units import sam_units
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.recon.engine import ReconstructionSettings, reconstruct
 from ptqbench.recon.unit import HookPoint, Unit, UnitConfig, lp_error, weighted_squared_error
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sam_forward, sample_forward
-from ptqbench.sam.units import sam_units
 
 FISHER_KEY = "fisher_weight"
 ACTIVATION_STAGE_P = 2.4

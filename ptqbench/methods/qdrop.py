@@ -4,7 +4,7 @@ Weights: per-channel MSE ranges, then AdaRound. Activations: AvgMinMax ranges, t
 learned jointly with the rounding, with QDrop's random drop (each element quantized with
 probability 0.5, unit inputs mixed the same way) during reconstruction only. Units: SAM's
 quantized modules on their bare outputs, as the reference reconstructs them
-(`ptqbench.sam.units.sam_units`). After reconstruction every quantizer quantizes every element
+(`ptqbench.models.sam1.units.sam_units`). After reconstruction every quantizer quantizes every element
 (the benchmark's leak-free rule; see methods/qdrop.md).
 """
 
@@ -19,12 +19,13 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_WEIGHT_RANGES
 from ptqbench.methods.options import check_at_least
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
+from ptqbench.models.calibration import CalibrationSet
+from ptqbench.models.sam1.calibration import sample_forward
+from ptqbench.models.sam1.units import sam_units
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.observers import make_observer
 from ptqbench.recon.engine import ReconstructionSettings, reconstruct
 from ptqbench.recon.unit import UnitConfig
-from ptqbench.sam.calibration import CalibrationSet, sample_forward
-from ptqbench.sam.units import sam_units
 
 PAPER_ITERATIONS = 20_000
 FAST_ITERATIONS = 50

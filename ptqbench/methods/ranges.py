@@ -11,10 +11,11 @@ from tqdm.auto import tqdm
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.options import NO_OPTIONS_PRESETS
+from ptqbench.models.calibration import CalibrationSet
+from ptqbench.models.sam1.calibration import sam_forward
 from ptqbench.quant.observers import DeferredSearches, Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, weight_layers
-from ptqbench.sam.calibration import CalibrationSet, sam_forward
 
 
 def set_weight_ranges(qmodel: nn.Module, observer: str, **observer_kw) -> None:

@@ -47,7 +47,7 @@ from ptqbench.recon.step import UnitStep
 from ptqbench.recon.unit import Unit, UnitConfig
 
 if TYPE_CHECKING:
-    from ptqbench.sam.calibration import CalibrationSet
+    from ptqbench.models.calibration import CalibrationSet
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ReconstructionSettings:
     """Engine-wide settings (per-unit hyperparameters live in each unit's `UnitConfig`).
 
     forward: (model, sample) -> anything; the whole-model forward that reaches the hook points,
-        given by the model's code (SAM: `ptqbench.sam.calibration.sample_forward`).
+        given by the model's code (SAM: `ptqbench.models.sam1.calibration.sample_forward`).
     cache: where captured data lives: "auto" (the device when it fits in `cache_memory_fraction`
         of the free device memory, else pinned CPU memory), "device" or "cpu".
     max_prompts: at most this many box prompts per calibration image (a seeded random subset,

@@ -57,7 +57,7 @@ from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count, rea
 from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
-    from ptqbench.sam.inference import BoxPredictor
+    from ptqbench.models.sam1.inference import BoxPredictor
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ class Ade20kTask(Task):
         name-sorted split), PNG-encoded; one `AdePrediction` per index, in order."""
         from PIL import Image
 
-        from ptqbench.sam.automatic import automatic_masks
+        from ptqbench.models.sam1.automatic import automatic_masks
 
         generator = self._mask_generator(predictor) if self.mode == "ssa" else None
         start = time.perf_counter()
@@ -368,7 +368,7 @@ class Ade20kTask(Task):
 
     def _mask_generator(self, predictor: BoxPredictor) -> Any:
         """SAM's automatic mask generator on `predictor.model` with SSA settings."""
-        from ptqbench.sam.automatic import automatic_mask_generator
+        from ptqbench.models.sam1.automatic import automatic_mask_generator
 
         self._check_priors()
         points_per_batch = self.points_per_batch

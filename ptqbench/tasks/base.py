@@ -15,7 +15,7 @@ from ptqbench.registry import Registry
 from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
-    from ptqbench.sam.inference import BoxPredictor
+    from ptqbench.models.sam1.inference import BoxPredictor
 
 
 @dataclass(frozen=True)

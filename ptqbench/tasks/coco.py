@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
-from ptqbench.sam.inference import PromptedImage, predict_stream
+from ptqbench.models.sam1.inference import PromptedImage, predict_stream
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, stdout_into_log, write_results
 from ptqbench.tasks.prompts import (
@@ -58,7 +58,7 @@ from ptqbench.types import CalibrationItem
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
 
-    from ptqbench.sam.inference import BoxPredictor
+    from ptqbench.models.sam1.inference import BoxPredictor
 
 log = logging.getLogger(__name__)
 

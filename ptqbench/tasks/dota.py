@@ -75,7 +75,7 @@ from ptqbench.tasks.dota_geometry import (
 from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
-    from ptqbench.sam.inference import BoxPredictor
+    from ptqbench.models.sam1.inference import BoxPredictor
 
 log = logging.getLogger(__name__)
 

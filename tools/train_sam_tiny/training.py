@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-from ptqbench.sam.inference import BoxPredictor
-from ptqbench.sam.models import build_sam_tiny
+from ptqbench.models.sam1.inference import BoxPredictor
+from ptqbench.models.sam1.models import build_sam_tiny
 from tools.train_sam_tiny.config import _SAMPLING_STREAM, _VAL_STREAM, FAMILIES, MAX_CHECKPOINT_BYTES, TrainConfig, log
 from tools.train_sam_tiny.loss import compute_loss
 from tools.train_sam_tiny.prompts import Batch, make_batch

@@ -169,7 +169,7 @@ class AgqCapture:
     """Runs `AgqSearch` on the attention maps of the given attention modules during forwards.
 
     attentions: site prefix -> a module with `softmax_quantizer` (input: A) and `v_quantizer`
-    (output: V) children, e.g. the twins of `ptqbench.sam.quantized`; the bit width is the
+    (output: V) children, e.g. the twins of `ptqbench.models.sam1.quantized`; the bit width is the
     softmax quantizer's. Use as a context manager: the hooks exist only inside the `with` block;
     every call of a module is one `update`.
     """

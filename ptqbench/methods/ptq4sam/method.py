@@ -33,18 +33,19 @@ from ptqbench.methods.ptq4sam.agq import AGQ_P, AGQ_TAUS, AgqCapture, AgqResult
 from ptqbench.methods.ptq4sam.big import channel_signs, fold_channel_signs, is_bimodal
 from ptqbench.methods.qdrop import FAST_ITERATIONS, PAPER_ITERATIONS, qdrop_reconstruct
 from ptqbench.methods.ranges import forward_all, observing, set_weight_ranges
-from ptqbench.quant.mse_search import MSE_NUM_RANGES
-from ptqbench.quant.observers import Observer, make_observer
-from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.recon.cache import capture
-from ptqbench.recon.unit import HookPoint
-from ptqbench.sam.attention_groups import (
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.attention_groups import (
     DECODER,
     decoder_attention_paths,
     softmax_attentions,
     token_to_image_attentions,
 )
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet, sample_forward
+from ptqbench.models.sam1.calibration import sample_forward
+from ptqbench.quant.mse_search import MSE_NUM_RANGES
+from ptqbench.quant.observers import Observer, make_observer
+from ptqbench.quant.quantizer import FakeQuantizer
+from ptqbench.recon.cache import capture
+from ptqbench.recon.unit import HookPoint
 
 log = logging.getLogger(__name__)
 

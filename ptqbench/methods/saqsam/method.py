@@ -35,10 +35,10 @@ from ptqbench.methods.ptq4sam.agq import AgqCapture
 from ptqbench.methods.ptq4sam.method import FAST_SEARCHES, ActivationObserver, Ptq4SamS, Ptq4SamSConfig, apply_big
 from ptqbench.methods.saqsam.par import FAST_SETTINGS, PAPER_SETTINGS, ParSettings, par_reconstruct
 from ptqbench.methods.saqsam.pcc import PccChoice, PccConfig, pcc_search, reference_maps
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.attention_groups import decoder_attentions
+from ptqbench.models.sam1.quantized import use_fp_query_for_rel_pos
 from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.sam.attention_groups import decoder_attentions
-from ptqbench.sam.calibration import CalibrationSample, CalibrationSet
-from ptqbench.sam.quantized import use_fp_query_for_rel_pos
 
 log = logging.getLogger(__name__)
 

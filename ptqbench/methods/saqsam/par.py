@@ -40,12 +40,20 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ptqbench.models.calibration import CalibrationSet
+from ptqbench.models.sam1.attention_groups import encoder_stages
+from ptqbench.models.sam1.calibration import sample_forward
+from ptqbench.models.sam1.units import (
+    ENCODER_BLOCKS,
+    FINAL_ATTENTION,
+    TRANSFORMER,
+    attention_unit,
+    first_argument,
+    neck_unit,
+)
 from ptqbench.recon.cache import capture
 from ptqbench.recon.engine import ReconstructionSettings, UnitReport, reconstruct
 from ptqbench.recon.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error, unmixed
-from ptqbench.sam.attention_groups import encoder_stages
-from ptqbench.sam.calibration import CalibrationSet, sample_forward
-from ptqbench.sam.units import ENCODER_BLOCKS, FINAL_ATTENTION, TRANSFORMER, attention_unit, first_argument, neck_unit
 
 PAR_SUM_DIM = -1
 _LAYER_ARGS = ("queries", "keys", "query_pe", "key_pe")

@@ -38,14 +38,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ptqbench.errors import ConfigError, PtqbenchError
+from ptqbench.models.calibration import CalibrationSample
+from ptqbench.models.sam1.attention_groups import decoder_attentions
+from ptqbench.models.sam1.calibration import sam_forward
+from ptqbench.models.sam1.quantized import QuantDecoderAttention, fp_twin
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.recon.cache import capture
 from ptqbench.recon.unit import HookPoint
-from ptqbench.sam.attention_groups import decoder_attentions
-from ptqbench.sam.calibration import CalibrationSample, sam_forward
-from ptqbench.sam.quantized import QuantDecoderAttention, fp_twin
 
 log = logging.getLogger(__name__)
 

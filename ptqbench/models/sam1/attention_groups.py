@@ -8,7 +8,7 @@ from __future__ import annotations
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import nn
 
-from ptqbench.sam.quantized import QuantDecoderAttention, QuantEncoderAttention
+from ptqbench.models.sam1.quantized import QuantDecoderAttention, QuantEncoderAttention
 
 DECODER = "mask_decoder.transformer"
 """The mask decoder's two-way transformer, whose attentions PCC and BIG work on."""

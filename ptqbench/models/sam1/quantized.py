@@ -32,9 +32,9 @@ from segment_anything.modeling.image_encoder import get_rel_pos
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import Tensor, nn
 
+from ptqbench.models.sam1.fused_rel_pos import add_rel_pos_, can_fuse
 from ptqbench.quant.layers import QuantConv2d, QuantLinear
 from ptqbench.quant.quantizer import FakeQuantizer
-from ptqbench.sam.fused_rel_pos import add_rel_pos_, can_fuse
 
 
 def _activation_quantizers(module: nn.Module, bits: int) -> None:

@@ -1,39 +1,16 @@
-"""The calibration set (identical for every method) and one SAM forward on a calibration sample."""
+"""SAM-1's calibration set (identical for every method) and one SAM forward on a calibration sample."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from segment_anything.modeling import Sam
 from torch import Tensor
 
-from ptqbench.sam.inference import BoxPredictor, decode_single_mask
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.inference import BoxPredictor, decode_single_mask
 from ptqbench.types import CalibrationItem
-
-
-@dataclass(frozen=True)
-class CalibrationSample:
-    """One preprocessed calibration image and its box prompts.
-
-    image: [1, 3, S, S] normalised and padded model input; boxes: [N, 4] xyxy in model input
-    coordinates (after ResizeLongestSide), N >= 1.
-    """
-
-    image: Tensor
-    boxes: Tensor
-
-
-@dataclass(frozen=True)
-class CalibrationSet:
-    """The calibration samples in order, and a fingerprint of their content."""
-
-    samples: tuple[CalibrationSample, ...]
-    fingerprint: str
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
 
 def build_calibration_set(model: Sam, items: list[CalibrationItem], device: torch.device | str) -> CalibrationSet:

@@ -26,7 +26,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from ptqbench.sam.batched_encoder import BatchedImageEncoder
+from ptqbench.models.sam1.batched_encoder import BatchedImageEncoder
 
 
 @dataclass(frozen=True)

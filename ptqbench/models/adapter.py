@@ -1,0 +1,87 @@
+"""What a model family provides: the adapter through which the harness, the methods and the tasks
+use a model without knowing its modules.
+
+A family's package (SAM-1: `ptqbench.models.sam1`) implements `ModelAdapter` once and puts it in
+each of its `ModelSpec`s. The harness takes it from the spec; a method, which receives models,
+finds it with `adapter_for(model)`. Only the family's package imports the family's code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from ptqbench.errors import PtqbenchError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+    from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+    from ptqbench.recon.unit import Unit, UnitConfig
+    from ptqbench.types import CalibrationItem
+
+# family -> the module that defines its adapter as `ADAPTER` (imported on first use).
+FAMILIES = {"sam1": "ptqbench.models.sam1.adapter"}
+
+
+class ModelAdapter(Protocol):
+    """One model family's operations (SAM-1: `ptqbench.models.sam1.adapter.Sam1Adapter`).
+
+    Models are `nn.Module`s: the plain model as built from its spec, or its quantizable twin, a
+    copy whose quantization sites (`ptqbench.quant.sites`) are installed and start off.
+    """
+
+    family: str
+
+    def owns(self, model: nn.Module) -> bool:
+        """Whether `model` (plain or twin) belongs to this family."""
+        ...
+
+    def quantized_twin(self, model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+        """A deep copy of `model` with every quantization site installed, all off."""
+        ...
+
+    def fp_twin(self, model: nn.Module) -> nn.Module:
+        """The quantizable twin with every site off: it computes exactly what `model` computes."""
+        ...
+
+    def calibration_set(self, model: nn.Module, items: list[CalibrationItem],
+                        device: torch.device | str) -> CalibrationSet:
+        """The calibration items preprocessed exactly as evaluation preprocesses them, on `device`."""
+        ...
+
+    def forward(self, model: nn.Module, sample: CalibrationSample) -> tuple[Tensor, Tensor]:
+        """The model's forward on one calibration sample (with gradients when they are enabled):
+        mask logits [N, 1, h, w] and predicted IoU [N, 1] for its N box prompts."""
+        ...
+
+    def predictor(self, model: nn.Module, device: torch.device | str) -> object:
+        """The box-prompt predictor the tasks call (`ptqbench.tasks.base.Task.predict`)."""
+        ...
+
+    def reconstruction_units(self, model: nn.Module, config: UnitConfig) -> list[Unit]:
+        """Every BRECQ / QDrop reconstruction unit of `model`, in forward order."""
+        ...
+
+    def decoder_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The prompt decoder's quantizable attentions (PCC, BIG), by module path, in forward order."""
+        ...
+
+    def softmax_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Every quantizable attention with a softmax site (AGQ), by module path."""
+        ...
+
+    def encoder_stages(self, model: nn.Module) -> Sequence[tuple[int, ...]]:
+        """The image encoder's block indices grouped into PAR's stages."""
+        ...
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of the family `model` belongs to; PtqbenchError when no family owns it."""
+    for module in FAMILIES.values():
+        adapter = importlib.import_module(module).ADAPTER
+        if adapter.owns(model):
+            return adapter
+    raise PtqbenchError(f"no model family owns a {type(model).__name__}; known families: {', '.join(FAMILIES)}")
