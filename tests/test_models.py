@@ -279,3 +279,18 @@ def test_download_then_load_then_cache_hit(server, tmp_path, tiny_state_fp16):
     del server.files["/sam_fake.pth"]  # a second load must not need the server
     again = resolve_checkpoint(spec, cache_dir=cache, progress=False)
     assert again.path == cache / "fake_ckpt.pth" and again.sha256 == sha
+
+
+def test_specs_carry_their_adapter_and_default_preset():
+    """A spec names its family's adapter and its default preset, whatever alias names it;
+    `adapter_for` finds the family of a plain model and of its quantizable twin."""
+    from ptqbench.errors import PtqbenchError
+    from ptqbench.models.adapter import adapter_for
+
+    assert MODELS.get("tiny")().default_preset == MODELS.get("sam_tiny")().default_preset == "fast"
+    assert {MODELS.get(name)().default_preset for name in ("sam_vit_b", "vit_l", "sam_vit_h")} == {"paper"}
+    model = build_sam_tiny()
+    assert adapter_for(model) is MODELS.get("tiny")().adapter is ADAPTER
+    assert adapter_for(ADAPTER.quantized_twin(model, 4, 4)) is ADAPTER
+    with pytest.raises(PtqbenchError, match="no model family owns a Linear"):
+        adapter_for(torch.nn.Linear(2, 2))

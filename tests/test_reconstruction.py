@@ -16,6 +16,7 @@ from ptqbench.methods.brecq import Brecq, FisherWeights
 from ptqbench.methods.qdrop import qdrop_config
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.adapter import ADAPTER
 from ptqbench.models.sam1.calibration import sample_forward
 from ptqbench.models.sam1.models import build_sam_tiny
 from ptqbench.models.sam1.quantized import quantize_sam
@@ -253,8 +254,8 @@ def test_brecq_mixes_unit_inputs_half_and_half_with_the_activations_off(monkeypa
     fp = build_sam_tiny()
     qmodel = quantize_sam(fp, 4, 4)
     path = "mask_decoder.transformer.layers.0.mlp"
-    monkeypatch.setattr(brecq, "sam_units", lambda model, config: [u for u in sam_units(model, config)
-                                                                   if u.name == path])
+    monkeypatch.setattr(type(ADAPTER), "reconstruction_units",
+                        lambda self, model, config: [u for u in sam_units(model, config) if u.name == path])
     monkeypatch.setattr(brecq, "initial_ranges",
                         lambda model, calib, weight_ranges, progress: calibrated_ranges(model, calib))
     module = qmodel.get_submodule(path)

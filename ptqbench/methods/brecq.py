@@ -29,9 +29,8 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_WEIGHT_RANGES
 from ptqbench.methods.options import check_at_least
 from ptqbench.methods.qdrop import initial_ranges
+from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
-from ptqbench.models.sam1.calibration import sam_forward, sample_forward
-from ptqbench.models.sam1.units import sam_units
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
@@ -112,7 +111,7 @@ class FisherWeights:
 
     def __call__(self, qmodel: nn.Module, fp_model: nn.Module, sample: CalibrationSample) -> dict[str, Tensor]:
         with torch.no_grad():
-            fp_logits, _ = sam_forward(fp_model, sample.image, sample.boxes)
+            fp_logits, _ = adapter_for(fp_model).forward(fp_model, sample)
         later = {id(q): q for path in self.later for q in qmodel.get_submodule(path).modules()
                  if isinstance(q, FakeQuantizer)}
         modes = {key: q.mode for key, q in later.items()}
@@ -170,16 +169,18 @@ class Brecq:
         for quantizer in activations:
             quantizer.mode = "off"
         quantize_prob = REFERENCE_QUANTIZE_PROB if config.mixed_inputs else 1.0
-        units = sam_units(qmodel, brecq_config(config.iterations, quantize_prob))
-        reconstruct(with_fisher_loss(units) if config.fisher else units, qmodel, fp_model, calib,
-                    ReconstructionSettings(forward=sample_forward), seed, self.progress)
+        adapter = adapter_for(qmodel)
+        settings = ReconstructionSettings(forward=adapter.forward)
+        units = adapter.reconstruction_units(qmodel, brecq_config(config.iterations, quantize_prob))
+        reconstruct(with_fisher_loss(units) if config.fisher else units, qmodel, fp_model, calib, settings,
+                    seed, self.progress)
         for quantizer in activations:
             quantizer.mode = "quantize"
         if config.activation_stage:
+            stage_config = activation_stage_config(config.activation_iterations)
             stage = [replace(unit, loss=lp_error(unit.sum_dim, ACTIVATION_STAGE_P))
-                     for unit in sam_units(qmodel, activation_stage_config(config.activation_iterations))]
-            reconstruct(stage, qmodel, fp_model, calib, ReconstructionSettings(forward=sample_forward), seed + 1,
-                        self.progress)
+                     for unit in adapter.reconstruction_units(qmodel, stage_config)]
+            reconstruct(stage, qmodel, fp_model, calib, settings, seed + 1, self.progress)
 
 
 PAPER_FISHER = BrecqConfig(fisher=True, activation_stage=True, mixed_inputs=False)

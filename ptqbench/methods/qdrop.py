@@ -3,9 +3,10 @@
 Weights: per-channel MSE ranges, then AdaRound. Activations: AvgMinMax ranges, then LSQ scales
 learned jointly with the rounding, with QDrop's random drop (each element quantized with
 probability 0.5, unit inputs mixed the same way) during reconstruction only. Units: SAM's
-quantized modules on their bare outputs, as the reference reconstructs them
-(`ptqbench.models.sam1.units.sam_units`). After reconstruction every quantizer quantizes every element
-(the benchmark's leak-free rule; see methods/qdrop.md).
+quantized modules on their bare outputs, as the reference reconstructs them (the model
+adapter's `reconstruction_units`; SAM-1's in `ptqbench/models/sam1/units.py`). After
+reconstruction every quantizer quantizes every element (the benchmark's leak-free rule; see
+methods/qdrop.md).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.mse import FAST_WEIGHT_RANGES
 from ptqbench.methods.options import check_at_least
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
+from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSet
-from ptqbench.models.sam1.calibration import sample_forward
-from ptqbench.models.sam1.units import sam_units
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.observers import make_observer
 from ptqbench.recon.engine import ReconstructionSettings, reconstruct
@@ -62,8 +62,9 @@ def qdrop_reconstruct(qmodel: nn.Module, fp_model: nn.Module, calib: Calibration
     uniform per-channel grid; softmax sites may be on a log2 grid, whose scale is learned too).
     Leaves every quantizer with quantize_prob = 1, frozen scales and hard-rounded, frozen weights.
     """
-    reconstruct(sam_units(qmodel, qdrop_config(iterations)), qmodel, fp_model, calib,
-                ReconstructionSettings(forward=sample_forward), seed, progress)
+    adapter = adapter_for(qmodel)
+    reconstruct(adapter.reconstruction_units(qmodel, qdrop_config(iterations)), qmodel, fp_model, calib,
+                ReconstructionSettings(forward=adapter.forward), seed, progress)
 
 
 def initial_ranges(qmodel: nn.Module, calib: CalibrationSet, weight_ranges: int, *, progress: bool = True) -> None:

@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from ptqbench.config import BitSpec
 from ptqbench.methods.options import NO_OPTIONS_PRESETS
+from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSet
-from ptqbench.models.sam1.calibration import sam_forward
 from ptqbench.quant.observers import DeferredSearches, Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, weight_layers
@@ -53,8 +53,9 @@ def observing(qmodel: nn.Module, observer_for: Callable[[str, int], Observer],
 @torch.no_grad()
 def forward_all(qmodel: nn.Module, calib: CalibrationSet, description: str, *, progress: bool = True) -> None:
     """One forward of `qmodel` per calibration sample, in order."""
+    forward = adapter_for(qmodel).forward
     for sample in tqdm(calib.samples, desc=description, disable=not progress, leave=False):
-        sam_forward(qmodel, sample.image, sample.boxes)
+        forward(qmodel, sample)
 
 
 def observe_activations(qmodel: nn.Module, calib: CalibrationSet,
