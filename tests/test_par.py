@@ -99,7 +99,7 @@ def test_layer_skipping_never_runs_later_stages(sam_tiny):
             block.register_forward_hook(counter(f"{name}.block{index}"))
         model.image_encoder.neck.register_forward_hook(counter(f"{name}.neck"))
         model.mask_decoder.transformer.layers[1].register_forward_hook(counter(f"{name}.layer1"))
-    reconstruct([stage], qmodel, reference, calib, engine_settings(settings), seed=0, progress=False)
+    reconstruct([stage], qmodel, reference, calib, engine_settings(qmodel, settings), seed=0, progress=False)
     assert all(calls.get(f"{name}.block{index}", 0) == 0 for name in ("q", "ref") for index in (3, 4, 5))
     assert calls["q.block0"] == calls["q.block2"] == 3  # the training steps only: capture stops before block 0
     assert calls["ref.block0"] == len(calib)  # the FP targets
@@ -121,7 +121,7 @@ def test_stage_loss_gradient_reaches_the_stage_not_the_fp_neck_or_decoder(sam_ti
     qmodel = _calibrated(sam_tiny, calib)
     reference = frozen_reference(sam_tiny)
     stage = par_units(qmodel, reference, FAST_SETTINGS)[0]
-    entry = build_cache(stage, qmodel, reference, calib.samples, engine_settings(FAST_SETTINGS).forward,
+    entry = build_cache(stage, qmodel, reference, calib.samples, engine_settings(qmodel, FAST_SETTINGS).forward,
                         torch.device("cpu")).get(0)
     scales = _stage_scales(qmodel, (0, 1, 2))
     fp_parts = [reference.image_encoder.neck, reference.mask_decoder]
@@ -140,7 +140,7 @@ def test_stage_loss_gradient_reaches_the_stage_not_the_fp_neck_or_decoder(sam_ti
 
 def _unit_loss(unit, qmodel, reference, calib) -> float:
     """The unit's loss on every calibration sample with every quantizer fully on (no drop)."""
-    cache = build_cache(unit, qmodel, reference, calib.samples, engine_settings(FAST_SETTINGS).forward,
+    cache = build_cache(unit, qmodel, reference, calib.samples, engine_settings(qmodel, FAST_SETTINGS).forward,
                         torch.device("cpu"))
     with torch.no_grad():
         losses = [unit.loss(unit.run(qmodel.get_submodule(unit.root), {**e.fp_inputs, **e.quant_inputs}), e.target,
@@ -154,7 +154,8 @@ def test_par_lowers_its_own_stage_loss(sam_tiny):
     reference = frozen_reference(sam_tiny)
     stage = par_units(qmodel, reference, with_iterations(FAST_SETTINGS, 40))[0]
     before = _unit_loss(stage, qmodel, reference, calib)
-    (report,) = reconstruct([stage], qmodel, reference, calib, engine_settings(FAST_SETTINGS), seed=0, progress=False)
+    (report,) = reconstruct([stage], qmodel, reference, calib, engine_settings(qmodel, FAST_SETTINGS), seed=0,
+                            progress=False)
     after = _unit_loss(stage, qmodel, reference, calib)
     assert report.iterations == 40
     assert after < 0.9 * before
@@ -186,7 +187,7 @@ def test_par_reconstruct_copies_encoder_units_into_its_reference_and_leaves_fp_m
 
 
 def test_transformer_keys_are_the_transformer_outputs(sam_tiny):
-    from ptqbench.methods.saqsam.par import transformer_keys
+    from ptqbench.models.sam1.prompt_aware_units import transformer_keys
 
     decoder = sam_tiny.mask_decoder
     sample = _calibration(images=1).samples[0]
@@ -212,7 +213,7 @@ def _hybrid_decoder_tokens(qmodel, reference, first_fp_layer: int, sample: Calib
         transformer.layers[index] = fp_transformer.layers[index]
     transformer.final_attn_token_to_image = fp_transformer.final_attn_token_to_image
     found = capture(hybrid, (HookPoint(TRANSFORMER, "post", lambda args, kwargs, output: {"tokens": output[0]}),),
-                    engine_settings(FAST_SETTINGS).forward, sample)
+                    engine_settings(qmodel, FAST_SETTINGS).forward, sample)
     return found["tokens"]
 
 
@@ -223,7 +224,7 @@ def test_decoder_alpha_term_runs_the_layer_on_its_unmixed_quantized_input(sam_ti
     reference = frozen_reference(sam_tiny)
     unit = par_units(qmodel, reference, FAST_SETTINGS)[unit_index]
     assert unit.name == f"{TRANSFORMER}.layers.{layer_index}" and unit.unmixed_inputs
-    entry = build_cache(unit, qmodel, reference, calib.samples, engine_settings(FAST_SETTINGS).forward,
+    entry = build_cache(unit, qmodel, reference, calib.samples, engine_settings(qmodel, FAST_SETTINGS).forward,
                         torch.device("cpu")).get(0)
     layer = qmodel.get_submodule(unit.root)
     expected_tokens = _hybrid_decoder_tokens(qmodel, reference, layer_index + 1, calib.samples[0])
@@ -251,7 +252,8 @@ def test_final_unit_is_the_bare_final_attention_with_a_channel_sum_loss(sam_tiny
     assert (final.name, final.root, final.trained) == (path, path, (path,))
     last = HookPoint(f"{path}.out_proj", "post", lambda args, kwargs, output: {"out": output})
     with torch.no_grad():
-        found = capture(qmodel, final.inputs + (last,), engine_settings(FAST_SETTINGS).forward, calib.samples[0])
+        forward = engine_settings(qmodel, FAST_SETTINGS).forward
+        found = capture(qmodel, final.inputs + (last,), forward, calib.samples[0])
         output = final.run(qmodel.get_submodule(path), found)
     assert set(found) == {"q", "k", "v", "out"} and torch.equal(output, found["out"])
     target = torch.zeros_like(output)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ptqbench.errors import PtqbenchError
 
@@ -19,11 +19,32 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from ptqbench.models.calibration import CalibrationSample, CalibrationSet
-    from ptqbench.recon.unit import Unit, UnitConfig
+    from ptqbench.recon.unit import LossFn, Unit, UnitConfig
     from ptqbench.types import CalibrationItem
 
 # family -> the module that defines its adapter as `ADAPTER` (imported on first use).
 FAMILIES = {"sam1": "ptqbench.models.sam1.adapter"}
+
+
+class PromptAwareUnits(NamedTuple):
+    """PAR's units in training order: `image_side` (encoder stages, then the neck), whose trained
+    modules PAR copies into its FP reference once reconstructed, and `prompt_side` (the decoder
+    layers, then the final token-to-image attention)."""
+
+    image_side: list[Unit]
+    prompt_side: list[Unit]
+
+
+class PromptAwareConfigs(NamedTuple):
+    """The engine settings of each kind of PAR unit, the decoder layers' loss, and the dim every
+    PAR loss sums over."""
+
+    stage: UnitConfig
+    neck: UnitConfig
+    decoder: UnitConfig
+    final: UnitConfig
+    decoder_loss: LossFn
+    sum_dim: int
 
 
 class ModelAdapter(Protocol):
@@ -75,6 +96,11 @@ class ModelAdapter(Protocol):
 
     def encoder_stages(self, model: nn.Module) -> Sequence[tuple[int, ...]]:
         """The image encoder's block indices grouped into PAR's stages."""
+        ...
+
+    def prompt_aware_units(self, model: nn.Module, reference: nn.Module,
+                           configs: PromptAwareConfigs) -> PromptAwareUnits:
+        """PAR's units of `model` (the quantizable twin), their losses run through `reference`."""
         ...
 
 

@@ -37,26 +37,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 
-import torch
 from torch import Tensor, nn
 
+from ptqbench.models.adapter import PromptAwareConfigs, PromptAwareUnits, adapter_for
 from ptqbench.models.calibration import CalibrationSet
-from ptqbench.models.sam1.attention_groups import encoder_stages
-from ptqbench.models.sam1.calibration import sample_forward
-from ptqbench.models.sam1.units import (
-    ENCODER_BLOCKS,
-    FINAL_ATTENTION,
-    TRANSFORMER,
-    attention_unit,
-    first_argument,
-    neck_unit,
-)
-from ptqbench.recon.cache import capture
 from ptqbench.recon.engine import ReconstructionSettings, UnitReport, reconstruct
-from ptqbench.recon.unit import HookPoint, LossFn, Output, Tensors, Unit, UnitConfig, lp_error, unmixed
+from ptqbench.recon.unit import LossFn, Output, Tensors, Unit, UnitConfig
 
 PAR_SUM_DIM = -1
-_LAYER_ARGS = ("queries", "keys", "query_pe", "key_pe")
 
 
 @dataclass(frozen=True)
@@ -97,48 +85,6 @@ FAST_SETTINGS = ParSettings(stage_iterations=20, neck_iterations=20, decoder_ite
                             max_prompts=4)
 
 
-def prompt_embeddings(args: tuple, kwargs: dict, output: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-    """The prompt encoder's output: sparse [N, 2, 256] (box corners) and dense [N, 256, h, w]."""
-    return {"sparse": output[0], "dense": output[1]}
-
-
-def transformer_keys(decoder: nn.Module, embedding: Tensor, image_pe: Tensor, sparse: Tensor,
-                     dense: Tensor) -> Tensor:
-    """The image tokens ("keys" output, [N, HW, 256]) of the decoder's TwoWayTransformer.
-
-    embedding: image embedding [1, 256, h, w]; image_pe [1, 256, h, w]; sparse [N, T, 256] and
-    dense [N, 256, h, w] prompt embeddings. The decoder's own forward builds the tokens and the
-    per-prompt image; it stops after the last two-way layer, whose keys the transformer returns
-    unchanged (its final attention updates the tokens only). The autograd graph is kept.
-    """
-    last_layer = f"transformer.layers.{len(decoder.transformer.layers) - 1}"
-    point = HookPoint(last_layer, "post", lambda args, kwargs, output: {"keys": output[1]})
-
-    def forward(module: nn.Module, _: object) -> object:
-        return module(image_embeddings=embedding, image_pe=image_pe, sparse_prompt_embeddings=sparse,
-                      dense_prompt_embeddings=dense, multimask_output=False)
-
-    return capture(decoder, [point], forward, None, detach=False)["keys"]
-
-
-def transformer_tail(transformer: nn.Module, start: int, queries: Tensor, keys: Tensor,
-                     query_pe: Tensor, key_pe: Tensor) -> Tensor:
-    """The final token output [N, T, 256] of `transformer` from the input of layer `start` on:
-    layers start.., then the final token-to-image attention, its residual and norm (the arithmetic
-    of TwoWayTransformer.forward). queries / query_pe [N, T, 256], keys / key_pe [N, HW, 256]."""
-    for layer in transformer.layers[start:]:
-        queries, keys = layer(queries=queries, keys=keys, query_pe=query_pe, key_pe=key_pe)
-    attn_out = transformer.final_attn_token_to_image(q=queries + query_pe, k=keys + key_pe, v=keys)
-    return transformer.norm_final_attn(queries + attn_out)
-
-
-def layer_arguments(args: tuple, kwargs: dict, output: object) -> dict[str, Tensor]:
-    """The queries [N, T, C], keys [N, HW, C], query_pe and key_pe of a TwoWayAttentionBlock call."""
-    bound = dict(zip(_LAYER_ARGS, args))
-    bound.update(kwargs)
-    return {name: bound[name] for name in _LAYER_ARGS}
-
-
 def squared_error(output: Tensor, target: Tensor) -> Tensor:
     """(output - target)^2 summed over the last (channel) dim, mean over the rest."""
     return (output - target).square().sum(dim=-1).mean()
@@ -156,46 +102,6 @@ def par_decoder_loss(alpha: float = 1.0, beta: float = 1.0, query_weight: float 
     return loss
 
 
-def stage_unit(reference: nn.Module, stage: tuple[int, ...], image_pe: Tensor, config: UnitConfig) -> Unit:
-    """The PAR unit of one encoder stage (block indices `stage`), trained through the FP neck and
-    FP decoder transformer of `reference`; output and target: image tokens [N, HW, 256]."""
-
-    def run(blocks: nn.ModuleList, inputs: Tensors) -> Tensor:
-        x = inputs["x"]
-        for index in stage:
-            x = blocks[index](x)
-        embedding = reference.image_encoder.neck(x.permute(0, 3, 1, 2))
-        return transformer_keys(reference.mask_decoder, embedding, image_pe, inputs["sparse"], inputs["dense"])
-
-    return Unit(
-        name=f"{ENCODER_BLOCKS}.{stage[0]}-{stage[-1]}", root=ENCODER_BLOCKS,
-        trained=tuple(f"{ENCODER_BLOCKS}.{index}" for index in stage),
-        inputs=(HookPoint("prompt_encoder", "post", prompt_embeddings),
-                HookPoint(f"{ENCODER_BLOCKS}.{stage[0]}", "pre", first_argument("x"))),
-        run=run, loss=lp_error(PAR_SUM_DIM), config=config, shared_inputs=frozenset({"sparse", "dense"}))
-
-
-def decoder_layer_unit(reference: nn.Module, index: int, loss: LossFn, config: UnitConfig) -> Unit:
-    """The PAR unit of two-way layer `index`: output (queries [N, T, C], keys [N, HW, C], final
-    tokens [N, T, C]); queries and keys from the layer on its mixed input, the final tokens from
-    the layer on its unmixed quantized-model input followed by the rest of `reference`'s FP
-    transformer (the alpha term's path)."""
-
-    def run(layer: nn.Module, inputs: Tensors) -> tuple[Tensor, Tensor, Tensor]:
-        query_pe, key_pe = inputs["query_pe"], inputs["key_pe"]
-        queries, keys = layer(queries=inputs["queries"], keys=inputs["keys"], query_pe=query_pe, key_pe=key_pe)
-        plain_queries, plain_keys = layer(queries=inputs[unmixed("queries")], keys=inputs[unmixed("keys")],
-                                          query_pe=query_pe, key_pe=key_pe)
-        tokens = transformer_tail(reference.mask_decoder.transformer, index + 1, plain_queries, plain_keys,
-                                  query_pe, key_pe)
-        return queries, keys, tokens
-
-    path = f"{TRANSFORMER}.layers.{index}"
-    return Unit(name=path, root=path, trained=(path,), inputs=(HookPoint(path, "pre", layer_arguments),),
-                run=run, loss=loss, config=config, shared_inputs=frozenset({"query_pe", "key_pe"}),
-                unmixed_inputs=True)
-
-
 def frozen_reference(fp_model: nn.Module) -> nn.Module:
     """A private copy of the FP model with every parameter frozen (eval mode)."""
     reference = copy.deepcopy(fp_model).eval()
@@ -203,23 +109,28 @@ def frozen_reference(fp_model: nn.Module) -> nn.Module:
     return reference
 
 
-def par_units(qmodel: nn.Module, reference: nn.Module, settings: ParSettings = PAPER_SETTINGS) -> list[Unit]:
-    """PAR's units in order: encoder stages, neck, decoder layers, final token-to-image attention.
+def par_unit_groups(qmodel: nn.Module, reference: nn.Module,
+                    settings: ParSettings = PAPER_SETTINGS) -> PromptAwareUnits:
+    """PAR's units of `qmodel` from its model adapter (`prompt_aware_units`; SAM-1's in
+    `ptqbench/models/sam1/prompt_aware_units.py`), configured by `settings`.
 
-    reference: the frozen FP reference (`frozen_reference`) whose neck and decoder the stage and
+    reference: the frozen FP reference (`frozen_reference`) whose later modules the stage and
     decoder-layer losses run through.
     """
-    with torch.no_grad():
-        image_pe = reference.prompt_encoder.get_dense_pe()
-    stage_config = settings.unit_config(settings.stage_iterations)
-    units = [stage_unit(reference, stage, image_pe, stage_config) for stage in encoder_stages(qmodel)]
-    units.append(neck_unit(settings.unit_config(settings.neck_iterations), PAR_SUM_DIM))
-    decoder_loss = par_decoder_loss(settings.alpha, settings.beta, settings.query_weight)
-    decoder_config = settings.unit_config(settings.decoder_iterations)
-    units += [decoder_layer_unit(reference, index, decoder_loss, decoder_config)
-              for index in range(len(qmodel.mask_decoder.transformer.layers))]
-    units.append(attention_unit(FINAL_ATTENTION, settings.unit_config(settings.final_iterations), PAR_SUM_DIM))
-    return units
+    configs = PromptAwareConfigs(
+        stage=settings.unit_config(settings.stage_iterations),
+        neck=settings.unit_config(settings.neck_iterations),
+        decoder=settings.unit_config(settings.decoder_iterations),
+        final=settings.unit_config(settings.final_iterations),
+        decoder_loss=par_decoder_loss(settings.alpha, settings.beta, settings.query_weight),
+        sum_dim=PAR_SUM_DIM)
+    return adapter_for(qmodel).prompt_aware_units(qmodel, reference, configs)
+
+
+def par_units(qmodel: nn.Module, reference: nn.Module, settings: ParSettings = PAPER_SETTINGS) -> list[Unit]:
+    """PAR's units in training order: encoder stages, neck, decoder layers, final attention."""
+    groups = par_unit_groups(qmodel, reference, settings)
+    return groups.image_side + groups.prompt_side
 
 
 class CopyIntoReference:
@@ -250,15 +161,16 @@ def par_reconstruct(qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSe
     (sequential targets); `fp_model` itself is not changed. Returns the engine's unit reports.
     """
     reference = frozen_reference(fp_model)
-    units = par_units(qmodel, reference, settings)
-    encoder_side = {unit.name for unit in units if not unit.name.startswith(TRANSFORMER)}
-    return reconstruct(units, qmodel, reference, calib, engine_settings(settings), seed, progress,
-                       on_unit_done=CopyIntoReference(qmodel, reference, encoder_side))
+    units = par_unit_groups(qmodel, reference, settings)
+    return reconstruct(units.image_side + units.prompt_side, qmodel, reference, calib,
+                       engine_settings(qmodel, settings), seed, progress,
+                       on_unit_done=CopyIntoReference(qmodel, reference, {unit.name for unit in units.image_side}))
 
 
-def engine_settings(settings: ParSettings) -> ReconstructionSettings:
-    """The engine-wide settings of PAR: the prompt limit and the prompts-first capture forward."""
-    return ReconstructionSettings(forward=sample_forward, max_prompts=settings.max_prompts)
+def engine_settings(qmodel: nn.Module, settings: ParSettings) -> ReconstructionSettings:
+    """The engine-wide settings of PAR: the prompt limit and the model's calibration forward (SAM-1's
+    encodes the prompts first, which layer skipping relies on)."""
+    return ReconstructionSettings(forward=adapter_for(qmodel).forward, max_prompts=settings.max_prompts)
 
 
 def with_iterations(settings: ParSettings, iterations: int) -> ParSettings:

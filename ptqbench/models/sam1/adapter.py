@@ -8,10 +8,12 @@ import torch
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
+from ptqbench.models.adapter import PromptAwareConfigs, PromptAwareUnits
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
 from ptqbench.models.sam1 import attention_groups, quantized
 from ptqbench.models.sam1.calibration import build_calibration_set, sample_forward
 from ptqbench.models.sam1.inference import BoxPredictor
+from ptqbench.models.sam1.prompt_aware_units import prompt_aware_units
 from ptqbench.models.sam1.units import sam_units
 from ptqbench.recon.unit import Unit, UnitConfig
 from ptqbench.types import CalibrationItem
@@ -62,6 +64,11 @@ class Sam1Adapter:
     def encoder_stages(self, model: nn.Module) -> Sequence[tuple[int, ...]]:
         """`attention_groups.encoder_stages`."""
         return attention_groups.encoder_stages(model)
+
+    def prompt_aware_units(self, model: nn.Module, reference: nn.Module,
+                           configs: PromptAwareConfigs) -> PromptAwareUnits:
+        """`prompt_aware_units.prompt_aware_units`."""
+        return prompt_aware_units(model, reference, configs)
 
 
 ADAPTER = Sam1Adapter()
