@@ -14,8 +14,10 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.ptq4sam.agq import AgqCapture
 from ptqbench.methods.ptq4sam.method import Ptq4SamL, Ptq4SamS, Ptq4SamSConfig
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.adapter import ADAPTER
 from ptqbench.models.sam1.attention_groups import softmax_attentions
 from ptqbench.models.sam1.calibration import sam_forward
+from ptqbench.models.sam1.models import build_sam_tiny
 from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.quant.observers import AvgMinMaxObserver, MSEObserver, make_observer
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation
@@ -60,11 +62,13 @@ def test_decoder_keys_use_averaged_mse_only_with_big():
     others = ["image_encoder.blocks.2.attn.k", "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q",
               "mask_decoder.transformer.layers.0.cross_attn_token_to_image.k_proj.input"]
     with_big, without_big = Ptq4SamS(), Ptq4SamS(Ptq4SamSConfig(big=False))
+    key_sites = {f"{path}.k" for path in ADAPTER.decoder_attentions(quantize_sam(build_sam_tiny(), 4, 4))}
+    assert set(decoder_keys) <= key_sites and not set(others) & key_sites
     for site in decoder_keys:
-        assert isinstance(with_big.activation_observer_for(site, 4), MSEObserver)
-        assert isinstance(without_big.activation_observer_for(site, 4), AvgMinMaxObserver)
+        assert isinstance(with_big.activation_observer_for(site, 4, key_sites), MSEObserver)
+        assert isinstance(without_big.activation_observer_for(site, 4, key_sites), AvgMinMaxObserver)
     for site in others:
-        assert isinstance(with_big.activation_observer_for(site, 4), AvgMinMaxObserver)
+        assert isinstance(with_big.activation_observer_for(site, 4, key_sites), AvgMinMaxObserver)
 
 
 def test_agq_beats_uniform_minmax_softmax_on_sam_tiny(sam_tiny):

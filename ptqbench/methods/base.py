@@ -2,9 +2,10 @@
 
 A method is a configuration plus an algorithm: its class holds `presets`, the `paper` and `fast`
 instances of its frozen configuration dataclass (`ptqbench.methods.options`), and is built from
-one of them with the user's options applied. It receives a quantizable twin of SAM
-(`ptqbench.models.sam1.quantized.quantize_sam`, every site off), the FP model, the calibration set, the
-bit widths and the seed, and sets every site.
+one of them with the user's options applied. It receives a quantizable twin of the model (the
+model adapter's `quantized_twin`, every site off), the FP model, the calibration set, the bit
+widths and the seed, and sets every site; what it needs of the model's structure (its forward, its
+reconstruction units, its attention groups) it asks the adapter (`ptqbench.models.adapter.adapter_for`).
 The harness then seals the model for evaluation (`ptqbench.quant.sites.seal_for_evaluation`),
 so no method can leave a random bypass, an observer or a trainable scale behind. The shared
 range-setting steps are in `ptqbench.methods.ranges`.

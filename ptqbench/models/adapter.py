@@ -87,7 +87,17 @@ class ModelAdapter(Protocol):
         ...
 
     def decoder_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The prompt decoder's quantizable attentions (PCC, BIG), by module path, in forward order."""
+        """The prompt decoder's attentions (PCC, BIG), by module path, in forward order; in a twin
+        each has `attention_map(q, k)` and a `<site>_quantizer` child per site (q, k, v, softmax)."""
+        ...
+
+    def token_to_image_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The decoder attentions whose queries are prompt tokens and keys image tokens (BIG's sign fold)."""
+        ...
+
+    def rel_pos_from_fp_query(self, model: nn.Module) -> None:
+        """Make the twin compute its relative-position terms from the unquantized query, as SAQ-SAM's
+        reference does (a family without relative positions does nothing)."""
         ...
 
     def softmax_attentions(self, model: nn.Module) -> dict[str, nn.Module]:

@@ -6,8 +6,9 @@ exactly as evaluation preprocesses them, with their box prompts, on the run's de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 
 
@@ -21,6 +22,18 @@ class CalibrationSample:
 
     image: Tensor
     boxes: Tensor
+
+    def first_prompts(self, count: int | None) -> CalibrationSample:
+        """The sample with at most its first `count` box prompts (all of them for None)."""
+        return self if count is None else replace(self, boxes=self.boxes[:count])
+
+    def random_prompts(self, count: int, generator: torch.Generator) -> CalibrationSample:
+        """The sample with `count` of its box prompts drawn at random, kept in their order (all of
+        them, and no draw from `generator`, when it has at most `count`)."""
+        if len(self.boxes) <= count:
+            return self
+        keep = torch.randperm(len(self.boxes), generator=generator)[:count].sort().values
+        return replace(self, boxes=self.boxes[keep.to(self.boxes.device)])
 
 
 @dataclass(frozen=True)

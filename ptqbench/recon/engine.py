@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,7 +47,7 @@ from ptqbench.recon.step import UnitStep
 from ptqbench.recon.unit import Unit, UnitConfig
 
 if TYPE_CHECKING:
-    from ptqbench.models.calibration import CalibrationSet
+    from ptqbench.models.calibration import CalibrationSample, CalibrationSet
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ReconstructionSettings:
     """Engine-wide settings (per-unit hyperparameters live in each unit's `UnitConfig`).
 
     forward: (model, sample) -> anything; the whole-model forward that reaches the hook points,
-        given by the model's code (SAM: `ptqbench.models.sam1.calibration.sample_forward`).
+        the model adapter's `forward` (`ptqbench.models.adapter.ModelAdapter.forward`).
     cache: where captured data lives: "auto" (the device when it fits in `cache_memory_fraction`
         of the free device memory, else pinned CPU memory), "device" or "cpu".
     max_prompts: at most this many box prompts per calibration image (a seeded random subset,
@@ -100,17 +100,14 @@ def unit_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _limit_prompts(samples: Sequence[Any], max_prompts: int | None, seed: int) -> list[Any]:
+def _limit_prompts(samples: Sequence[CalibrationSample], max_prompts: int | None,
+                   seed: int) -> list[CalibrationSample]:
+    """Each sample with at most `max_prompts` of its box prompts, drawn at random
+    (`CalibrationSample.random_prompts`) from one generator seeded by `seed`; all of them for None."""
     if max_prompts is None:
         return list(samples)
     generator = torch.Generator().manual_seed(seed)
-    limited = []
-    for sample in samples:
-        if len(sample.boxes) > max_prompts:
-            keep = torch.randperm(len(sample.boxes), generator=generator)[:max_prompts].sort().values
-            sample = replace(sample, boxes=sample.boxes[keep.to(sample.boxes.device)])
-        limited.append(sample)
-    return limited
+    return [sample.random_prompts(max_prompts, generator) for sample in samples]
 
 
 def _modules_under(model: nn.Module, paths: Sequence[str], kind: type) -> list:

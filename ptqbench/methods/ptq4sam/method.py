@@ -16,10 +16,10 @@ in which the activation observers and the AGQ searches are fed together, then th
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
@@ -33,14 +33,8 @@ from ptqbench.methods.ptq4sam.agq import AGQ_P, AGQ_TAUS, AgqCapture, AgqResult
 from ptqbench.methods.ptq4sam.big import channel_signs, fold_channel_signs, is_bimodal
 from ptqbench.methods.qdrop import FAST_ITERATIONS, PAPER_ITERATIONS, qdrop_reconstruct
 from ptqbench.methods.ranges import forward_all, observing, set_weight_ranges
+from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
-from ptqbench.models.sam1.attention_groups import (
-    DECODER,
-    decoder_attention_paths,
-    softmax_attentions,
-    token_to_image_attentions,
-)
-from ptqbench.models.sam1.calibration import sample_forward
 from ptqbench.quant.mse_search import MSE_NUM_RANGES
 from ptqbench.quant.observers import Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
@@ -49,7 +43,6 @@ from ptqbench.recon.unit import HookPoint
 
 log = logging.getLogger(__name__)
 
-DECODER_KEY_SITES = f"{DECODER}.*.k"
 ActivationObserver = Literal["avgminmax", "mse", "minmax", "percentile", "omse"]
 """The observers a PTQ4SAM-style statistics pass can put on its other activation sites."""
 
@@ -60,7 +53,7 @@ def capture_keys(model: nn.Module, sample: CalibrationSample, attention_paths: l
     (`ptqbench.recon.cache.capture`: the forward stops once the last one is computed)."""
     points = [HookPoint(f"{path}.k_proj", "post", lambda args, kwargs, output, path=path: {path: output})
               for path in attention_paths]
-    return capture(model, points, sample_forward, sample)
+    return capture(model, points, adapter_for(model).forward, sample)
 
 
 class BigDecision(NamedTuple):
@@ -80,8 +73,9 @@ def apply_big(qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet) -> 
     the q_proj and k_proj of `qmodel` (before weight calibration).
     Returns attention path -> its decision, for all decoder attentions in forward order.
     """
-    folding = set(token_to_image_attentions(fp_model))
-    paths = decoder_attention_paths(fp_model)
+    adapter = adapter_for(fp_model)
+    folding = set(adapter.token_to_image_attentions(fp_model))
+    paths = list(adapter.decoder_attentions(fp_model))
     keys = capture_keys(fp_model, calib.samples[0], paths)
     decisions = {}
     for path in paths:
@@ -150,14 +144,14 @@ class Ptq4SamS:
         self.config = config if config is not None else self.presets["paper"]
         self.progress = progress
 
-    def activation_observer_for(self, site: str, bits: int) -> Observer:
-        """The activation observer; with BIG on, the averaged-MSE observer for the k sites of every
-        decoder attention (the reference's SignAvgMSEFast with its sign unset).
+    def activation_observer_for(self, site: str, bits: int, key_sites: Collection[str]) -> Observer:
+        """The activation observer of `site`; with BIG on, the averaged-MSE observer for the k sites
+        of every decoder attention, `key_sites` (the reference's SignAvgMSEFast with its sign unset).
 
         `bits` lets the MSE observer search each image as it comes (no copy of every update).
         """
         name = self.config.activation_observer
-        if self.config.big and fnmatch.fnmatchcase(site, DECODER_KEY_SITES):
+        if self.config.big and site in key_sites:
             name = self.key_observer_with_big
         options = mse_observer_options(self.config, weights=False) if name == "mse" else {}
         return make_observer(name, bits=bits, **options)
@@ -172,9 +166,11 @@ class Ptq4SamS:
         forwards run first with the observers and AGQ searches attached (SAQ-SAM's PCC forwards,
         which the reference's observers see). Returns what `before` returned (None without it).
         """
-        attentions = softmax_attentions(qmodel) if self.config.agq else {}
+        adapter = adapter_for(qmodel)
+        attentions = adapter.softmax_attentions(qmodel) if self.config.agq else {}
+        key_sites = frozenset(f"{path}.k" for path in adapter.decoder_attentions(qmodel))
         skip = set(skip) | {f"{path}.softmax" for path in attentions}
-        with observing(qmodel, self.activation_observer_for, skip) as observed, \
+        with observing(qmodel, partial(self.activation_observer_for, key_sites=key_sites), skip) as observed, \
                 AgqCapture(attentions, AGQ_TAUS, self.config.p, self.config.search_iterations) as capture:
             before_result = before(capture, observed) if before is not None else None
             forward_all(qmodel, calib, "observing activations", progress=self.progress)

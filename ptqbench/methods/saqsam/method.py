@@ -35,9 +35,8 @@ from ptqbench.methods.ptq4sam.agq import AgqCapture
 from ptqbench.methods.ptq4sam.method import FAST_SEARCHES, ActivationObserver, Ptq4SamS, Ptq4SamSConfig, apply_big
 from ptqbench.methods.saqsam.par import FAST_SETTINGS, PAPER_SETTINGS, ParSettings, par_reconstruct
 from ptqbench.methods.saqsam.pcc import PccChoice, PccConfig, pcc_search, reference_maps
+from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
-from ptqbench.models.sam1.attention_groups import decoder_attentions
-from ptqbench.models.sam1.quantized import use_fp_query_for_rel_pos
 from ptqbench.quant.quantizer import FakeQuantizer
 
 log = logging.getLogger(__name__)
@@ -86,9 +85,8 @@ def pcc_forwards(qmodel: nn.Module, fp_model: nn.Module, sample: CalibrationSamp
     observer, the decoder AGQ searches (only they) see it as one more update. Then the two PCC
     passes (`pcc_search`), which every observer and AGQ search sees.
     """
-    boxes = sample.boxes if config.max_prompts is None else sample.boxes[:config.max_prompts]
-    with observers_paused(observed), capture.restricted_to(decoder_attentions(qmodel)):
-        maps = reference_maps(qmodel, sample.image, boxes)
+    with observers_paused(observed), capture.restricted_to(adapter_for(qmodel).decoder_attentions(qmodel)):
+        maps = reference_maps(qmodel, config.search_sample(sample))
     return pcc_search(qmodel, fp_model, sample, config, maps=maps, progress=progress)
 
 
@@ -139,8 +137,9 @@ class SaqSamS:
             raise ConfigError(f"{self.name}: search image {search_image} is not in a calibration set "
                               f"of {len(calib)} images")
         search_sample = calib.samples[search_image]
-        pcc_sites = {f"{path}.{site}" for path in decoder_attentions(qmodel) for site in pcc.sites}
-        steps: list[Step] = [("rel-pos from FP q", lambda: use_fp_query_for_rel_pos(qmodel))]
+        adapter = adapter_for(qmodel)
+        pcc_sites = {f"{path}.{site}" for path in adapter.decoder_attentions(qmodel) for site in pcc.sites}
+        steps: list[Step] = [("rel-pos from FP q", lambda: adapter.rel_pos_from_fp_query(qmodel))]
         if self.config.big:
             steps.append(("BIG", lambda: apply_big(qmodel, fp_model, calib)))
         steps += self.statistics.statistics_steps(

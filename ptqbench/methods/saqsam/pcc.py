@@ -38,10 +38,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ptqbench.errors import ConfigError, PtqbenchError
+from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSample
-from ptqbench.models.sam1.attention_groups import decoder_attentions
-from ptqbench.models.sam1.calibration import sam_forward
-from ptqbench.models.sam1.quantized import QuantDecoderAttention, fp_twin
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
@@ -184,6 +182,10 @@ class PccConfig:
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ConfigError(f"PCC max_prompts must be at least 1, got {self.max_prompts}")
 
+    def search_sample(self, sample: CalibrationSample) -> CalibrationSample:
+        """The search image with the box prompts PCC searches with (the first `max_prompts`)."""
+        return sample.first_prompts(self.max_prompts)
+
 
 @dataclass(frozen=True)
 class PccChoice:
@@ -208,7 +210,7 @@ def _query_and_key(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
     return bound["q"].detach(), bound["k"].detach()
 
 
-def search_attention(attention: QuantDecoderAttention, q: Tensor, k: Tensor, reference_map: Tensor,
+def search_attention(attention: nn.Module, q: Tensor, k: Tensor, reference_map: Tensor,
                      config: PccConfig, pass_index: int = 0, prefix: str = "") -> list[PccChoice]:
     """One PCC pass over the QK sites of one attention called with (q, k), in `config.sites` order.
 
@@ -217,6 +219,7 @@ def search_attention(attention: QuantDecoderAttention, q: Tensor, k: Tensor, ref
     candidates are scored by the focus distance of `attention.attention_map(q, k)` to
     `reference_map` [B, heads, Nq, Nk], and the site is left quantizing at its pick: SAQ-SAM's
     `search_range_AOL` (`quant_model.py:349-419`). `prefix` names the attention in the results.
+    attention: a decoder attention twin (`ModelAdapter.decoder_attentions`).
     """
     results = []
     for site in config.sites:
@@ -234,19 +237,20 @@ def search_attention(attention: QuantDecoderAttention, q: Tensor, k: Tensor, ref
 
 
 @torch.no_grad()
-def reference_maps(model: nn.Module, image: Tensor, boxes: Tensor) -> dict[str, Tensor]:
-    """The FP attention map [B, heads, Nq, Nk] of every decoder attention on one image, by path:
+def reference_maps(model: nn.Module, sample: CalibrationSample) -> dict[str, Tensor]:
+    """The FP attention map [B, heads, Nq, Nk] of every decoder attention on one sample, by path:
     one forward of `model` (the reference's `set_ori_ATM` pass), a quantizable twin that computes
-    in FP (every site off or observing, e.g. `fp_twin`, or the twin before calibration)."""
+    in FP (every site off or observing, e.g. the adapter's `fp_twin`, or the twin before calibration)."""
+    adapter = adapter_for(model)
     maps: dict[str, Tensor] = {}
 
     def hook(path: str) -> Callable:
         return lambda module, args, kwargs: maps.__setitem__(path, module.attention_map(*_query_and_key(args, kwargs)))
 
     handles = [module.register_forward_pre_hook(hook(path), with_kwargs=True)
-               for path, module in decoder_attentions(model).items()]
+               for path, module in adapter.decoder_attentions(model).items()]
     try:
-        sam_forward(model, image, boxes)
+        adapter.forward(model, sample)
     finally:
         for handle in handles:
             handle.remove()
@@ -277,10 +281,11 @@ def pcc_search(qmodel: nn.Module, fp_model: nn.Module, sample: CalibrationSample
     sites at their latest picks. Sites that observe (other methods' observers) see those forwards
     as the reference's observers do. qmodel: the quantizable twin, nothing but the QK sites
     quantizing (`_check_only_qk_sites`). maps: the FP maps (`reference_maps`) when the caller
-    already computed them, else from one forward of `fp_twin(fp_model)`. On return the 4 x 7 QK
-    sites quantize at their last picks.
+    already computed them on `config.search_sample(sample)`, else from one forward of the FP twin
+    of `fp_model`. On return the 4 x 7 QK sites quantize at their last picks.
     """
-    attentions = decoder_attentions(qmodel)
+    adapter = adapter_for(qmodel)
+    attentions = adapter.decoder_attentions(qmodel)
     sites = quantizer_sites(qmodel)
     searched = {f"{path}.{site}" for path in attentions for site in config.sites}
     missing = sorted(searched - set(sites))
@@ -289,9 +294,9 @@ def pcc_search(qmodel: nn.Module, fp_model: nn.Module, sample: CalibrationSample
     _check_only_qk_sites(qmodel, searched)
     for name in searched:
         sites[name].mode = "off"
-    boxes = sample.boxes if config.max_prompts is None else sample.boxes[:config.max_prompts]
+    sample = config.search_sample(sample)
     if maps is None:
-        maps = reference_maps(fp_twin(fp_model), sample.image, boxes)
+        maps = reference_maps(adapter.fp_twin(fp_model), sample)
     results: list[PccChoice] = []
     bar = tqdm(total=config.passes * len(attentions), desc="PCC search", disable=not progress, leave=False)
 
@@ -306,7 +311,7 @@ def pcc_search(qmodel: nn.Module, fp_model: nn.Module, sample: CalibrationSample
         handles = [module.register_forward_pre_hook(hook(path, pass_index), with_kwargs=True)
                    for path, module in attentions.items()]
         try:
-            sam_forward(qmodel, sample.image, boxes)
+            adapter.forward(qmodel, sample)
         finally:
             for handle in handles:
                 handle.remove()

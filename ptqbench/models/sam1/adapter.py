@@ -54,8 +54,16 @@ class Sam1Adapter:
         return sam_units(model, config)
 
     def decoder_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
-        """`attention_groups.decoder_attentions`."""
-        return dict(attention_groups.decoder_attentions(model))
+        """`attention_groups.decoder_attention_paths` (plain attentions in a plain SAM, twins in a twin)."""
+        return {path: model.get_submodule(path) for path in attention_groups.decoder_attention_paths(model)}
+
+    def token_to_image_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
+        """`attention_groups.token_to_image_attentions`."""
+        return attention_groups.token_to_image_attentions(model)
+
+    def rel_pos_from_fp_query(self, model: nn.Module) -> None:
+        """`quantized.use_fp_query_for_rel_pos`."""
+        quantized.use_fp_query_for_rel_pos(model)
 
     def softmax_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
         """`attention_groups.softmax_attentions`."""
