@@ -58,7 +58,7 @@ def square_scene() -> np.ndarray:
 
 
 class BoxFillPredictor:
-    """A fake BoxPredictor: each mask is its box's rectangle; records the prompts."""
+    """A fake Predictor: each mask is its box's rectangle; records the prompts."""
 
     def __init__(self):
         self.boxes = []
@@ -73,6 +73,12 @@ class BoxFillPredictor:
         for mask, (x0, y0, x1, y1) in zip(masks, boxes.astype(int)):
             mask[y0:y1, x0:x1] = True
         return masks, np.ones(len(boxes), dtype=np.float32)
+
+    def stream(self, loaders):
+        for loader in loaders:
+            item = loader()
+            self.set_image(item.image)
+            yield item, *self.predict_boxes(item.boxes)
 
 
 def test_component_boxes():
@@ -210,7 +216,7 @@ def test_bad_data(tmp_path):
 def test_missing_or_bad_priors(tmp_path):
     write_ade(tmp_path, {"a": square_scene()})
     predictor = BoxFillPredictor()
-    predictor.model, predictor.device = None, None
+    predictor.device = None
     no_folder = Ade20kTask(TaskConfig(data_root=tmp_path, options=(("mode", "ssa"),)))
     with pytest.raises(DataError, match=r"ptqbench_priors/validation does not exist"):
         no_folder.evaluate(predictor, limit=None, progress=False, out_dir=tmp_path / "out")

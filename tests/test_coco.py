@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ptqbench.errors import DataError
-from ptqbench.models.sam1.inference import PendingMasks
+from ptqbench.models.sam1.inference import BoxPredictor, PendingMasks
 from ptqbench.tasks.base import TASKS, TaskConfig
 from ptqbench.tasks.coco import RESULTS_FILE, CocoTask, load_split, score_results_file
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, write_results
@@ -69,11 +69,12 @@ def assert_metrics_equal(metrics, expected):
 
 
 class StreamedFake:
-    """`predict_stream`'s side of BoxPredictor (prepare, encode_many, launch_boxes) over a fake's
-    set_image + predict_boxes, on the CPU."""
+    """BoxPredictor's `stream` over a fake's set_image + predict_boxes, on the CPU: the side of
+    BoxPredictor that `stream` uses (prepare, encode_many, launch_boxes)."""
 
     device = torch.device("cpu")
     encoder_batch = 2
+    stream = BoxPredictor.stream
 
     def prepare(self, image):
         return image

@@ -11,7 +11,7 @@ import pytest
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.tasks.base import TASKS, TaskConfig
-from ptqbench.tasks.dota import DotaTask, read_rgb
+from ptqbench.tasks.dota import DotaTask
 from ptqbench.tasks.dota_eval import METRIC_KEYS
 from ptqbench.tasks.dota_geometry import (
     Window,
@@ -21,6 +21,7 @@ from ptqbench.tasks.dota_geometry import (
     split_windows,
     window_starts,
 )
+from ptqbench.tasks.images import read_image
 from ptqbench.tasks.polygon_iou import poly_iou
 
 # image A: 300 x 200 -> windows 256/50 at x 0 and 44; image B: 150 x 260 -> windows at y 0 and 4
@@ -55,7 +56,7 @@ def write_dota(root: Path, split: str = "val") -> Path:
 
 
 class BoxFillPredictor:
-    """Fake BoxPredictor: the mask of a box is every pixel centre inside it; IoU 0.75 - 0.01 k."""
+    """Fake Predictor: the mask of a box is every pixel centre inside it; IoU 0.75 - 0.01 k."""
 
     input_size = 256
 
@@ -73,6 +74,12 @@ class BoxFillPredictor:
         for k, (x0, y0, x1, y1) in enumerate(boxes):
             masks[k, math.ceil(y0):math.floor(y1) + 1, math.ceil(x0):math.floor(x1) + 1] = True
         return masks, (0.75 - 0.01 * np.arange(len(boxes))).astype(np.float32)
+
+    def stream(self, loaders):
+        for loader in loaders:
+            item = loader()
+            self.set_image(item.image)
+            yield item, *self.predict_boxes(item.boxes)
 
 
 def make_task(root: Path, **kwargs) -> DotaTask:
@@ -208,7 +215,7 @@ def test_calibration_items_are_the_first_windows_with_prompts(tmp_path: Path) ->
     np.testing.assert_array_equal(items[1].boxes, [[186, 40, 246, 100], [156, 150, 176, 190]])  # x - 44
     np.testing.assert_array_equal(items[2].boxes, [[10, 196, 60, 251]])  # y - 4
     assert items[1].image.dtype == np.uint8 and items[1].image.flags.c_contiguous
-    original = read_rgb(tmp_path / "DOTA" / "train" / "images" / "A.png")
+    original = read_image(tmp_path / "DOTA" / "train" / "images" / "A.png")
     np.testing.assert_array_equal(items[1].image, original[:, 44:300])
     assert len(task.calibration_items(2, seed=0)) == 2
     prompts = tmp_path / "calib_prompts"
@@ -239,7 +246,7 @@ def test_bad_images_and_missing_labels(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"C\.png has no label file"):
         make_task(tmp_path).evaluate(BoxFillPredictor(), limit=None, progress=False, out_dir=tmp_path)
     (split_dir / "labelTxt" / "C.txt").write_text("1 1 5 1 5 5 1 5 plane 0\n")
-    with pytest.raises(DataError, match=r"cannot read image .*C\.png"):
+    with pytest.raises(DataError, match=r"image .*C\.png cannot be read"):
         make_task(tmp_path).evaluate(BoxFillPredictor(), limit=None, progress=False, out_dir=tmp_path)
 
 

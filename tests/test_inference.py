@@ -1,4 +1,4 @@
-"""BoxPredictor and predict_stream reproduce segment_anything's SamPredictor exactly (FP path)."""
+"""BoxPredictor and its stream reproduce segment_anything's SamPredictor exactly (FP path)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from ptqbench.models.sam1.inference import BoxPredictor, PromptedImage, predict_stream
+from ptqbench.models.prediction import PromptedImage
+from ptqbench.models.sam1.inference import BoxPredictor
 from ptqbench.models.sam1.quantized import fp_twin
 from ptqbench.tasks.base import TaskConfig
 
@@ -80,7 +81,7 @@ ON_GPU = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_availab
 @pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("encoder_batch", [1, 3])
 def test_fp_stream_over_the_twin_equals_the_sam_predictor_loop(sam_tiny, encoder_batch, device):
-    """The FP evaluation path (predict_stream over fp_twin, one batch in flight, images encoded
+    """The FP evaluation path (BoxPredictor.stream over fp_twin, one batch in flight, images encoded
     `encoder_batch` at a time with a short last batch; on a GPU with the fused relative-position
     add and decoding on a second stream) yields, in order, exactly the masks and IoUs of a
     SamPredictor loop over the plain model."""
@@ -94,7 +95,7 @@ def test_fp_stream_over_the_twin_equals_the_sam_predictor_loop(sam_tiny, encoder
     reference = _sam_predictor_loop(sam_tiny, items, chunk_size)
 
     predictor = BoxPredictor(fp_twin(sam_tiny), device, chunk_size=chunk_size, encoder_batch=encoder_batch)
-    streamed = list(predict_stream(predictor, [lambda item=item: item for item in items], workers=2))
+    streamed = list(predictor.stream([lambda item=item: item for item in items], workers=2))
 
     assert [item.key for item, _, _ in streamed] == [0, 1, 2, 3]
     for (item, masks, ious), (ref_masks, ref_ious) in zip(streamed, reference):

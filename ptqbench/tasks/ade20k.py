@@ -12,7 +12,8 @@ Modes (TaskConfig option `mode`):
   `MIN_COMPONENT_AREA` pixels gives one box prompt labelled with that class. The predicted
   masks are painted largest (predicted mask area) first, so smaller masks overwrite larger
   ones; pixels no mask covers stay 255 ("no prediction": they count against recall, never as a
-  class).
+  class). Every image with a prompt is one image of `Predictor.stream` (read ahead in threads,
+  the model batched); an image without one is all 255, and SAM never sees it.
 - `ssa` (the Semantic-Segment-Anything protocol): segment_anything's `SamAutomaticMaskGenerator`
   on the predictor's (quantized) model with SSA's settings (`SSA_SETTINGS`, 64 points per side
   unless option `points_per_side` says otherwise), then for each mask, largest first, every
@@ -22,6 +23,9 @@ Modes (TaskConfig option `mode`):
   Pixels no mask covers keep the prior's class. Votes count only prior pixels with a class;
   ties go to the smallest class id; a mask whose prior pixels are all 255 is skipped. SAM gets
   the image as RGB: SSA's own script fed BGR by accident (an OpenCV read passed on unconverted).
+  The masks come from the predictor's `automatic_mask_generator`, image by image: a different
+  protocol from the box prompts of `Predictor.stream` (a grid of point prompts per image and
+  crop, with its own filtering), so it does not go through the stream.
 
 Predictions are written to `<out_dir>/ade20k_pred/<stem>.png` (uint8 0..149, 255 = none) and
 scored by `ade20k_metric.score_prediction_folder`, the code of `ptqbench evaluate ade20k`.
@@ -35,7 +39,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
+from ptqbench.models.prediction import PromptedImage
 from ptqbench.tasks.ade20k_metric import (
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
@@ -53,11 +58,13 @@ from ptqbench.tasks.ade20k_metric import (
     read_label_png,
     score_prediction_folder,
 )
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count, read_rgb_image
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
+from ptqbench.tasks.images import image_size, read_image
+from ptqbench.tasks.prompts import require_path
 from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
-    from ptqbench.models.sam1.inference import BoxPredictor
+    from ptqbench.models.prediction import MaskGenerator, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +125,7 @@ def list_samples(data_root: Path, split: str) -> list[AdeSample]:
 
 def read_sample(sample: AdeSample) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 RGB [H, W, 3], label uint8 [H, W] training ids, 255 ignored)."""
-    image = read_rgb_image(sample.image_path)
+    image = read_image(sample.image_path)
     label = read_annotation(sample.annotation_path, expected_hw=image.shape[:2])
     return image, label
 
@@ -307,38 +314,24 @@ class Ade20kTask(Task):
 
     def _check_priors(self) -> None:
         """DataError unless `prior_dir` exists and holds `<stem>.png` for every evaluation image."""
-        if not self.prior_dir.is_dir():
-            raise DataError(f"semantic prior folder {self.prior_dir} does not exist (set the "
-                            f"ade20k option semantic_prior=DIR: one <stem>.png per image)")
+        require_path(self.prior_dir, "semantic prior folder", "folder",
+                     "set the ade20k option semantic_prior=DIR (--task-option semantic_prior=DIR): "
+                     "one <stem>.png per image")
         for sample in self.samples:
             path = self.prior_dir / f"{sample.stem}.png"
             if not path.is_file():
                 raise DataError(f"missing semantic prior map {path} (the folder {self.prior_dir} "
                                 f"needs one <stem>.png per image)")
 
-    def predict(self, predictor: BoxPredictor, indices: Sequence[int], progress: bool = False
+    def predict(self, predictor: Predictor, indices: Sequence[int], progress: bool = False
                 ) -> list[AdePrediction]:
         """The predicted label maps of the evaluation images at `indices` (positions in the
         name-sorted split), PNG-encoded; one `AdePrediction` per index, in order."""
-        from PIL import Image
-
-        from ptqbench.models.sam1.automatic import automatic_masks
-
-        generator = self._mask_generator(predictor) if self.mode == "ssa" else None
         start = time.perf_counter()
-        results = []
-        for index in tqdm(indices, desc=f"ade20k {self.mode}", disable=not progress):
-            sample = self.samples[index]
-            image, label = read_sample(sample)
-            if generator is None:
-                prediction = self._predict_gt(predictor, image, label)
-            else:
-                prior = read_prior(self.prior_dir / f"{sample.stem}.png", image.shape[:2])
-                masks = automatic_masks(generator, image)
-                prediction = vote_with_prior(masks, prior)
-            png = io.BytesIO()
-            Image.fromarray(prediction).save(png, format="PNG")
-            results.append(AdePrediction(stem=sample.stem, png=png.getvalue()))
+        if self.mode == "gt":
+            results = self._predict_gt(predictor, indices, progress)
+        else:
+            results = self._predict_ssa(predictor, indices, progress)
         log.info("ADE20K %s mode: %d images in %.1f s", self.mode, len(results), time.perf_counter() - start)
         return results
 
@@ -355,25 +348,56 @@ class Ade20kTask(Task):
             (pred_dir / f"{result.stem}.png").write_bytes(result.png)
         return score_prediction_folder(pred_dir, self.config.data_root, self.split, limit=len(samples))
 
+    def _predict_gt(self, predictor: Predictor, indices: Sequence[int], progress: bool) -> list[AdePrediction]:
+        """gt mode: the GT components' boxes of each image (its annotation read here, checked
+        against the image's size from the file's header), the images with boxes through
+        `predictor.stream`, the masks painted."""
+        results: list[AdePrediction | None] = [None] * len(indices)
+        loaders = []
+        for position, index in enumerate(indices):
+            sample = self.samples[index]
+            label = read_annotation(sample.annotation_path, expected_hw=image_size(sample.image_path))
+            boxes, classes, _ = component_boxes(label)
+            if len(boxes) == 0:
+                results[position] = encode_prediction(sample.stem, np.full(label.shape, IGNORE_INDEX, dtype=np.uint8))
+            else:
+                loaders.append(partial(_prompted_sample, sample, label.shape, boxes, classes, position))
+        stream = predictor.stream(loaders)
+        for item, masks, _ in tqdm(stream, total=len(loaders), desc="ade20k gt", disable=not progress):
+            results[item.key] = encode_prediction(self.samples[indices[item.key]].stem, paint_masks(masks, item.extra))
+        return results
 
-    @staticmethod
-    def _predict_gt(predictor: BoxPredictor, image: np.ndarray, label: np.ndarray) -> np.ndarray:
-        """gt mode for one image: uint8 [H, W] prediction (255 where no mask)."""
-        boxes, classes, _ = component_boxes(label)
-        if len(boxes) == 0:
-            return np.full(label.shape, IGNORE_INDEX, dtype=np.uint8)
-        predictor.set_image(image)
-        masks, _ = predictor.predict_boxes(boxes)
-        return paint_masks(masks, classes)
+    def _predict_ssa(self, predictor: Predictor, indices: Sequence[int], progress: bool) -> list[AdePrediction]:
+        """ssa mode: automatic masks of each image, voted with its semantic prior."""
+        generator = self._mask_generator(predictor)
+        results = []
+        for index in tqdm(indices, desc="ade20k ssa", disable=not progress):
+            sample = self.samples[index]
+            image, _ = read_sample(sample)
+            prior = read_prior(self.prior_dir / f"{sample.stem}.png", image.shape[:2])
+            results.append(encode_prediction(sample.stem, vote_with_prior(generator.masks(image), prior)))
+        return results
 
-    def _mask_generator(self, predictor: BoxPredictor) -> Any:
-        """SAM's automatic mask generator on `predictor.model` with SSA settings."""
-        from ptqbench.models.sam1.automatic import automatic_mask_generator
-
+    def _mask_generator(self, predictor: Predictor) -> MaskGenerator:
+        """The predictor's automatic mask generator with SSA settings."""
         self._check_priors()
         points_per_batch = self.points_per_batch
         if points_per_batch is None:
             points_per_batch = 256 if predictor.device.type == "cuda" else 64
-        return automatic_mask_generator(predictor.model, self.points_per_side, points_per_batch, SSA_SETTINGS)
+        return predictor.automatic_mask_generator(self.points_per_side, points_per_batch, SSA_SETTINGS)
 
 
+def encode_prediction(stem: str, prediction: np.ndarray) -> AdePrediction:
+    """A label map uint8 [H, W] as the PNG bytes of `AdePrediction`."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(prediction).save(png, format="PNG")
+    return AdePrediction(stem=stem, png=png.getvalue())
+
+
+def _prompted_sample(sample: AdeSample, hw: tuple[int, int], boxes: np.ndarray, classes: np.ndarray,
+                     position: int) -> PromptedImage:
+    """A gt-mode image to segment (read in a stream worker): its component boxes [N, 4], classes
+    [N] as `extra`, key its position among the predicted images."""
+    return PromptedImage(key=position, image=read_image(sample.image_path, hw), boxes=boxes, extra=classes)

@@ -8,14 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ptqbench.errors import ConfigError, DataError
+from ptqbench.errors import ConfigError
 from ptqbench.registry import Registry
 from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
-    from ptqbench.models.sam1.inference import BoxPredictor
+    from ptqbench.models.prediction import Predictor
 
 
 @dataclass(frozen=True)
@@ -63,18 +61,6 @@ def route_task_options(options: Sequence[tuple[str, str]],
         for name in targets:
             routed[name].append((key, value))
     return {name: tuple(pairs) for name, pairs in routed.items()}
-
-
-def read_rgb_image(path: Path) -> np.ndarray:
-    """An image file read with PIL as uint8 RGB [H, W, 3]; DataError naming the file if it is
-    missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as error:
-        raise DataError(f"image {path} cannot be read: {error}") from error
 
 
 class Task(ABC):
@@ -136,9 +122,12 @@ class Task(ABC):
         return None
 
     @abstractmethod
-    def predict(self, predictor: BoxPredictor, indices: Sequence[int], progress: bool = False) -> list[Any]:
+    def predict(self, predictor: Predictor, indices: Sequence[int], progress: bool = False) -> list[Any]:
         """Phase 1 of `evaluate`: the per-image results of the evaluation images at `indices`.
 
+        predictor: the model's (`ptqbench.models.prediction.Predictor`); the built-in tasks send
+        their box prompts through `predictor.stream` (images read ahead in threads, the model
+        batched), which gives exactly what `set_image` + `predict_boxes` give image by image.
         indices: positions in the task's evaluation order (0 <= i < eval_image_count(None)).
         Returns one picklable result per index, in the order of `indices`; writes nothing.
         Images are independent, so data-parallel ranks can each predict a shard of them.
@@ -149,7 +138,7 @@ class Task(ABC):
         """Phase 2 of `evaluate`: the metrics of the per-image results of the first
         `eval_image_count(limit)` images (in evaluation order); writes artefacts under out_dir."""
 
-    def evaluate(self, predictor: BoxPredictor, *, limit: int | None, progress: bool,
+    def evaluate(self, predictor: Predictor, *, limit: int | None, progress: bool,
                  out_dir: Path) -> dict[str, float]:
         """Run the protocol on the evaluation split; write artefacts under out_dir.
 

@@ -15,7 +15,7 @@ category), in evaluation and in calibration alike. The reference has no ground-t
 (its detector wrapper makes the placeholder), so `gt` prompts get no placeholder: an image
 without ground truth would only gain a false positive.
 
-Images are decoded with OpenCV and converted BGR -> RGB, as the reference does (`read_coco_image`).
+Images are decoded with OpenCV and converted BGR -> RGB, as the reference does (`images.read_image`).
 
 Image order: evaluation walks the split's images sorted by image id (the detectron2 order), and
 `limit` keeps the first N of that order; calibration takes the first images of the calibration
@@ -41,15 +41,17 @@ import numpy as np
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
-from ptqbench.models.sam1.inference import PromptedImage, predict_stream
+from ptqbench.models.prediction import PromptedImage
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, stdout_into_log, write_results
+from ptqbench.tasks.images import read_image
 from ptqbench.tasks.prompts import (
     Detections,
     as_id,
     is_number,
     load_json_file,
     no_detection_prompt,
+    prompt_source,
     read_coco_detections,
     xywh_to_xyxy,
 )
@@ -58,7 +60,7 @@ from ptqbench.types import CalibrationItem
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
 
-    from ptqbench.models.sam1.inference import BoxPredictor
+    from ptqbench.models.prediction import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -92,27 +94,6 @@ def require_annotation_file(data_root: Path, split: str) -> Path:
     if not path.is_file():
         raise DataError(f"COCO annotation file {path} does not exist; {LAYOUT}")
     return path
-
-
-def read_coco_image(path: Path) -> np.ndarray:
-    """A COCO image as uint8 RGB [H, W, 3], decoded as the reference does: `cv2.imread` (flag
-    IMREAD_COLOR) then BGR -> RGB. DataError naming the file when OpenCV cannot read it.
-
-    Checked on the 38 real COCO JPEGs of the test slice: OpenCV 5.0.0 (its bundled
-    libjpeg-turbo 3.1.2) and Pillow 13.0.0 (libjpeg-turbo 3.2.0) give identical pixels, as do
-    grayscale JPEGs (both replicate the gray channel). They need not agree in general: JPEG
-    decoding is only specified to a tolerance, so another libjpeg build or IDCT / chroma
-    upsampling choice can change some pixels slightly; hence the reference's decoder. One
-    systematic difference: OpenCV applies an EXIF orientation tag and Pillow does not, so an
-    image stored rotated by 90 degrees comes out with its sides swapped and fails the size check
-    against its annotation (`CocoSplit.read_image`).
-    """
-    import cv2
-
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DataError(f"image {path} cannot be read: OpenCV cannot decode it")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _require_keys(entries: Any, keys: Sequence[str], path: Path, what: str) -> None:
@@ -183,11 +164,7 @@ class CocoSplit:
         path = self.image_dir / info["file_name"]
         if not path.is_file():
             raise DataError(f"image {path} (listed in {self.annotation_file}) does not exist; {LAYOUT}")
-        rgb = read_coco_image(path)
-        if rgb.shape[:2] != (info["height"], info["width"]):
-            raise DataError(f"image {path} is {rgb.shape[1]}x{rgb.shape[0]} but {self.annotation_file} "
-                            f"says {info['width']}x{info['height']}")
-        return rgb
+        return read_image(path, (info["height"], info["width"]), size_from=str(self.annotation_file))
 
 
 def load_split(data_root: Path, split: str) -> CocoSplit:
@@ -286,24 +263,13 @@ class CocoTask(Task):
         self.data_root = Path(config.data_root)
         self.eval_split = EVAL_SPLIT
         self.calib_split = config.calib_split or CALIB_SPLIT
-        self.prompts = self._prompt_path(config.prompts, "prompts")
-        self.calib_prompts = self._prompt_path(config.calib_prompts, "calibration prompts")
+        self.prompts = _detection_file(config.prompts, "prompts", "--prompts")
+        self.calib_prompts = _detection_file(config.calib_prompts, "calibration prompts", "--calib-prompts")
         require_annotation_file(self.data_root, self.eval_split)
         if not image_dir(self.data_root, self.eval_split).is_dir():
             raise DataError(f"COCO image folder {image_dir(self.data_root, self.eval_split)} does not exist; {LAYOUT}")
         self._splits: dict[str, CocoSplit] = {}
         self._fingerprint: str | None = None
-
-    @staticmethod
-    def _prompt_path(source: str | None, what: str) -> Path | None:
-        """None or "gt" -> None (ground-truth boxes); otherwise an existing detection file."""
-        if source is None or source == "gt":
-            return None
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"{what} file {path} does not exist; the coco task expects a COCO "
-                            f"results-format detection JSON [{{image_id, category_id, bbox, score}}]")
-        return path
 
     def _split(self, split: str) -> CocoSplit:
         if split not in self._splits:
@@ -386,11 +352,11 @@ class CocoTask(Task):
         annotation file, as `predict` does; DataError for a malformed one."""
         self._prompt_lookup(self._split(self.eval_split), self.prompts)
 
-    def predict(self, predictor: BoxPredictor, indices: Sequence[int], progress: bool = False
+    def predict(self, predictor: Predictor, indices: Sequence[int], progress: bool = False
                 ) -> list[CocoImageResult]:
         """Segment every prompt box of the evaluation images at `indices` (positions in the
         id-sorted split); one `CocoImageResult` per index, in order (no entries for an image
-        without prompts). Images are read and resized ahead in threads (`predict_stream`) and
+        without prompts). Images are read and resized ahead in threads (`predictor.stream`) and
         masks RLE-encoded by `mask_encoder` (worker processes on a GPU) while the model runs."""
         split = self._split(self.eval_split)
         lookup = self._prompt_lookup(split, self.prompts)
@@ -403,7 +369,7 @@ class CocoTask(Task):
                 loaders.append(partial(_prompted_image, split, result.image_id, detections, position))
         encoder = mask_encoder(in_processes=predictor.device.type == "cuda")
         pending = {}
-        stream = predict_stream(predictor, loaders)
+        stream = predictor.stream(loaders)
         for item, masks, iou_pred in tqdm(stream, total=len(loaders), desc=f"coco {split.name}", unit="img",
                                           disable=not progress):
             detections = item.extra
@@ -430,6 +396,13 @@ class CocoTask(Task):
         return metrics
 
 
+def _detection_file(source: str | None, what: str, option: str) -> Path | None:
+    """None or "gt" -> None (ground-truth boxes); otherwise an existing detection file (DataError
+    naming `what` and the `option` that sets it)."""
+    return prompt_source(source, f"{what} file", "file",
+                         f"the coco task expects a COCO results-format detection JSON "
+                         f"[{{image_id, category_id, bbox, score}}] (set {option}, or 'gt')")
+
 
 def _detections_or_placeholder(detections: dict[int, Detections], category_id: int, image_id: int) -> Detections:
     """The image's detections, or the placeholder prompt (in category `category_id`) without any."""
@@ -439,5 +412,3 @@ def _detections_or_placeholder(detections: dict[int, Detections], category_id: i
 
 def _prompted_image(split: CocoSplit, image_id: int, detections: Detections, position: int) -> PromptedImage:
     return PromptedImage(key=position, image=split.read_image(image_id), boxes=detections.boxes, extra=detections)
-
-

@@ -19,7 +19,9 @@ The MMRotate-SAM / SAM-RBox protocol:
   the detector's score. Each prompt is run in exactly one window: the one with the largest
   intersection with its box, ties (every window that contains the whole box) broken by the
   nearest window centre, then by window order; the box is clipped to that window. So every
-  prompt gives at most one detection; windows without prompts are not encoded.
+  prompt gives at most one detection; windows without prompts are not encoded. Every window
+  with prompts is one image of `Predictor.stream` (crops read ahead in threads, each image file
+  decoded once), its boxes in window pixels.
 - Mask -> rotated box: `cv2.minAreaRect` over the (x, y) coordinates of all foreground pixels,
   `cv2.boxPoints` for the 4 corners, plus the window offset. An empty mask gives no detection
   (it is dropped and counted in the log).
@@ -40,8 +42,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +53,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
+from ptqbench.models.prediction import PromptedImage
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
 from ptqbench.tasks.dota_eval import (
     DOTA_CLASSES,
@@ -65,24 +70,25 @@ from ptqbench.tasks.dota_eval import (
 )
 from ptqbench.tasks.dota_geometry import (
     NMS_IOU,
-    assign_windows,
+    WindowPrompts,
     clip_boxes,
     mask_to_rbox,
     polygon_hboxes,
     polygon_nms,
-    split_windows,
+    window_prompts,
 )
+from ptqbench.tasks.images import image_size, read_image
+from ptqbench.tasks.prompts import prompt_source
 from ptqbench.types import CalibrationItem
 
 if TYPE_CHECKING:
-    from ptqbench.models.sam1.inference import BoxPredictor
+    from ptqbench.models.prediction import Predictor
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLIT = "val"
 CALIB_SPLIT = "train"
 GAP_PER_WINDOW = 200 / 1024
-MASK_BATCH = 64
 OPTION_KEYS = ("window", "gap")
 TASK1_FOLDER = "dota_task1"
 
@@ -165,52 +171,68 @@ def clip_prompts(prompts: BoxPrompts, width: int, height: int) -> BoxPrompts:
                       classes=prompts.classes, scores=prompts.scores)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """An image file as uint8 RGB [H, W, 3] (any size; grey and 16-bit files are converted)."""
-    import cv2
+class WindowedImage:
+    """One evaluation image, cut into the windows that run its prompts, for `Predictor.stream`.
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"cannot read image {path} (missing, truncated or not an image)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def predict_rotated_boxes(predictor: BoxPredictor, image: np.ndarray, prompts: BoxPrompts,
-                          window: int, gap: int) -> tuple[RotatedBoxes, int]:
-    """Run every prompt in its window; return the rotated boxes (before NMS) and the number of
-    empty masks dropped.
-
-    image: uint8 [H, W, 3]; prompts: boxes clipped to the image. Output polygons are in
-    full-image pixels, in window order then prompt order.
+    `load(k)` gives window k as a `PromptedImage`; the first call to run (in a stream worker)
+    decodes the file, the others wait for it and crop the same pixels, and the last one drops
+    them. position: the image's place among the predicted images; hw: its (H, W) from the file's
+    header; prompts: its prompts, clipped to it; windows: `window_prompts` of those prompts.
     """
-    height, width = image.shape[:2]
-    windows = split_windows(width, height, window, gap)
-    assignment = assign_windows(prompts.boxes, windows)
-    polygons, scores, classes = [], [], []
-    dropped = 0
-    for index, win in enumerate(windows):
-        members = np.nonzero(assignment == index)[0]
-        if members.size == 0:
-            continue
-        predictor.set_image(np.ascontiguousarray(image[win.y0:win.y1, win.x0:win.x1]))
-        offset = np.array([win.x0, win.y0, win.x0, win.y0], dtype=np.float64)
-        local = clip_boxes(prompts.boxes[members], win.x0, win.y0, win.x1, win.y1) - offset
-        for start in range(0, members.size, MASK_BATCH):
-            batch = members[start:start + MASK_BATCH]
-            masks, ious = predictor.predict_boxes(local[start:start + MASK_BATCH])
-            for k, prompt in enumerate(batch):
-                corners = mask_to_rbox(masks[k])
-                if corners is None:
-                    dropped += 1
-                    continue
-                corners[0::2] += win.x0
-                corners[1::2] += win.y0
-                polygons.append(corners)
-                scores.append(float(ious[k]) if prompts.scores is None else float(prompts.scores[prompt]))
-                classes.append(int(prompts.classes[prompt]))
-    return RotatedBoxes(polygons=np.array(polygons, dtype=np.float64).reshape(-1, 8),
-                        scores=np.array(scores, dtype=np.float64),
-                        classes=np.array(classes, dtype=np.int64)), dropped
+
+    def __init__(self, position: int, path: Path, hw: tuple[int, int], prompts: BoxPrompts,
+                 windows: list[WindowPrompts]) -> None:
+        self.position = position
+        self.path = path
+        self.hw = hw
+        self.prompts = prompts
+        self.windows = windows
+        self._lock = threading.Lock()
+        self._image: np.ndarray | None = None
+        self._crops_left = len(windows)
+
+    def load(self, k: int) -> PromptedImage:
+        """Window k: its crop uint8 [h, w, 3] and boxes [M, 4] (window pixels); key (position, k)."""
+        with self._lock:
+            if self._image is None:
+                self._image = read_image(self.path, self.hw)
+            crop = self.windows[k].window.crop(self._image)
+            self._crops_left -= 1
+            if self._crops_left == 0:
+                self._image = None
+        return PromptedImage(key=(self.position, k), image=crop, boxes=self.windows[k].boxes)
+
+
+@dataclass
+class DetectionsBuilder:
+    """The rotated boxes of one image, gathered window by window (window order, then prompt
+    order), and the number of empty masks dropped."""
+
+    polygons: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    classes: list[int] = field(default_factory=list)
+    dropped: int = 0
+
+    def add_window(self, masks: np.ndarray, ious: np.ndarray, prompts: BoxPrompts, window: WindowPrompts) -> None:
+        """masks bool [M, h, w] and predicted IoUs [M] of the window's prompts (window.members of
+        `prompts`) -> rotated boxes in full-image pixels; score = IoU for GT prompts, else the
+        detector's."""
+        for k, prompt in enumerate(window.members):
+            corners = mask_to_rbox(masks[k])
+            if corners is None:
+                self.dropped += 1
+                continue
+            corners[0::2] += window.window.x0
+            corners[1::2] += window.window.y0
+            self.polygons.append(corners)
+            self.scores.append(float(ious[k]) if prompts.scores is None else float(prompts.scores[prompt]))
+            self.classes.append(int(prompts.classes[prompt]))
+
+    def rotated_boxes(self) -> RotatedBoxes:
+        """Everything added so far (before NMS)."""
+        return RotatedBoxes(polygons=np.array(self.polygons, dtype=np.float64).reshape(-1, 8),
+                            scores=np.array(self.scores, dtype=np.float64),
+                            classes=np.array(self.classes, dtype=np.int64))
 
 
 def nms_per_class(boxes: RotatedBoxes, iou_threshold: float = NMS_IOU) -> RotatedBoxes:
@@ -242,14 +264,11 @@ def write_task1(det_dir: Path, lines: Mapping[str, Sequence[str]]) -> None:
         (det_dir / f"Task1_{name}.txt").write_text(text, encoding="utf-8")
 
 
-def _prompt_dir(source: str | None) -> Path | None:
-    if source is None or source == "gt":
-        return None
-    path = Path(source)
-    if not path.is_dir():
-        raise DataError(f"DOTA prompt folder {path} does not exist (give a folder of "
-                        f"Task1_<class>.txt files, or 'gt')")
-    return path
+def _prompt_folder(source: str | None, option: str) -> Path | None:
+    """None or "gt" -> None (GT prompts); otherwise an existing folder of Task1 files (DataError
+    naming the `option` that sets it)."""
+    return prompt_source(source, "DOTA prompt folder", "folder",
+                         f"set {option} to a folder of Task1_<class>.txt files, or 'gt'")
 
 
 @TASKS.register("dota")
@@ -271,8 +290,8 @@ class DotaTask(Task):
         if self.gap >= self.window:
             raise ConfigError(f"dota windows need window > gap >= 0, got window={self.window}, gap={self.gap}")
         self.calib_split = config.calib_split or self._default_calib_split()
-        self.prompt_dir = _prompt_dir(config.prompts)
-        self.calib_prompt_dir = _prompt_dir(config.calib_prompts)
+        self.prompt_dir = _prompt_folder(config.prompts, "--prompts")
+        self.calib_prompt_dir = _prompt_folder(config.calib_prompts, "--calib-prompts")
 
     def _default_calib_split(self) -> str:
         """`train`, or `val` (with a warning) when the data root has no train split."""
@@ -340,19 +359,11 @@ class DotaTask(Task):
             labels = read_dota_labels(item.label_path) if detector is None else None
             if (labels is not None and len(labels) == 0) or (detector is not None and item.name not in detector):
                 continue
-            image = read_rgb(item.image_path)
+            image = read_image(item.image_path)
             height, width = image.shape[:2]
             prompts = self._image_prompts(detector, item, labels, width, height)
-            windows = split_windows(width, height, self.window, self.gap)
-            assignment = assign_windows(prompts.boxes, windows)
-            for index, win in enumerate(windows):
-                members = np.nonzero(assignment == index)[0]
-                if members.size == 0:
-                    continue
-                offset = np.array([win.x0, win.y0, win.x0, win.y0], dtype=np.float64)
-                boxes = clip_boxes(prompts.boxes[members], win.x0, win.y0, win.x1, win.y1) - offset
-                crop = np.ascontiguousarray(image[win.y0:win.y1, win.x0:win.x1])
-                result.append(CalibrationItem(image=crop, boxes=boxes))
+            for window in window_prompts(prompts.boxes, width, height, self.window, self.gap):
+                result.append(CalibrationItem(image=window.window.crop(image), boxes=window.boxes))
                 if len(result) >= n:
                     break
         if not result:
@@ -368,23 +379,37 @@ class DotaTask(Task):
         malformed Task1 file."""
         self._prompt_source(self.prompt_dir, self._items(EVAL_SPLIT))
 
-    def predict(self, predictor: BoxPredictor, indices: Sequence[int], progress: bool = False
+    def predict(self, predictor: Predictor, indices: Sequence[int], progress: bool = False
                 ) -> list[DotaImageResult]:
         """Rotated boxes (after per-class NMS) of the val images at `indices` (positions in the
-        name-sorted split), as Task1 lines; one `DotaImageResult` per index, in order."""
+        name-sorted split), as Task1 lines; one `DotaImageResult` per index, in order. Every
+        window with prompts is one image of `predictor.stream`."""
         all_items = self._items(EVAL_SPLIT)
         detector = self._prompt_source(self.prompt_dir, all_items)
+        images = [self._windowed_image(position, all_items[index], detector)
+                  for position, index in enumerate(indices)]
+        loaders = [partial(image.load, k) for image in images for k in range(len(image.windows))]
+        found = [DetectionsBuilder() for _ in images]
+        stream = predictor.stream(loaders)
+        for item, masks, ious in tqdm(stream, total=len(loaders), desc="dota", unit="window", disable=not progress):
+            position, k = item.key
+            found[position].add_window(masks, ious, images[position].prompts, images[position].windows[k])
         results = []
-        for index in tqdm(indices, desc="dota", unit="image", disable=not progress):
-            item = all_items[index]
-            image = read_rgb(item.image_path)
-            height, width = image.shape[:2]
-            labels = read_dota_labels(item.label_path) if detector is None else None
-            prompts = self._image_prompts(detector, item, labels, width, height)
-            boxes, empty = predict_rotated_boxes(predictor, image, prompts, self.window, self.gap)
-            results.append(DotaImageResult(image=item.name, lines=task1_lines(item.name, nms_per_class(boxes)),
-                                           empty_masks=empty))
+        for index, detections in zip(indices, found):
+            name = all_items[index].name
+            lines = task1_lines(name, nms_per_class(detections.rotated_boxes()))
+            results.append(DotaImageResult(image=name, lines=lines, empty_masks=detections.dropped))
         return results
+
+    def _windowed_image(self, position: int, item: SplitItem, detector: dict[str, BoxPrompts] | None
+                        ) -> WindowedImage:
+        """An evaluation image's prompts and windows; its size from the file's header (pixels are
+        read by the stream's workers)."""
+        height, width = image_size(item.image_path)
+        labels = read_dota_labels(item.label_path) if detector is None else None
+        prompts = self._image_prompts(detector, item, labels, width, height)
+        windows = window_prompts(prompts.boxes, width, height, self.window, self.gap)
+        return WindowedImage(position, item.image_path, (height, width), prompts, windows)
 
     def score(self, results: Sequence[DotaImageResult], limit: int | None, out_dir: Path) -> dict[str, float]:
         """Write `out_dir/dota_task1/Task1_<class>.txt` (lines in image order) and score them

@@ -1,5 +1,6 @@
 """Geometry of the `dota` task: the sliding windows over a large aerial image, the window each
-box prompt belongs to, the rotated box of a mask, and DOTA_devkit-style polygon NMS.
+box prompt belongs to (`window_prompts`, the one place where windows and prompts meet), the
+rotated box of a mask, and DOTA_devkit-style polygon NMS.
 
 Boxes are [N, 4] xyxy float arrays in image pixels; polygons [N, 8] (x1, y1, ..., x4, y4).
 """
@@ -24,6 +25,23 @@ class Window:
     y0: int
     x1: int
     y1: int
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """image [H, W, C] -> the window's pixels [y1 - y0, x1 - x0, C], a contiguous copy."""
+        return np.ascontiguousarray(image[self.y0:self.y1, self.x0:self.x1])
+
+
+@dataclass(frozen=True)
+class WindowPrompts:
+    """The prompts one window runs.
+
+    window: the window; members: int64 [M], the indices of its prompts among the image's, ascending;
+    boxes: float64 [M, 4] xyxy, those prompts clipped to the window, in window pixels.
+    """
+
+    window: Window
+    members: np.ndarray
+    boxes: np.ndarray
 
 
 def window_starts(length: int, window: int, step: int) -> list[int]:
@@ -71,6 +89,21 @@ def assign_windows(boxes: np.ndarray, windows: Sequence[Window]) -> np.ndarray:
     distance = ((box_centres[:, None, :] - window_centres[None, :, :]) ** 2).sum(axis=2)
     distance[inter < inter.max(axis=1, keepdims=True)] = np.inf
     return np.argmin(distance, axis=1).astype(np.int64)
+
+
+def window_prompts(boxes: np.ndarray, width: int, height: int, window: int, gap: int) -> list[WindowPrompts]:
+    """The windows of a width x height image (`split_windows`) to which `assign_windows` gives at
+    least one of the box prompts [N, 4] (xyxy, image pixels), in window order, with those prompts."""
+    windows = split_windows(width, height, window, gap)
+    assignment = assign_windows(boxes, windows)
+    found = []
+    for index, win in enumerate(windows):
+        members = np.nonzero(assignment == index)[0]
+        if members.size == 0:
+            continue
+        offset = np.array([win.x0, win.y0, win.x0, win.y0], dtype=np.float64)
+        found.append(WindowPrompts(win, members, clip_boxes(boxes[members], win.x0, win.y0, win.x1, win.y1) - offset))
+    return found
 
 
 def polygon_hboxes(polygons: np.ndarray) -> np.ndarray:

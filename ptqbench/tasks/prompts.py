@@ -1,4 +1,5 @@
-"""Readers of box-prompt files: COCO results-format detection files.
+"""Prompt sources: the check every task makes of its prompt source (`prompt_source`,
+`require_path`), and the reader of COCO results-format detection files.
 
 A detection file is the JSON list a detector writes for COCO's evaluation server:
 `[{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}, ...]`, boxes
@@ -13,7 +14,7 @@ import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -60,6 +61,30 @@ def no_detection_prompt(category_id: int) -> Detections:
     return Detections(boxes=np.array([NO_DETECTION_BOX], dtype=np.float64),
                       category_ids=np.array([category_id], dtype=np.int64),
                       scores=np.array([NO_DETECTION_SCORE], dtype=np.float64))
+
+
+def require_path(path: Path, what: str, kind: Literal["file", "folder"], expects: str) -> Path:
+    """`path` when it is an existing `kind` ("file" or "folder"); DataError otherwise:
+    "<what> <path> does not exist[ (it is a <other kind>)]; <expects>".
+
+    what: names the source, e.g. "DOTA prompt folder"; expects: what to give instead, naming
+    the option that sets it, e.g. "set --prompts to a folder of Task1_<class>.txt files, or 'gt'".
+    """
+    path = Path(path)
+    if path.is_dir() if kind == "folder" else path.is_file():
+        return path
+    found = ""
+    if path.exists():
+        found = " (it is a folder)" if path.is_dir() else " (it is a file)"
+    raise DataError(f"{what} {path} does not exist{found}; {expects}")
+
+
+def prompt_source(source: str | None, what: str, kind: Literal["file", "folder"], expects: str) -> Path | None:
+    """A task's prompt source option: None or "gt" (ground-truth prompts) -> None; anything else
+    is a path that `require_path` checks (DataError naming it and the option to set)."""
+    if source is None or source == "gt":
+        return None
+    return require_path(Path(source), what, kind, expects)
 
 
 def load_json_file(path: Path, what: str) -> Any:

@@ -1,5 +1,5 @@
 """SAM's automatic mask generation (segment_anything's `SamAutomaticMaskGenerator`), as the ADE20K
-task's SSA protocol uses it."""
+task's SSA protocol uses it through `BoxPredictor.automatic_mask_generator`."""
 
 from __future__ import annotations
 
@@ -14,12 +14,20 @@ from torch import nn
 from torchvision.ops.boxes import batched_nms, box_area
 
 
-def automatic_mask_generator(model: nn.Module, points_per_side: int, points_per_batch: int,
-                             settings: Mapping[str, Any]) -> SamAutomaticMaskGenerator:
-    """segment_anything's generator on `model` (a SAM or its quantizable twin), binary masks out;
-    settings: the other constructor arguments (thresholds, crop layers, ...)."""
-    return SamAutomaticMaskGenerator(model, points_per_side=points_per_side, points_per_batch=points_per_batch,
-                                     output_mode="binary_mask", **settings)
+class AutomaticMaskGenerator:
+    """segment_anything's `SamAutomaticMaskGenerator` on `model` (a SAM or its quantizable twin),
+    binary masks out; settings: its other constructor arguments (thresholds, crop layers, ...).
+    SAM-1's `ptqbench.models.prediction.MaskGenerator`."""
+
+    def __init__(self, model: nn.Module, points_per_side: int, points_per_batch: int,
+                 settings: Mapping[str, Any]) -> None:
+        self.generator = SamAutomaticMaskGenerator(model, points_per_side=points_per_side,
+                                                   points_per_batch=points_per_batch,
+                                                   output_mode="binary_mask", **settings)
+
+    def masks(self, image: np.ndarray) -> list[np.ndarray]:
+        """`automatic_masks` of image uint8 RGB [H, W, 3]: bool [H, W] each."""
+        return automatic_masks(self.generator, image)
 
 
 def automatic_masks(generator: Any, image: np.ndarray) -> list[np.ndarray]:

@@ -1,22 +1,22 @@
 """Batched box-prompt inference: preprocess once, encode once, decode all of an image's boxes.
 
-The FP path reproduces segment_anything's `SamPredictor.set_image` followed by
-`predict_torch(boxes=..., multimask_output=False)` and `> mask_threshold` exactly: it uses
-the same `ResizeLongestSide` transform and the model's own `preprocess` / `postprocess_masks`,
-and `predict_stream` encodes images in batches only where that is bit-identical
-(`BatchedImageEncoder`).
+`BoxPredictor` is SAM-1's `ptqbench.models.prediction.Predictor`. Its FP path reproduces
+segment_anything's `SamPredictor.set_image` followed by `predict_torch(boxes=...,
+multimask_output=False)` and `> mask_threshold` exactly: it uses the same `ResizeLongestSide`
+transform and the model's own `preprocess` / `postprocess_masks`, and `BoxPredictor.stream`
+encodes images in batches only where that is bit-identical (`BatchedImageEncoder`).
 
 On a GPU nothing here makes the host wait for the device except `PendingMasks.result` (and the
 one-time bit check of each encoder batch size). Host arrays go up from pinned memory without
 blocking. Masks are decoded on a second stream, overlapping the next images' encoding, and come
-down into pinned memory behind a CUDA event. So `predict_stream` can launch the next batch
+down into pinned memory behind a CUDA event. So `BoxPredictor.stream` can launch the next batch
 before the last one's masks are back.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,18 +26,9 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from ptqbench.models.prediction import PromptedImage
+from ptqbench.models.sam1.automatic import AutomaticMaskGenerator
 from ptqbench.models.sam1.batched_encoder import BatchedImageEncoder
-
-
-@dataclass(frozen=True)
-class PromptedImage:
-    """One image to segment: `key` identifies it for the task, image uint8 RGB [H, W, 3],
-    boxes float [N, 4] xyxy in image pixels, `extra` anything the task wants back."""
-
-    key: Any
-    image: np.ndarray
-    boxes: np.ndarray
-    extra: Any = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,8 @@ class BoxPredictor:
 
     `set_image` + `predict_boxes` is the simple, blocking interface; `encode` + `launch_boxes`
     are its two halves with the image state passed explicitly, which let a caller launch the
-    next image before collecting the last one's masks (`predict_stream`).
+    next image before collecting the last one's masks (`stream`). `automatic_mask_generator`
+    is segment_anything's prompt-free generator on the same model.
     """
 
     def __init__(self, model: Sam, device: torch.device | str = "cpu", chunk_size: int = 64,
@@ -194,6 +186,58 @@ class BoxPredictor:
             masks[chunk].copy_(upscaled[:, 0] > self.model.mask_threshold, non_blocking=non_blocking)
             ious[chunk].copy_(iou[:, 0], non_blocking=non_blocking)
 
+    def stream(self, loaders: Iterable[Callable[[], PromptedImage]], *,
+               workers: int = 4) -> Iterator[tuple[PromptedImage, np.ndarray, np.ndarray]]:
+        """Segment many images in order: read, resize and pin the next ones in background threads,
+        encode them `encoder_batch` at a time, and decode one batch behind the encoding.
+
+        loaders: one callable per image that reads it and its prompts (run in a worker thread,
+        followed by `prepare`), taken from the iterable as the workers need them. Yields (item,
+        masks bool [N, H, W], iou float32 [N]) in the order of `loaders`; the predictions are
+        exactly `set_image(item.image)` + `predict_boxes(item.boxes)`.
+        Each step launches the encoding of batch k+1, then the decoding of batch k (which overlaps
+        it on the GPU), then collects the masks of batch k-1. On the CPU each launch computes at
+        once: the same results, yielded two batches later.
+        """
+
+        def load_and_prepare(loader: Callable[[], PromptedImage]) -> tuple[PromptedImage, Any]:
+            item = loader()
+            return item, self.prepare(item.image)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending: deque = deque()
+            queue = iter(loaders)
+
+            def refill() -> None:
+                for loader in queue:
+                    pending.append(pool.submit(load_and_prepare, loader))
+                    if len(pending) >= 2 * max(workers, self.encoder_batch):
+                        return
+
+            refill()
+            encoded: list[tuple[PromptedImage, EncodedImage]] = []
+            decoding: list[tuple[PromptedImage, PendingMasks]] = []
+            while pending or encoded:
+                next_encoded = []
+                if pending:
+                    batch = [pending.popleft().result() for _ in range(min(self.encoder_batch, len(pending)))]
+                    refill()
+                    images = self.encode_many([prepared for _, prepared in batch])
+                    next_encoded = [(item, image) for (item, _), image in zip(batch, images)]
+                launched = [(item, self.launch_boxes(image, item.boxes)) for item, image in encoded]
+                for item, masks in decoding:
+                    yield item, *masks.result()
+                encoded, decoding = next_encoded, launched
+            for item, masks in decoding:
+                yield item, *masks.result()
+
+    def automatic_mask_generator(self, points_per_side: int, points_per_batch: int,
+                                 settings: Mapping[str, Any]) -> AutomaticMaskGenerator:
+        """segment_anything's `SamAutomaticMaskGenerator` on this predictor's model (a SAM or its
+        quantizable twin), behind `AutomaticMaskGenerator.masks`; settings: its other constructor
+        arguments (thresholds, crop layers, ...)."""
+        return AutomaticMaskGenerator(self.model, points_per_side, points_per_batch, settings)
+
 
 def sam_decode(model: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt encoder + single-mask decoder on an image embedding [1, 256, h, w] for boxes [N, 4]
@@ -212,48 +256,3 @@ def decode_single_mask(model: Sam, embedding: torch.Tensor, sparse: torch.Tensor
         dense_prompt_embeddings=dense,
         multimask_output=False,
     )
-
-
-def predict_stream(predictor: BoxPredictor, loaders: Sequence[Callable[[], PromptedImage]], *,
-                   workers: int = 4) -> Iterator[tuple[PromptedImage, np.ndarray, np.ndarray]]:
-    """Segment many images in order: read, resize and pin the next ones in background threads,
-    encode them `predictor.encoder_batch` at a time, and decode one batch behind the encoding.
-
-    loaders: one callable per image that reads it and its prompts (run in a worker thread,
-    followed by `predictor.prepare`). Yields (item, masks bool [N, H, W], iou float32 [N]) in the
-    order of `loaders`; the predictions are exactly `set_image(item.image)` + `predict_boxes(item.boxes)`.
-    Each step launches the encoding of batch k+1, then the decoding of batch k (which overlaps
-    it on the GPU), then collects the masks of batch k-1. On the CPU each launch computes at once:
-    the same results, yielded two batches later.
-    """
-
-    def load_and_prepare(loader: Callable[[], PromptedImage]) -> tuple[PromptedImage, Any]:
-        item = loader()
-        return item, predictor.prepare(item.image)
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: deque = deque()
-        queue = iter(loaders)
-
-        def refill() -> None:
-            for loader in queue:
-                pending.append(pool.submit(load_and_prepare, loader))
-                if len(pending) >= 2 * max(workers, predictor.encoder_batch):
-                    return
-
-        refill()
-        encoded: list[tuple[PromptedImage, EncodedImage]] = []
-        decoding: list[tuple[PromptedImage, PendingMasks]] = []
-        while pending or encoded:
-            next_encoded = []
-            if pending:
-                batch = [pending.popleft().result() for _ in range(min(predictor.encoder_batch, len(pending)))]
-                refill()
-                images = predictor.encode_many([prepared for _, prepared in batch])
-                next_encoded = [(item, image) for (item, _), image in zip(batch, images)]
-            launched = [(item, predictor.launch_boxes(image, item.boxes)) for item, image in encoded]
-            for item, masks in decoding:
-                yield item, *masks.result()
-            encoded, decoding = next_encoded, launched
-        for item, masks in decoding:
-            yield item, *masks.result()
