@@ -213,3 +213,33 @@ def test_segment_anything_is_imported_only_by_the_sam_adapter() -> None:
                      and any(name.split(".")[0] == "segment_anything"
                              for name in _all_imports(path.read_text(encoding="utf-8"))))
     assert not outside, f"segment_anything imported outside ptqbench/models/sam1/: {outside}"
+
+
+def test_tasks_never_import_the_sam1_package() -> None:
+    """Tasks see the model only through `ptqbench.models.prediction`: no file under ptqbench/tasks/
+    imports `ptqbench.models.sam1` in any form (module level, lazy inside a function, under
+    TYPE_CHECKING, relative, `from ptqbench.models import sam1`, or `importlib.import_module`)."""
+    forbidden = "ptqbench.models.sam1"
+    found = []
+    paths = sorted((PACKAGE_DIR / "tasks").rglob("*.py"))
+    for path in paths:
+        module = _module_name(path)
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - (node.level - 1)] + ([base] if base else []))
+                names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+                function = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if function in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                    names = [node.args[0].value]
+            if any(name == forbidden or name.startswith(forbidden + ".") for name in names):
+                found.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{node.lineno}")
+    assert len(paths) > 5, "found no task modules: the check would pass vacuously"
+    assert not found, f"task code imports {forbidden} (use ptqbench.models.prediction): {found}"
