@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+    from ptqbench.models.prediction import Predictor
     from ptqbench.recon.unit import LossFn, Unit, UnitConfig
     from ptqbench.types import CalibrationItem
 
@@ -78,8 +79,8 @@ class ModelAdapter(Protocol):
         mask logits [N, 1, h, w] and predicted IoU [N, 1] for its N box prompts."""
         ...
 
-    def predictor(self, model: nn.Module, device: torch.device | str) -> object:
-        """The box-prompt predictor the tasks call (`ptqbench.tasks.base.Task.predict`)."""
+    def predictor(self, model: nn.Module, device: torch.device | str) -> Predictor:
+        """The predictor the tasks call (`ptqbench.tasks.base.Task.predict`)."""
         ...
 
     def reconstruction_units(self, model: nn.Module, config: UnitConfig) -> list[Unit]:
