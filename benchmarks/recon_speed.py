@@ -9,12 +9,18 @@ capturing 32 calibration images per unit, scaled from the measured capture).
 
     python benchmarks/recon_speed.py --models sam_vit_b,sam_vit_l,sam_vit_h --iters 50
     python benchmarks/recon_speed.py --models sam_tiny --iters 10 --device cpu
+
+`--softmax log2` puts every softmax site on PTQ4SAM's AGQ log2 grid (tau 2, its scale learned),
+as `ptq4sam`'s units train, instead of the uniform grid of `qdrop`; `--profile KIND` prints the
+GPU kernels that take the time in the timed steps of that unit type (e.g. "encoder attn (global)").
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -24,6 +30,7 @@ from tabulate import tabulate
 from ptqbench.methods.qdrop import PAPER_ITERATIONS, qdrop_config
 from ptqbench.methods.ranges import observe_activations, set_weight_ranges
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
+from ptqbench.models.sam1.attention_groups import softmax_attentions
 from ptqbench.models.sam1.calibration import sample_forward
 from ptqbench.models.sam1.models import build_sam_official, build_sam_tiny
 from ptqbench.models.sam1.quantized import quantize_sam
@@ -79,12 +86,16 @@ def unit_type(model: Sam, unit: Unit) -> str:
 
 
 def bench_model(name: str, iterations: int, images: int, boxes: int, device: torch.device,
-                settings: ReconstructionSettings) -> tuple[list[list], float]:
+                settings: ReconstructionSettings, softmax: str = "uniform",
+                profile: str | None = None) -> tuple[list[list], float]:
     fp = build(name).to(device)
     qmodel = quantize_sam(fp, 4, 4).to(device)
     calib = random_calibration(fp.image_encoder.img_size, images, boxes, device)
     set_weight_ranges(qmodel, "minmax")
     observe_activations(qmodel, calib, lambda site, bits: make_observer("minmax", bits=bits), progress=False)
+    if softmax == "log2":
+        for attention in softmax_attentions(qmodel).values():
+            attention.softmax_quantizer.set_log2(2, torch.tensor(1.0, device=device))
     units = sam_units(qmodel, qdrop_config(PAPER_ITERATIONS))
     counts = Counter(unit_type(qmodel, unit) for unit in units)
     representatives: dict[str, Unit] = {}
@@ -97,7 +108,8 @@ def bench_model(name: str, iterations: int, images: int, boxes: int, device: tor
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timed = replace(unit, config=replace(unit.config, iterations=iterations))
-        (report,) = reconstruct([timed], qmodel, fp, calib, settings, progress=False)
+        with kernel_profile(kind == profile and device.type == "cuda"):
+            (report,) = reconstruct([timed], qmodel, fp, calib, settings, progress=False)
         step_s = report.train_s / iterations
         capture_s = report.capture_s * PAPER_CALIBRATION_IMAGES / images
         projected_s += counts[kind] * (PAPER_ITERATIONS * step_s + capture_s)
@@ -105,6 +117,17 @@ def bench_model(name: str, iterations: int, images: int, boxes: int, device: tor
         rows.append([name, kind, counts[kind], f"{1000 * step_s:.2f}", f"{1 / step_s:.1f}", f"{peak:.1f}",
                      "device" if report.cache_on_device else "pinned CPU", f"{capture_s:.1f}"])
     return rows, projected_s
+
+
+@contextmanager
+def kernel_profile(enabled: bool) -> Iterator[None]:
+    """Inside the block, when enabled, record the GPU kernels and print the 15 that take the most time."""
+    if not enabled:
+        yield
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        yield
+    print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
 
 
 def main() -> None:
@@ -116,12 +139,16 @@ def main() -> None:
     parser.add_argument("--boxes", type=int, default=8, help="box prompts per image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache", default="auto", choices=("auto", "device", "cpu"))
+    parser.add_argument("--softmax", default="uniform", choices=("uniform", "log2"),
+                        help="the softmax sites' grid: qdrop's uniform one, or ptq4sam's AGQ log2 one")
+    parser.add_argument("--profile", default=None, help="a unit type whose GPU kernels to print")
     args = parser.parse_args()
     device = torch.device(args.device)
     settings = ReconstructionSettings(forward=sample_forward, cache=args.cache)
     totals = []
     for name in args.models.split(","):
-        rows, projected_s = bench_model(name.strip(), args.iters, args.images, args.boxes, device, settings)
+        rows, projected_s = bench_model(name.strip(), args.iters, args.images, args.boxes, device, settings,
+                                        args.softmax, args.profile)
         totals.append([name, f"{projected_s / 3600:.1f} h"])
         print(tabulate(rows, headers=["model", "unit type", "units", "ms/step", "steps/s", "peak GiB",
                                       "cache", "capture s (32 img)"]), end="\n\n", flush=True)
