@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ptqbench.models.checkpoints import load_model
@@ -28,6 +29,7 @@ from ptqbench.tasks.dota_geometry import assign_windows, clip_boxes, mask_to_rbo
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 MASK_BATCH = 64  # boxes per predict_boxes call of the former DOTA loop
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +146,14 @@ def dota_case(case: str, small_demo: Path, tmp_path: Path) -> tuple[DotaTask, li
     return task, [1]  # P1888: 64 objects in 10 windows
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["demo", "80 prompts in a window", "real, detector prompts"])
-def test_dota_stream_equals_the_per_window_loop(case, small_demo, tmp_path, shipped):
+def test_dota_stream_equals_the_per_window_loop(case, device, small_demo, tmp_path, shipped):
     """Task1 lines (every float's repr), their order and the dropped-mask counts are those of the
-    former loop; the stream encodes two windows at a time."""
+    former loop; the stream encodes two windows at a time (on a GPU: decoding on its own stream)."""
     task, indices = dota_case(case, small_demo, tmp_path)
-    streamed = task.predict(BoxPredictor(shipped, encoder_batch=2), indices)
-    reference = old_dota_predict(task, BoxPredictor(shipped), indices)
+    streamed = task.predict(BoxPredictor(shipped, device, encoder_batch=2), indices)
+    reference = old_dota_predict(task, BoxPredictor(shipped, device), indices)
     assert sum(len(lines) for result in reference for lines in result.lines.values()) > 5
     assert streamed == reference
 
@@ -186,8 +189,9 @@ def add_image_without_components(root: Path) -> None:
     Image.fromarray(raw).save(ade / "annotations" / "validation" / "zz.png")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["demo, shipped sam_tiny", "real, untrained sam_tiny"])
-def test_ade20k_gt_stream_equals_the_per_image_loop(case, small_demo, tmp_path, sam_tiny, shipped):
+def test_ade20k_gt_stream_equals_the_per_image_loop(case, device, small_demo, tmp_path, sam_tiny, shipped):
     """The PNG bytes of every prediction are those of the former loop, an image without a
     component included (all 255, never encoded)."""
     import shutil
@@ -203,7 +207,7 @@ def test_ade20k_gt_stream_equals_the_per_image_loop(case, small_demo, tmp_path, 
     add_image_without_components(root)
     task = Ade20kTask(TaskConfig(data_root=root, model_input_size=256))
     indices = list(range(task.eval_image_count(None)))
-    streamed = task.predict(BoxPredictor(model, encoder_batch=2), indices)
-    reference = old_ade_predict_gt(task, BoxPredictor(model), indices)
+    streamed = task.predict(BoxPredictor(model, device, encoder_batch=2), indices)
+    reference = old_ade_predict_gt(task, BoxPredictor(model, device), indices)
     assert streamed[-1].stem == "zz"
     assert streamed == reference
