@@ -86,18 +86,6 @@ def mask_kl(fp_logits: Tensor, q_logits: Tensor) -> Tensor:
     return (cross - entropy) / q_logits.shape[0]
 
 
-def _logits_with_graph(model: nn.Module, sample: CalibrationSample) -> Tensor:
-    """Mask logits [N, 1, h, w] with every intermediate tensor in the autograd graph (the image and
-    the prompt tokens require grad, so gradients reach any encoder or decoder tensor)."""
-    embedding = model.image_encoder(sample.image.detach().requires_grad_(True))
-    sparse, dense = model.prompt_encoder(points=None, boxes=sample.boxes, masks=None)
-    logits, _ = model.mask_decoder(
-        image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse.detach().requires_grad_(True), dense_prompt_embeddings=dense,
-        multimask_output=False)
-    return logits
-
-
 class FisherWeights:
     """Extras provider of one unit: {FISHER_KEY: (|dKL/dz| + 1)^2}, z the unit output (its shape).
 
@@ -128,7 +116,7 @@ class FisherWeights:
             for q in later.values():
                 q.mode = "off"
             with torch.enable_grad():
-                kl = mask_kl(fp_logits, _logits_with_graph(qmodel, sample))
+                kl = mask_kl(fp_logits, adapter_for(qmodel).forward_with_graph(qmodel, sample))
                 (grad,) = torch.autograd.grad(kl, found["output"])
         finally:
             handle.remove()

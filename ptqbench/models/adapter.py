@@ -79,6 +79,11 @@ class ModelAdapter(Protocol):
         mask logits [N, 1, h, w] and predicted IoU [N, 1] for its N box prompts."""
         ...
 
+    def forward_with_graph(self, model: nn.Module, sample: CalibrationSample) -> Tensor:
+        """The mask logits of `forward` with every intermediate tensor in the autograd graph (the
+        inputs require grad), so gradients reach any tensor of the model (BRECQ's Fisher weights)."""
+        ...
+
     def predictor(self, model: nn.Module, device: torch.device | str) -> Predictor:
         """The predictor the tasks call (`ptqbench.tasks.base.Task.predict`)."""
         ...

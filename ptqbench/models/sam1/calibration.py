@@ -41,6 +41,16 @@ def sam_forward(model: Sam, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tenso
     return decode_single_mask(model, model.image_encoder(image), sparse, dense)
 
 
+def forward_with_graph(model: Sam, sample: CalibrationSample) -> Tensor:
+    """Mask logits [N, 1, S/4, S/4] of `sam_forward` with every intermediate tensor in the autograd
+    graph: the image and the sparse prompt tokens require grad, so gradients reach any encoder or
+    decoder tensor (BRECQ's Fisher weights). Bit-identical to `sam_forward`'s logits."""
+    embedding = model.image_encoder(sample.image.detach().requires_grad_(True))
+    sparse, dense = model.prompt_encoder(points=None, boxes=sample.boxes, masks=None)
+    logits, _ = decode_single_mask(model, embedding, sparse.detach().requires_grad_(True), dense)
+    return logits
+
+
 def sample_forward(model: Sam, sample: CalibrationSample) -> tuple[Tensor, Tensor]:
     """`sam_forward` on one calibration sample: the forward the reconstruction engine runs
     (`ptqbench.recon.engine.ReconstructionSettings.forward`) to reach a unit's hook points."""
