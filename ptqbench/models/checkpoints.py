@@ -151,7 +151,7 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: str | Path | None = None, ca
             got, _ = file_digests(spec.packaged)
             raise CheckpointError(
                 f"packaged checkpoint {spec.packaged} for {spec.name} has no expected sha256 to check "
-                f"against; set the constant in {__file__} to {got} if this file is the intended one"
+                f"against; set the sha256 of its ModelSpec to {got} if this file is the intended one"
             )
         return verify_file(spec.packaged, spec, "Reinstall ptqbench, or pass --checkpoint PATH.")
     if spec.file_name is None:
