@@ -58,8 +58,8 @@ class Sam1Adapter:
         return sam_units(model, config)
 
     def decoder_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
-        """`attention_groups.decoder_attention_paths` (plain attentions in a plain SAM, twins in a twin)."""
-        return {path: model.get_submodule(path) for path in attention_groups.decoder_attention_paths(model)}
+        """`attention_groups.decoder_attentions`."""
+        return attention_groups.decoder_attentions(model)
 
     def token_to_image_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
         """`attention_groups.token_to_image_attentions`."""

@@ -15,17 +15,11 @@ DECODER = "mask_decoder.transformer"
 TOKEN_TO_IMAGE = ("cross_attn_token_to_image", "final_attn_token_to_image")
 
 
-def decoder_attention_paths(model: nn.Module) -> list[str]:
-    """The module paths of every attention of the mask decoder's transformer (7 in SAM), in forward
-    order, in a plain SAM or its quantizable twin."""
-    return [f"{DECODER}.{name}" for name, module in model.get_submodule(DECODER).named_modules()
-            if isinstance(module, DecoderAttention)]
-
-
-def decoder_attentions(model: nn.Module) -> dict[str, QuantDecoderAttention]:
-    """The quantizable attentions of the mask decoder's transformer (7 in SAM), in forward order."""
+def decoder_attentions(model: nn.Module) -> dict[str, nn.Module]:
+    """Every attention of the mask decoder's transformer (7 in SAM), by module path, in forward order:
+    the plain attentions of a plain SAM, the quantizable twins of a twin."""
     return {f"{DECODER}.{name}": module for name, module in model.get_submodule(DECODER).named_modules()
-            if isinstance(module, QuantDecoderAttention)}
+            if isinstance(module, DecoderAttention)}
 
 
 def token_to_image_attentions(model: nn.Module) -> dict[str, nn.Module]:
