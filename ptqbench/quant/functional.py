@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from ptqbench.quant import fused_log2
+
 
 def quant_range(bits: int) -> tuple[int, int]:
     """(qmin, qmax) of the unsigned b-bit grid."""
@@ -121,8 +123,17 @@ def fake_quant_log2(a: Tensor, scale: Tensor, tau: int, bits: int) -> Tensor:
     a_int = round(-tau * log2(a / s)); a_hat = s * 2^(-clamp(a_int, 0, 2^b - 1) / tau);
     elements whose a_int >= 2^b (below the smallest level, including a = 0) become exactly 0.
     a: any shape, values >= 0; scale: 0-d tensor (learnable, gradient through the STE and the
-    inclusive `clamp_ste`, as the reference).
+    inclusive `clamp_ste`, as the reference). float32 CUDA input with Triton present: the same values
+    and input gradients, bit for bit, from two fused kernels (`fused_log2`); else
+    `fake_quant_log2_eager`.
     """
+    if fused_log2.can_fuse(a, scale):
+        return fused_log2.fused_fake_quant_log2(a, scale, tau, bits)
+    return fake_quant_log2_eager(a, scale, tau, bits)
+
+
+def fake_quant_log2_eager(a: Tensor, scale: Tensor, tau: int, bits: int) -> Tensor:
+    """`fake_quant_log2` as torch expressions (any device and dtype; autograd differentiates them)."""
     levels = 2**bits
     a_int = round_ste(-tau * torch.log2(torch.clamp(a, min=1e-30) / scale))
     a_hat = scale * torch.pow(2.0, -clamp_ste(a_int, 0, levels - 1) / tau)
