@@ -26,6 +26,9 @@ def _ids(fixtures: list[dict]) -> list[str]:
     return [f["name"] for f in fixtures]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def _t(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array)).float()
 
@@ -118,12 +121,12 @@ def test_agq_scale_gradient(fixture: dict) -> None:
     _check(fixture, {"scale": expected["scale"], "y": y, "grad_x": grad_x, "grad_scale": scale.grad}, expected)
 
 
-def _observe(fixture: dict, inputs: dict, name: str, **options) -> dict:
+def _observe(fixture: dict, inputs: dict, name: str, device: str = "cpu", **options) -> dict:
     bits = fixture["params"]["bits"]
     observer = make_observer(name, bits=bits, **options)
     for key in fixture["inputs"]:
-        observer.update(_t(inputs[key]))
-    x_min, x_max = observer.compute_range(bits)
+        observer.update(_t(inputs[key]).to(device))
+    x_min, x_max = (v.cpu() for v in observer.compute_range(bits))
     scale, zero_point = qf.affine_qparams(x_min, x_max, bits)
     return {"min_val": x_min, "max_val": x_max, "scale": scale, "zero_point": zero_point}
 
@@ -153,7 +156,7 @@ def test_minmax_observers(fixture: dict) -> None:
 MSE_WEIGHT = fixtures_of("observer_mse_weight")
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fixture", MSE_WEIGHT, ids=_ids(MSE_WEIGHT))
 def test_mse_weight_observer(fixture: dict, device: str) -> None:
     inputs, expected = load(fixture)
@@ -168,10 +171,22 @@ def test_mse_weight_observer(fixture: dict, device: str) -> None:
 AVG_MSE_FAST = fixtures_of("observer_avgmsefast", "observer_signavgmsefast")
 
 
-@pytest.mark.parametrize("fixture", AVG_MSE_FAST, ids=_ids(AVG_MSE_FAST))
-def test_averaged_mse_search(fixture: dict) -> None:
+# On a GPU the fused loss (`ptqbench.quant.fused_lp_error`) sums in another order and rounds pow
+# differently in the last bits; on this fixture's flat loss one call's search then stops near
+# another minimum, outside the fixture's tolerance (strict: the mark fails once it matches).
+GPU_SEARCH_DEVIATES = {"obs_avgmsefast_post_gelu_b6"}
+AVG_MSE_FAST_CASES = [
+    pytest.param(fixture, device, id=f"{fixture['name']}-{device}",
+                 marks=[pytest.mark.xfail(strict=True, reason="fused float32 loss, flat landscape")]
+                 if device == "cuda" and fixture["name"] in GPU_SEARCH_DEVIATES else [])
+    for fixture in AVG_MSE_FAST for device in DEVICES]
+
+
+@pytest.mark.parametrize(("fixture", "device"), AVG_MSE_FAST_CASES)
+def test_averaged_mse_search(fixture: dict, device: str) -> None:
+    """The reference's averaged MSEFast ranges, on the CPU and (fused losses) on a GPU."""
     inputs, expected = load(fixture)
-    _check(fixture, _observe(fixture, inputs, "mse"), expected, _data_range(inputs))
+    _check(fixture, _observe(fixture, inputs, "mse", device), expected, _data_range(inputs))
 
 
 AGQ_SEARCH = fixtures_of("observer_logavgmsefast")
