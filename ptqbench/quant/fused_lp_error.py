@@ -25,7 +25,7 @@ scores the same whichever searches share its launch; torch's own GPU reduction o
 the tensor size and the GPU's number of multiprocessors. A loss therefore differs from the eager
 one in the last bits, and a bounded search that sees it may stop at a point that differs within
 its tolerance; on a flat loss it can stop near another local minimum of about equal loss. Of the
-reference's six averaged-MSE fixtures, one (post-GELU activations at 6 bits) ends outside the
+reference's twelve averaged-MSE fixtures, one (post-GELU activations at 6 bits) ends outside the
 fixture's tolerance on a GPU for that reason (two did with `powf`); the CPU path matches every
 one (`tests/test_parity_primitives.py`).
 """
