@@ -25,6 +25,8 @@ from pathlib import Path
 from ptqbench.config import RunConfig, load_config_file, parse_bits, split_names
 from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.methods.options import parse_method_options
+from ptqbench.prompts.command import add_prompts_parser
+from ptqbench.prompts.zoo import check_detector, parse_detector_options
 from ptqbench.registry import check_name
 
 log = logging.getLogger("ptqbench")
@@ -41,6 +43,8 @@ EPILOG = """\
 examples:
   ptqbench run                                   # the demo: sam_tiny on synthetic data
   ptqbench run --model sam_vit_b --data-root /data --tasks coco --methods saqsam,mse --bits 4,6
+  ptqbench run --protocol paper --model sam_vit_b --data-root /data --tasks coco   # detector prompts
+  ptqbench prompts coco --detector fasterrcnn_resnet50_fpn --data-root /data --split val2017
   ptqbench list methods
   ptqbench leaderboard --out results
 
@@ -106,6 +110,15 @@ def _add_run_parser(sub: argparse._SubParsersAction, parents: list[argparse.Argu
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE",
                    help="set a field of a method's configuration, e.g. saqsam.pcc.max_prompts=8 or "
                         "mse.weight_ranges=50 (repeatable; the fields are in each method's card)")
+    p.add_argument("--protocol", choices=("gt", "paper"),
+                   help="gt (default): the --prompts files, else ground-truth boxes; paper: an FP detector's boxes "
+                        "for evaluation and calibration, generated when missing (see datasets/README.md)")
+    p.add_argument("--detector", help="the paper protocol's COCO detector (default fasterrcnn_resnet50_fpn)")
+    p.add_argument("--detector-weights", help="the detector's weights: default (torchvision's), random, or a "
+                                              "state dict file")
+    p.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a detector setting: score_threshold, nms, max_per_image, min_size, max_size, batch_size "
+                        "(repeatable; defaults 0.05, 0.5, 100, 800, 1333, 4)")
 
 
 def _add_evaluate_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -142,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--out", default="results", help="results folder of a run (default ./results)")
     board.add_argument("--task", help="one task (default: every task in the store)")
     _add_evaluate_parser(sub, parents)
+    add_prompts_parser(sub, parents)
     return parser
 
 
@@ -161,6 +175,9 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
         task_options=_task_options(args.task_option) if args.task_option else None,
         method_options=(values.get("method_options", ()) + parse_method_options(args.method_option)
                         if args.method_option else None),
+        protocol=args.protocol, detector=args.detector, detector_weights=args.detector_weights,
+        detector_options=(values.get("detector_options", ()) + _task_options(args.detector_option, "--detector-option")
+                          if args.detector_option else None),
     )
     config = RunConfig(**values).with_overrides(**overrides)
     config = config.with_overrides(
@@ -168,7 +185,9 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
         tasks=tuple(check_name("task", name) for name in config.tasks),
         methods=tuple(check_name("method", name) for name in config.methods),
         method_options=tuple((check_name("method", method), name, value)
-                             for method, name, value in config.method_options))
+                             for method, name, value in config.method_options),
+        detector=check_detector(config.detector) if config.detector else None)
+    parse_detector_options(config.detector_options)
     _check_out_dir(Path(config.out))
     given = set(values) | {name for name, value in overrides.items() if value is not None}
     return config, given
@@ -238,12 +257,12 @@ def _check_writable_file(path: Path, option: str) -> None:
         raise ConfigError(f"{option} {path} cannot be written: no write permission")
 
 
-def _task_options(pairs: list[str]) -> tuple[tuple[str, str], ...]:
+def _task_options(pairs: list[str], option: str = "--task-option") -> tuple[tuple[str, str], ...]:
     options = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--task-option expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
         options.append((key.strip(), value.strip()))
     return tuple(options)
 
@@ -295,6 +314,12 @@ def _evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
+def _prompts(args: argparse.Namespace) -> None:
+    from ptqbench.prompts.command import run_prompts
+
+    run_prompts(args, before_work=lambda: configure_threads(None))
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is so that it ends like Ctrl-C (cells kept)."""
 
@@ -332,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    handlers = {"run": _run, "list": _list, "leaderboard": _leaderboard, "evaluate": _evaluate}
+    handlers = {"run": _run, "list": _list, "leaderboard": _leaderboard, "evaluate": _evaluate,
+                "prompts": _prompts}
     try:
         with _sigterm_as_interrupt():
             handlers[args.command](args)
