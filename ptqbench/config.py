@@ -11,6 +11,7 @@ from ptqbench.errors import ConfigError
 
 MIN_BITS, MAX_BITS = 2, 16
 PRESETS = ("paper", "fast")
+PROTOCOLS = ("gt", "paper")
 DEFAULT_CALIB_SIZE = 32
 
 
@@ -69,6 +70,11 @@ class RunConfig:
     method_options: (method, option, value) triples set on the preset's configuration of that
     method (`ptqbench.methods.options`; option names may be dotted, e.g. ("saqsam",
     "pcc.max_prompts", "8")).
+    protocol: "gt" (the prompts the flags name, else ground-truth boxes) or "paper" (detector
+    prompts, generated when missing; `ptqbench.prompts.protocol`). detector, detector_weights,
+    detector_options: the paper protocol's COCO detector (None: fasterrcnn_resnet50_fpn with
+    torchvision's weights), its weights ("random" or a state dict file) and its settings as
+    (name, value) pairs (`ptqbench.prompts.zoo.DetectorSettings`); only for protocol "paper".
     """
 
     model: str = "sam_tiny"
@@ -89,9 +95,20 @@ class RunConfig:
     resume: bool = True
     task_options: tuple[tuple[str, str], ...] = field(default=())
     method_options: tuple[tuple[str, str, object], ...] = field(default=())
+    protocol: str = "gt"
+    detector: str | None = None
+    detector_weights: str | None = None
+    detector_options: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         self._check_types()
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.protocol != "paper":
+            for name in ("detector", "detector_weights", "detector_options"):
+                if getattr(self, name):
+                    raise ConfigError(f"{name.replace('_', '-')} is set but only --protocol paper runs a detector "
+                                      f"(this run's protocol is {self.protocol})")
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         if self.calib_size is not None and self.calib_size < 1:
@@ -125,10 +142,10 @@ class RunConfig:
 _FIELD_TYPES = {
     "model": str, "checkpoint": str, "data_root": str, "prompts": str, "calib_prompts": str,
     "calib_split": str, "calib_size": int, "limit": int, "device": str, "seed": int, "preset": str,
-    "out": str, "resume": bool,
+    "out": str, "resume": bool, "protocol": str, "detector": str, "detector_weights": str,
 }
 _OPTIONAL = {"checkpoint", "data_root", "prompts", "calib_prompts", "calib_split", "calib_size", "limit",
-             "preset"}
+             "preset", "detector", "detector_weights"}
 
 
 def _config_value(name: str, value: Any) -> Any:
@@ -149,9 +166,9 @@ def _config_value(name: str, value: Any) -> Any:
                               f"e.g. {{saqsam: {{pcc: {{max_prompts: 8}}}}}}, got {value!r}")
         return tuple((str(method).lower(), name, option)
                      for method, options in value.items() for name, option in _flatten(options))
-    if name == "task_options":
+    if name in ("task_options", "detector_options"):
         if not isinstance(value, dict):
-            raise ConfigError(f"task_options must be a mapping of option names to values, got {value!r}")
+            raise ConfigError(f"{name} must be a mapping of option names to values, got {value!r}")
         return tuple((str(k), str(v)) for k, v in value.items())
     return value
 

@@ -49,6 +49,7 @@ from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSet
 from ptqbench.models.checkpoints import load_model
 from ptqbench.models.spec import MODELS, LoadedModel
+from ptqbench.prompts.protocol import TaskPrompts, plan_task_prompts
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
 from ptqbench.results import STORE_FILENAME, RunRecord, RunStore, now_iso, write_leaderboards
@@ -180,6 +181,7 @@ class Harness:
             self.store = RunStore(self.out / STORE_FILENAME)
         self.versions = _versions()
         self.git_commit = _git_commit()
+        self.prompt_plans: dict[str, TaskPrompts] = {}
 
     def execute(self) -> None:
         tasks = self._checked_tasks()
@@ -208,8 +210,12 @@ class Harness:
         input_size = MODELS.get(self.config.model)().input_size
         options = route_task_options(self.config.task_options,
                                      {name: TASKS.get(name).options for name in self.config.tasks})
-        tasks = [self._make_task(name, input_size, options[name]) for name in self.config.tasks]
         quantizes = any(METHODS.canonical(name) != "fp" for name in self.config.methods)
+        for name in self.config.tasks:
+            self.prompt_plans[name] = self.dist.main_first(lambda name=name: plan_task_prompts(
+                name, self.config, self.run.data_root, options[name], quantizes=quantizes, device=str(self.device),
+                progress=self.progress))
+        tasks = [self._make_task(name, input_size) for name in self.config.tasks]
         if self.dist.is_main:
             for task in tasks:
                 with self._cell_failures(self.config.model, task.name, "inputs", "-"):
@@ -219,19 +225,27 @@ class Harness:
                         task.calibration_items(1, self.config.seed)
         return tasks
 
-    def _make_task(self, name: str, input_size: int, options: tuple[tuple[str, str], ...]) -> Task:
+    def _make_task(self, name: str, input_size: int) -> Task:
+        """The task with the prompt sources of its plan (`plan_task_prompts`: the flags' under the
+        gt protocol, the generated or given detector prompts under the paper protocol)."""
+        plan = self.prompt_plans[name]
         factory = TASKS.get(name)
-        return factory(TaskConfig(
-            data_root=self.run.data_root, prompts=self.config.prompts, calib_prompts=self.config.calib_prompts,
-            calib_split=self.config.calib_split, model_input_size=input_size, options=options))
+        task = factory(TaskConfig(
+            data_root=self.run.data_root, prompts=plan.prompts, calib_prompts=plan.calib_prompts,
+            calib_split=self.config.calib_split, model_input_size=input_size, options=plan.options))
+        self.prompt_plans.setdefault(task.name, plan)
+        return task
 
     def _record(self, loaded: LoadedModel, task: Task, dataset_fingerprint: str, method: str,
                 spec: BitSpec | None, calib_fingerprint: str, labels: tuple[str, ...]) -> dict:
         """The identity fields of one cell (`RunStore.cell_key`'s arguments): the evaluation set
-        is the dataset fingerprint (data and split) and the number of images `--limit` leaves."""
+        is the dataset fingerprint (data, split and prompt files) and the number of images `--limit`
+        leaves; the prompts' protocol and detector come from the task's prompt plan."""
+        plan = self.prompt_plans[task.name]
         return dict(
             model=loaded.name, checkpoint_sha256=loaded.checkpoint_sha256, task=task.name,
-            dataset_fingerprint=dataset_fingerprint, prompts=self.config.prompts or "gt",
+            dataset_fingerprint=dataset_fingerprint, prompts=plan.label, protocol=plan.protocol,
+            detector=plan.detector,
             images=task.eval_image_count(self.config.limit), method=method,
             bits=spec.label if spec else "fp", preset=self.run.preset if spec else "-",
             method_config=config_json(self.run.method_configs[method]) if spec else NO_OPTIONS_JSON,

@@ -2,10 +2,10 @@
 
 `<out>/ptqbench.sqlite` is the source of truth: one row per cell (model, checkpoint, task,
 dataset, prompts, evaluated images, method, bits, preset, method configuration, seed, calibration
-set, labels), keyed by `cell_key`, so a finished cell is found again on re-run (resume). Each
-`put` is one transaction; the file is in WAL mode so readers and a writer can share it. Every
-operation opens its own short-lived connection: several `RunStore` objects (or processes) on one
-file are fine.
+set, labels, prompt protocol and detector), keyed by `cell_key`, so a finished cell is found
+again on re-run (resume). Each `put` is one transaction; the file is in WAL mode so readers and a
+writer can share it. Every operation opens its own short-lived connection: several `RunStore`
+objects (or processes) on one file are fine.
 
 `write_leaderboards` regenerates `<out>/leaderboard_<task>.csv` and `.md` from the store.
 """
@@ -31,14 +31,18 @@ from ptqbench.methods.options import NO_OPTIONS_JSON, config_id
 
 STORE_FILENAME = "ptqbench.sqlite"
 FP = "fp"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _KEY_FIELDS = ("model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "images", "method",
-               "bits", "preset", "method_config", "seed", "calib_fingerprint", "labels")
+               "bits", "preset", "method_config", "seed", "calib_fingerprint", "labels", "protocol", "detector")
+# The protocol and detector of every row stored before protocols existed (schema 1 to 3): GT
+# boxes or the user's prompt files, no generated prompts.
+GT_PROTOCOL, NO_DETECTOR = "gt", "-"
 # The method configuration of rows stored before configurations were recorded (schema 1 and 2).
 UNRECORDED_CONFIG = ""
 # The fields of a record that fix its evaluation (the FP row a quantized row is compared with
 # shares them all); the task is implied, as a leaderboard is of one task.
-_EVALUATION_FIELDS = ("model", "checkpoint_sha256", "dataset_fingerprint", "prompts", "images")
+_EVALUATION_FIELDS = ("model", "checkpoint_sha256", "dataset_fingerprint", "protocol", "detector", "prompts",
+                      "images")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY,
@@ -65,7 +69,9 @@ CREATE TABLE IF NOT EXISTS runs (
     versions TEXT NOT NULL,
     git_commit TEXT,
     labels TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    protocol TEXT NOT NULL DEFAULT 'gt',
+    detector TEXT NOT NULL DEFAULT '-'
 )
 """
 _JSON_FIELDS = ("metrics", "versions", "labels")
@@ -88,7 +94,9 @@ class RunRecord:
     for fp). method_config: the method's effective configuration as canonical JSON
     (`ptqbench.methods.options.config_json`; "{}" for fp, "" for rows stored before
     configurations were recorded). labels: caveats shown in the leaderboard, e.g. ("untrained",).
-    peak_mem_mb: None where it was not measured.
+    peak_mem_mb: None where it was not measured. protocol: "gt" or "paper" (`--protocol`);
+    detector: what made the prompts under the paper protocol ("<detector>@<weights sha256>" for
+    generated prompts, "user" for the user's files), "-" under gt.
     """
 
     model: str
@@ -115,6 +123,8 @@ class RunRecord:
     git_commit: str | None
     labels: tuple[str, ...] = ()
     created_at: str = field(default_factory=now_iso)
+    protocol: str = GT_PROTOCOL
+    detector: str = NO_DETECTOR
 
     def __post_init__(self) -> None:
         if self.metric not in self.metrics:
@@ -132,7 +142,7 @@ class RunStore:
     """The SQLite run store at `path` (conventionally `<out>/ptqbench.sqlite`).
 
     Opening creates the file (and its folder) when missing and migrates a store of schema
-    version 1 or 2 (see `_migrate`); it writes nothing to a current store (the committed demo store
+    version 1, 2 or 3 (see `_migrate`); it writes nothing to a current store (the committed demo store
     stays byte for byte). A file that is not a readable run store raises DataError naming it.
     """
 
@@ -141,7 +151,7 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._open() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, 2, SCHEMA_VERSION):
+            if version not in (0, 1, 2, 3, SCHEMA_VERSION):
                 raise DataError(
                     f"run store {self.path} has schema version {version}, this ptqbench reads version "
                     f"{SCHEMA_VERSION}; use a new output folder or a matching ptqbench"
@@ -151,19 +161,22 @@ class RunStore:
             conn.execute("PRAGMA journal_mode=WAL")
             with conn:
                 conn.execute(_SCHEMA)
-                if version in (1, 2):
+                if version in (1, 2, 3):
                     _migrate(conn)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
     def cell_key(*, model: str, checkpoint_sha256: str, task: str, dataset_fingerprint: str, prompts: str,
                  images: int, method: str, bits: str, preset: str, method_config: str, seed: int,
-                 calib_fingerprint: str | None, labels: tuple[str, ...] = ()) -> str:
+                 calib_fingerprint: str | None, labels: tuple[str, ...] = (), protocol: str = GT_PROTOCOL,
+                 detector: str = NO_DETECTOR) -> str:
         """A stable 16-hex-digit hash of what defines a cell; metrics and timings are not part of it.
 
         images (the number of evaluation images scored) is part of it, so runs with different
         `--limit`s are different cells, and so is the method configuration, so two configurations
-        of one method are two cells. The order of `labels` does not matter.
+        of one method are two cells, and the prompt protocol and detector, so cells of different
+        protocols never stand for each other (a gt cell's identity leaves them out, so cells
+        stored before protocols existed keep their keys). The order of `labels` does not matter.
         """
         identity = {
             "model": model, "checkpoint_sha256": checkpoint_sha256, "task": task,
@@ -171,6 +184,8 @@ class RunStore:
             "bits": bits, "preset": preset, "method_config": method_config, "seed": int(seed),
             "calib_fingerprint": calib_fingerprint, "labels": sorted(labels),
         }
+        if (protocol, detector) != (GT_PROTOCOL, NO_DETECTOR):
+            identity.update(protocol=protocol, detector=detector)
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
@@ -227,16 +242,20 @@ class RunStore:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring a schema-1 or schema-2 store to the current schema and re-key its rows.
+    """Bring a schema-1, 2 or 3 store to the current schema and re-key its rows.
 
-    Schema 1's cell keys did not cover `images`, schema 2's had no method configuration. The
-    configuration column is added as UNRECORDED_CONFIG (what those rows ran was not stored) and
-    every row's key is computed from its own columns, so the store keeps one row per cell. (A
-    schema-1 store kept only the latest of two runs that differed only in `--limit`.)
+    Schema 1's cell keys did not cover `images`, schema 2's had no method configuration, schema
+    3's no protocol and detector. The configuration column is added as UNRECORDED_CONFIG (what
+    those rows ran was not stored), protocol and detector as "gt" and "-" (every earlier row is
+    one), and every row's key is computed from its own columns, so the store keeps one row per
+    cell. (A schema-1 store kept only the latest of two runs that differed only in `--limit`.)
     """
     columns = {row["name"] for row in conn.execute("PRAGMA table_info(runs)").fetchall()}
     if "method_config" not in columns:
         conn.execute(f"ALTER TABLE runs ADD COLUMN method_config TEXT NOT NULL DEFAULT '{UNRECORDED_CONFIG}'")
+    if "protocol" not in columns:
+        conn.execute(f"ALTER TABLE runs ADD COLUMN protocol TEXT NOT NULL DEFAULT '{GT_PROTOCOL}'")
+        conn.execute(f"ALTER TABLE runs ADD COLUMN detector TEXT NOT NULL DEFAULT '{NO_DETECTOR}'")
     rows = conn.execute(f"SELECT rowid, {', '.join(_KEY_FIELDS)} FROM runs").fetchall()
     for row in rows:
         identity = {name: row[name] for name in _KEY_FIELDS}
@@ -270,8 +289,8 @@ def _evaluation(record: RunRecord) -> tuple:
 
 
 def _order(record: RunRecord) -> tuple:
-    """Sort key: the rows of one evaluation together (model, checkpoint, dataset, prompts,
-    images), its FP row first, then methods by name, bits numerically, preset and seed."""
+    """Sort key: the rows of one evaluation together (model, checkpoint, dataset, protocol,
+    detector, prompts, images), its FP row first, then methods by name, bits numerically, preset and seed."""
     w_bits = record.w_bits if record.w_bits is not None else math.inf
     a_bits = record.a_bits if record.a_bits is not None else math.inf
     return (*_evaluation(record), not _is_fp(record), record.method, w_bits, a_bits, record.bits, record.preset,
@@ -282,6 +301,12 @@ def _short_hash(value: str) -> str:
     """The first 8 characters of a hexadecimal hash; any other value (e.g. "untrained-seed0") as is."""
     is_hex = all(char in "0123456789abcdef" for char in value.lower())
     return value[:8] if is_hex else value
+
+
+def _detector_column(detector: str) -> str:
+    """The leaderboard's detector column: "<name>@<short weights hash>", "-" or "user"."""
+    name, at, weights = detector.rpartition("@")
+    return f"{name}@{_short_hash(weights)}" if at else detector
 
 
 def _config_column(method_config: str) -> str:
@@ -295,12 +320,13 @@ def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
 
     delta_vs_fp is the headline metric minus that of the most recent FP record (method and bits
     "fp") of the same evaluation: model, checkpoint, dataset fingerprint (which covers the
-    split), prompts and evaluated images; empty without one.
+    split), protocol, detector, prompts and evaluated images; empty without one.
     Columns: model, method, bits, w_bits, a_bits, preset, config (the short hash of the method's
     configuration, `config_id`; "-" for fp, for methods without settings and for rows stored before
     configurations were recorded), <metrics, headline first>, delta_vs_fp,
-    calib_s, eval_s, images, seed, prompts, checkpoint (short sha256), dataset (short
-    fingerprint), and labels when any row has labels.
+    calib_s, eval_s, images, seed, protocol, detector ("<name>@<short weights sha256>", "user"
+    or "-"), prompts, checkpoint (short sha256), dataset (short fingerprint), and labels when
+    any row has labels.
     """
     records = store.records(task)
     if not records:
@@ -324,7 +350,8 @@ def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
             "config": _config_column(record.method_config),
             **{name: record.metrics.get(name) for name in metric_names},
             "delta_vs_fp": delta, "calib_s": record.calib_s, "eval_s": record.eval_s,
-            "images": record.images, "seed": record.seed, "prompts": record.prompts,
+            "images": record.images, "seed": record.seed, "protocol": record.protocol,
+            "detector": _detector_column(record.detector), "prompts": record.prompts,
             "checkpoint": _short_hash(record.checkpoint_sha256), "dataset": _short_hash(record.dataset_fingerprint),
             "labels": ",".join(record.labels),
         })
@@ -388,7 +415,8 @@ def write_leaderboards(store: RunStore, out_dir: str | Path, task: str | None = 
         _write_atomic(md_path, (
             f"# Leaderboard: {name}\n\n"
             f"Headline metric: `{headline}`. `delta_vs_fp` is the headline metric minus that of the FP row "
-            f"of the same model, checkpoint, dataset, prompts and images.\n\n{_markdown(frame)}\n"
+            f"of the same model, checkpoint, dataset, protocol, detector, prompts and images.\n\n"
+            f"{_markdown(frame)}\n"
         ))
         written += [csv_path, md_path]
     return written

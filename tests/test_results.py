@@ -149,34 +149,44 @@ def _old_key(record: RunRecord, schema: int) -> str:
     return hashlib.sha256(canonical).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("schema", [1, 2])
+@pytest.mark.parametrize("schema", [1, 2, 3])
 def test_old_stores_are_migrated(tmp_path, schema):
-    """Schema 1 (keys without `images`) and 2 (no method configuration; the same table) become
-    schema 3: their rows get the configuration "unrecorded" and keys computed from their columns."""
+    """Schema 1 (keys without `images`), 2 (no method configuration; the same table) and 3 (no
+    protocol or detector) become schema 4: their rows get the configuration "unrecorded" (1, 2),
+    protocol "gt" and detector "-", and keys computed from their columns (a schema-3 row keeps its
+    key: a gt cell's identity leaves the protocol out)."""
     old = [_record(), _record("minmax", "W4A4", 30.0, labels=("untrained",)), _record("minmax", "W8A8", 39.0)]
     assert _old_key(replace(old[1], labels=()), 1) == "b4883e9b117da6dc"  # the key schema 1 pinned
     path = tmp_path / STORE_FILENAME
     with sqlite3.connect(path) as conn:
         conn.execute(_SCHEMA_1)
+        if schema == 3:
+            conn.execute("ALTER TABLE runs ADD COLUMN method_config TEXT NOT NULL DEFAULT ''")
         for record in old:
             row = results._to_row(record)
-            del row["method_config"]
-            row["key"] = _old_key(record, schema)
+            for name in ("protocol", "detector", *(("method_config",) if schema < 3 else ())):
+                del row[name]
+            row["key"] = _old_key(record, schema) if schema < 3 else record.key
             conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
                          tuple(row.values()))
         conn.execute(f"PRAGMA user_version = {schema}")
     store = RunStore(path)
-    migrated = [replace(r, method_config=results.UNRECORDED_CONFIG) for r in old]
+    migrated = old if schema == 3 else [replace(r, method_config=results.UNRECORDED_CONFIG) for r in old]
     assert store.records() == migrated
     assert all(store.has(r.key) and store.get(r.key) == r for r in migrated)
-    assert not any(store.has(_old_key(r, schema)) for r in old)
-    store.put(_record("minmax", "W8A8", 38.0, images=2))  # a --limit 2 run is another cell
-    store.put(_record("minmax", "W8A8", 37.0))  # so is a run that recorded its configuration
-    assert len(RunStore(path).records()) == 5 and store.get(migrated[2].key).metrics["mask_AP"] == 39.0
+    assert all(r.protocol == "gt" and r.detector == "-" for r in store.records())
+    if schema < 3:
+        assert not any(store.has(_old_key(r, schema)) for r in old)
+        store.put(_record("minmax", "W8A8", 37.0))  # a run that recorded its configuration is another cell
+    store.put(_record("minmax", "W8A8", 38.0, images=2))  # so is a --limit 2 run
+    store.put(_record("minmax", "W8A8", 36.0, protocol="paper", detector="fasterrcnn_resnet50_fpn@ab12"))
+    assert len(RunStore(path).records()) == (6 if schema < 3 else 5)
+    assert store.get(migrated[2].key).metrics["mask_AP"] == 39.0
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == results.SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == results.SCHEMA_VERSION == 4
     frame = results.leaderboard_frame(store, "coco")
-    assert len(frame) == 5 and set(frame["config"]) == {"-"}
+    assert len(frame) == len(store.records()) and set(frame["config"]) == {"-"}
+    assert set(frame["protocol"]) == {"gt", "paper"} and "fasterrcnn_resnet50_fpn@ab12" in set(frame["detector"])
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -205,8 +215,8 @@ def test_leaderboard_rows_order_and_delta(store, tmp_path):
         "leaderboard_coco.csv", "leaderboard_coco.md", "leaderboard_dota.csv", "leaderboard_dota.md"]
     rows = _read_csv(tmp_path / "out" / "leaderboard_coco.csv")
     assert list(rows[0]) == ["model", "method", "bits", "w_bits", "a_bits", "preset", "config", "mask_AP",
-                             "mask_AP50", "delta_vs_fp", "calib_s", "eval_s", "images", "seed", "prompts",
-                             "checkpoint", "dataset"]
+                             "mask_AP50", "delta_vs_fp", "calib_s", "eval_s", "images", "seed", "protocol",
+                             "detector", "prompts", "checkpoint", "dataset"]
     assert [(r["prompts"], r["images"], r["method"], r["bits"], r["seed"], r["delta_vs_fp"]) for r in rows] == [
         ("det", "5", "fp", "fp", "0", "0.0000"), ("det", "5", "ptq4sam", "W4A4", "0", "2.0000"),
         ("gt", "2", "fp", "fp", "0", "0.0000"), ("gt", "2", "minmax", "W4A4", "0", "-5.0000"),
@@ -245,7 +255,7 @@ def test_leaderboard_labels_column_and_markdown(store, tmp_path):
     assert len(table_lines) == 5
     cells = [cell.strip() for cell in table_lines[3].strip("|").split("|")]
     assert cells[:3] == ["sam_tiny", "qdrop", "W4A4"] and "25.00" in cells and "-15.00" in cells
-    assert cells[-6:] == ["5", "0", "gt", "01234567", "d1", "leaky-qdrop,untrained"]
+    assert cells[-8:] == ["5", "0", "gt", "-", "gt", "01234567", "d1", "leaky-qdrop,untrained"]
     assert format_leaderboard(store, "coco").splitlines()[0] == "coco (headline: mask_AP)"
     assert table_lines[3] in format_leaderboard(store)
 
