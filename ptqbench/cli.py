@@ -140,7 +140,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction, parents: list[argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `ptqbench` parser with its sub-commands run, list, leaderboard and evaluate."""
+    """The `ptqbench` parser with its sub-commands run, list, leaderboard, report, evaluate and prompts."""
     parser = _Parser(prog="ptqbench", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (also after the command)")
@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Print the leaderboard of a results folder.")
     board.add_argument("--out", default="results", help="results folder of a run (default ./results)")
     board.add_argument("--task", help="one task (default: every task in the store)")
+    report = sub.add_parser("report", parents=parents, help="write the HTML report (figures) of a results folder",
+                            description="Write <out>/report.html (figures inlined) and <out>/report/*.png.")
+    report.add_argument("--out", default="results", help="results folder of a run (default ./results)")
     _add_evaluate_parser(sub, parents)
     add_prompts_parser(sub, parents)
     return parser
@@ -292,6 +295,12 @@ def _leaderboard(args: argparse.Namespace) -> None:
     sys.stdout.write(format_leaderboard(RunStore(path), args.task) + "\n")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from ptqbench.report.page import write_report
+
+    sys.stdout.write(f"report written to {write_report(Path(args.out))}\n")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     if args.json:
         _check_writable_file(Path(args.json), "--json")
@@ -357,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    handlers = {"run": _run, "list": _list, "leaderboard": _leaderboard, "evaluate": _evaluate,
+    handlers = {"run": _run, "list": _list, "leaderboard": _leaderboard, "report": _report, "evaluate": _evaluate,
                 "prompts": _prompts}
     try:
         with _sigterm_as_interrupt():

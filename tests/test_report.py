@@ -77,3 +77,14 @@ def test_every_figure_loads_in_a_headless_browser(demo_report: Path, tmp_path: P
     total = re.search(r'data-total="(\d+)"', dom)
     assert loaded and total and int(total.group(1)) > 0
     assert loaded.group(1) == total.group(1)
+
+
+def test_report_command(tmp_path: Path, capsys) -> None:
+    from ptqbench.cli import main
+
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    shutil.copy(DEMO_RESULTS / STORE_FILENAME, tmp_path / STORE_FILENAME)
+    assert main(["report", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "report.html").is_file()
+    assert "report written to" in capsys.readouterr().out
