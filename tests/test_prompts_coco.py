@@ -11,7 +11,7 @@ import pytest
 
 from ptqbench.cli import main
 from ptqbench.errors import CheckpointError, ConfigError
-from ptqbench.prompts.coco import generate_coco_prompts
+from ptqbench.prompts.coco import generate_coco_prompts, select_image_ids
 from ptqbench.prompts.zoo import DETECTORS, DetectorSettings, parse_detector_options
 from ptqbench.tasks.coco import load_split
 from ptqbench.tasks.prompts import read_coco_detections
@@ -53,28 +53,38 @@ def test_the_file_is_a_coco_detection_file_that_prompts_reads(realdata, real_pro
     assert made.meta["identity"]["settings"] == TINY.as_dict() and made.meta["images_per_second"] > 0
 
 
-def test_a_second_run_reuses_the_cache_and_other_settings_do_not(realdata, real_prompts, caplog):
+def test_a_second_run_reuses_the_cache_and_other_settings_do_not(realdata, real_prompts, caplog, monkeypatch):
     made, cache = real_prompts
     caplog.set_level(logging.INFO, logger="ptqbench")
-    start = time.perf_counter()
-    again = generate_coco_prompts(realdata, "val2017", "fasterrcnn_resnet50_fpn", weights="random", settings=TINY,
-                                  limit=3, device="cpu", progress=False, cache_dir=cache)
-    assert again.reused and again.path == made.path and time.perf_counter() - start < 2.0
+    import ptqbench.prompts.coco as coco_prompts
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("a cache hit parses no annotation file")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(coco_prompts, "load_split", no_parse)
+        start = time.perf_counter()
+        again = generate_coco_prompts(realdata, "val2017", "fasterrcnn_resnet50_fpn", weights="random",
+                                      settings=TINY, limit=3, device="cpu", progress=False, cache_dir=cache)
+    assert again.reused and again.path == made.path and time.perf_counter() - start < 1.0
     assert any("reusing the cached fasterrcnn_resnet50_fpn prompts" in message for message in caplog.messages)
     from ptqbench.prompts.cache import entry_for
-    from ptqbench.prompts.coco import _identity, select_image_ids
+    from ptqbench.prompts.coco import _identity
 
-    split = load_split(realdata, "val2017")
-    base = _identity("fasterrcnn_resnet50_fpn", made.weights, split, select_image_ids(split, limit=3), TINY)
+    base = _identity("fasterrcnn_resnet50_fpn", made.weights, "val2017", made.meta["identity"]["data"], 3, TINY)
+    assert entry_for(cache / "coco", "val2017-fasterrcnn_resnet50_fpn", base, ".json").path == made.path
     keys = {entry_for(cache, "x", base).path}
-    for changed in (_identity("fasterrcnn_resnet50_fpn", made.weights, split, select_image_ids(split, limit=2), TINY),
-                    _identity("fcos_resnet50_fpn", made.weights, split, select_image_ids(split, limit=3), TINY),
-                    _identity("fasterrcnn_resnet50_fpn", made.weights, split, select_image_ids(split, limit=3),
-                              parse_detector_options((("nms", "0.6"),), TINY)),
-                    {**base, "weights_sha256": "0" * 64}, {**base, "split": "train2017"}, {**base, "data": "other"}):
+    for changed in ({**base, "detector": "fcos_resnet50_fpn"}, {**base, "weights_sha256": "0" * 64},
+                    {**base, "split": "train2017"}, {**base, "data": "other"}, {**base, "images": 2},
+                    {**base, "settings": parse_detector_options((("nms", "0.6"),), TINY).as_dict()},
+                    {**base, "settings": {**TINY.as_dict(), "batch_size": 1}}):
         keys.add(entry_for(cache, "x", changed).path)
-    assert len(keys) == 7
+    assert len(keys) == 8
+    split = load_split(realdata, "val2017")
     assert select_image_ids(split, first=2) == split.image_ids[:2] != sorted(split.image_ids)[:2]
+    other = generate_coco_prompts(realdata, "val2017", "fasterrcnn_resnet50_fpn", weights="random", settings=TINY,
+                                  first=2, device="cpu", progress=False, cache_dir=cache)
+    assert not other.reused and other.meta["image_ids"] == split.image_ids[:2]
 
 
 def test_cli_on_the_demo_split_writes_out_and_reuses(small_demo, tmp_path, monkeypatch, capsys, caplog):

@@ -69,6 +69,24 @@ def entry_for(folder: Path, stem: str, identity: dict[str, Any], suffix: str = "
     return CacheEntry(Path(folder) / f"{stem}-{identity_key(identity)}{suffix}")
 
 
+def memoized(folder: Path, source: Path, question: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """`compute()`, remembered in `folder/memo/` for this `source` file's path, byte size and
+    modification time and this `question` (JSON-able), so that the slow reads a cache lookup
+    needs (hashing a weights file, parsing a large annotation file) are done once per file version."""
+    stat = Path(source).stat()
+    identity = {"source": str(Path(source).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                **question}
+    path = Path(folder) / "memo" / f"{identity_key(identity)}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["value"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged memo is recomputed
+    value = compute()
+    write_json_atomic(path, {"identity": identity, "value": value})
+    return value
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write `value` as JSON next to `path` under a temporary name, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ptqbench.errors import ConfigError
-from ptqbench.prompts.cache import CacheEntry, entry_for, prompts_cache_dir, store, write_json_atomic
+from ptqbench.prompts.cache import CacheEntry, entry_for, memoized, prompts_cache_dir, store, write_json_atomic
 from ptqbench.prompts.detector import DetectionTiming, coco_entries, detect, torch_device
-from ptqbench.prompts.weights import DetectorWeights, build_detector, resolve_weights
+from ptqbench.prompts.weights import DetectorWeights, build_detector, file_sha256, resolve_weights
 from ptqbench.prompts.zoo import DetectorSettings, check_detector
-from ptqbench.tasks.coco import CocoSplit, evaluation_image_ids, load_split
+from ptqbench.tasks.coco import CocoSplit, evaluation_image_ids, image_dir, load_split, require_annotation_file
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +52,43 @@ class GeneratedPrompts:
 def select_image_ids(split: CocoSplit, *, limit: int | None = None, first: int | None = None) -> list[int]:
     """The images to detect: all of the split in id order, the first `limit` by id, or the first
     `first` in annotation file order (at most one of the two)."""
+    _check_selection(limit, first)
+    return split.image_ids[:first] if first is not None else evaluation_image_ids(split, limit)
+
+
+def _check_selection(limit: int | None, first: int | None) -> None:
     if limit is not None and first is not None:
         raise ConfigError("--limit (first images by id) and --first (first images in file order) exclude each other")
-    if first is not None:
-        if first < 1:
-            raise ConfigError(f"--first must be at least 1, got {first}")
-        return split.image_ids[:first]
-    return evaluation_image_ids(split, limit)
+    for name, value in (("--limit", limit), ("--first", first)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
 
 
-def data_fingerprint(split: CocoSplit, image_ids: list[int]) -> str:
-    """16 hex digits of the sha256 of the annotation file's bytes and each selected image's name
-    and byte size (in selection order)."""
-    digest = hashlib.sha256()
-    with split.annotation_file.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    for image_id in image_ids:
-        name = split.coco.imgs[image_id]["file_name"]
-        path = split.image_dir / name
+def _selection(data_root: Path, split_name: str, limit: int | None, first: int | None) -> dict[str, Any]:
+    """The selected images (ids, file names) and the annotation file's sha256: what a cache
+    lookup needs from the annotation file (memoized per file version, since parsing train2017's
+    takes a while)."""
+    split = load_split(data_root, split_name)
+    image_ids = select_image_ids(split, limit=limit, first=first)
+    return {"image_ids": image_ids, "file_names": [split.coco.imgs[i]["file_name"] for i in image_ids],
+            "annotation_sha256": file_sha256(split.annotation_file)}
+
+
+def data_fingerprint(selection: dict[str, Any], image_dir: Path) -> str:
+    """16 hex digits of the sha256 of the annotation file's sha256 and each selected image's id,
+    name and byte size (in selection order; -1 for a missing file)."""
+    digest = hashlib.sha256(f"{selection['annotation_sha256']}\n".encode())
+    for image_id, name in zip(selection["image_ids"], selection["file_names"]):
+        path = Path(image_dir) / name
         digest.update(f"{image_id}\t{name}\t{path.stat().st_size if path.is_file() else -1}\n".encode())
     return digest.hexdigest()[:16]
 
 
-def _identity(detector: str, weights: DetectorWeights, split: CocoSplit, image_ids: list[int],
+def _identity(detector: str, weights: DetectorWeights, split_name: str, data: str, images: int,
               settings: DetectorSettings) -> dict[str, Any]:
-    identity = {"task": "coco", "detector": detector, "weights_sha256": weights.sha256, "split": split.name,
-                "data": data_fingerprint(split, image_ids), "images": len(image_ids), "settings": settings.as_dict()}
+    """The cache identity: detector, weights sha256, split, data fingerprint, image count, settings."""
+    identity = {"task": "coco", "detector": detector, "weights_sha256": weights.sha256, "split": split_name,
+                "data": data, "images": images, "settings": settings.as_dict()}
     if weights.is_random:  # a random initialisation is torchvision's: its version is part of it
         from importlib.metadata import version
 
@@ -94,19 +104,28 @@ def generate_coco_prompts(data_root: Path, split_name: str, detector: str, *, we
     cache when an entry of the same identity exists (logged as reused), else detected and stored.
 
     weights: see `weights.resolve_weights`; device: a torch device string ("cpu", "cuda",
-    "cuda:1"); cache_dir: default `$PTQBENCH_CACHE/prompts`.
+    "cuda:1"); cache_dir: default `$PTQBENCH_CACHE/prompts`. A lookup reads the annotation file
+    and hashes a weights file once per version of each (`cache.memoized`), so a second run is
+    immediate even on train2017.
     """
     detector = check_detector(detector)
     settings = settings or DetectorSettings()
-    split = load_split(Path(data_root), split_name)
-    image_ids = select_image_ids(split, limit=limit, first=first)
-    resolved = resolve_weights(detector, weights, progress=progress)
-    identity = _identity(detector, resolved, split, image_ids, settings)
-    entry = entry_for(Path(cache_dir or prompts_cache_dir()) / "coco", f"{split_name}-{detector}", identity, ".json")
+    _check_selection(limit, first)
+    cache = Path(cache_dir or prompts_cache_dir())
+    data_root = Path(data_root)
+    annotations = require_annotation_file(data_root, split_name)
+    selection = memoized(cache, annotations, {"coco_selection": [limit, first]},
+                         lambda: _selection(data_root, split_name, limit, first))
+    resolved = resolve_weights(detector, weights, progress=progress, memo_dir=cache)
+    image_ids = selection["image_ids"]
+    identity = _identity(detector, resolved, split_name, data_fingerprint(selection, image_dir(data_root, split_name)),
+                         len(image_ids), settings)
+    entry = entry_for(cache / "coco", f"{split_name}-{detector}", identity, ".json")
     if entry.exists():
         log.info("reusing the cached %s prompts on %s (%d images): %s", detector, split_name, len(image_ids),
                  entry.path)
         return GeneratedPrompts(entry.path, detector, resolved, True, entry.meta())
+    split = load_split(data_root, split_name)
     meta = _detect_and_store(entry, split, image_ids, detector, resolved, settings, device, progress, identity)
     return GeneratedPrompts(entry.path, detector, resolved, False, meta)
 

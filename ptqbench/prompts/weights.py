@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptqbench.errors import CheckpointError, ConfigError
+from ptqbench.prompts.cache import memoized
 from ptqbench.prompts.zoo import RANDOM_WEIGHTS, DetectorSettings, check_detector
 
 if TYPE_CHECKING:
@@ -110,27 +111,34 @@ def _load_file(model: nn.Module, path: Path) -> None:
                               f"{len(missing)} missing, {len(unexpected)} unexpected keys)")
 
 
-def resolve_weights(name: str, weights: str | None, *, progress: bool = True) -> DetectorWeights:
+def resolve_weights(name: str, weights: str | None, *, progress: bool = True,
+                    memo_dir: Path | None = None) -> DetectorWeights:
     """Where the weights of detector `name` come from, without building it.
 
     weights: None or "default" (torchvision's DEFAULT weights: the file in torch hub's cache,
     downloaded there first by torch.hub when missing), "random" (seeded random initialisation,
     for tests and timing; recorded as "random-seed0", which stands in for the hash) or the path
-    of a local state dict.
+    of a local state dict. memo_dir: where a file's sha256 is remembered per file version
+    (`cache.memoized`); None hashes the file every time.
     """
     from torchvision.models import get_model_weights
+
+    def sha256(path: Path) -> str:
+        if memo_dir is None:
+            return file_sha256(path)
+        return memoized(memo_dir, path, {"sha256": True}, lambda: file_sha256(path))
 
     name = check_detector(name)
     if weights in (None, "default"):
         path = _ensure_hub_file(name, progress)
-        return DetectorWeights(source=f"torchvision:{get_model_weights(name).DEFAULT.name}", sha256=file_sha256(path))
+        return DetectorWeights(source=f"torchvision:{get_model_weights(name).DEFAULT.name}", sha256=sha256(path))
     if weights == RANDOM_WEIGHTS:
         return DetectorWeights(source=RANDOM_LABEL, sha256=RANDOM_LABEL)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"detector weights file {path} does not exist (--weights takes a state dict file, "
                           "'default' or 'random')")
-    return DetectorWeights(source=f"file:{path}", sha256=file_sha256(path))
+    return DetectorWeights(source=f"file:{path}", sha256=sha256(path))
 
 
 def build_detector(name: str, weights: DetectorWeights, settings: DetectorSettings, *,
