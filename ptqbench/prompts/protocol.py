@@ -70,6 +70,7 @@ def _coco_paper(config: RunConfig, data_root: Path, options: tuple[tuple[str, st
                 device: str, progress: bool) -> TaskPrompts:
     """COCO under the paper protocol: generated (or given) evaluation and calibration prompts."""
     from ptqbench.prompts.coco import generate_coco_prompts
+    from ptqbench.tasks.coco import CALIB_SPLIT, EVAL_SPLIT
 
     detector = config.detector or DEFAULT_DETECTOR
     settings = parse_detector_options(config.detector_options)
@@ -81,9 +82,9 @@ def _coco_paper(config: RunConfig, data_root: Path, options: tuple[tuple[str, st
         return str(made.path)
 
     labels: list[str] = []
-    prompts = config.prompts or generate("val2017", limit=config.limit)
+    prompts = config.prompts or generate(EVAL_SPLIT, limit=config.limit)
     label = config.prompts or Path(prompts).name
     calib_prompts = config.calib_prompts
     if calib_prompts is None and quantizes:
-        calib_prompts = generate(config.calib_split or "train2017", first=config.calib_size or DEFAULT_CALIB_SIZE)
+        calib_prompts = generate(config.calib_split or CALIB_SPLIT, first=config.calib_size or DEFAULT_CALIB_SIZE)
     return TaskPrompts(prompts, calib_prompts, options, label, PAPER, labels[0] if labels else USER_PROMPTS)
