@@ -49,6 +49,7 @@ from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSet
 from ptqbench.models.checkpoints import load_model
 from ptqbench.models.spec import MODELS, LoadedModel
+from ptqbench.progress import GridProgress, format_duration
 from ptqbench.prompts.protocol import TaskPrompts, plan_task_prompts
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
@@ -182,6 +183,8 @@ class Harness:
         self.versions = _versions()
         self.git_commit = _git_commit()
         self.prompt_plans: dict[str, TaskPrompts] = {}
+        quantized = [name for name in self.config.methods if METHODS.canonical(name) != "fp"]
+        self.grid = GridProgress(len(self.config.tasks) * (1 + len(quantized) * len(self.config.bits)))
 
     def execute(self) -> None:
         tasks = self._checked_tasks()
@@ -257,10 +260,11 @@ class Harness:
         with self._cell_failures(loaded.name, task.name, "fp", "fp"):
             fp_fields = self._record(loaded, task, dataset_fingerprint, "fp", None, "-", labels) if main else None
             if self._finished(fp_fields):
-                log.info("skipping %s fp: already in the store", task.name)
+                self.grid.skipped(f"{task.name} fp")
             else:
-                fp_model = loaded.adapter.fp_twin(loaded.model).to(self.device)
-                self._evaluate_cell(task, fp_model, fp_fields, None, calib_s=0.0)
+                with self.grid.cell(f"{task.name} fp"):
+                    fp_model = loaded.adapter.fp_twin(loaded.model).to(self.device)
+                    self._evaluate_cell(task, fp_model, fp_fields, None, calib_s=0.0)
         calib: CalibrationSet | None = None
         for method_name in self.config.methods:
             method_name = METHODS.canonical(method_name)
@@ -281,11 +285,13 @@ class Harness:
             if calib is None:
                 calib = loaded.adapter.calibration_set(loaded.model, self._calibration_items(task), self.device)
             fields = self._record(loaded, task, dataset_fingerprint, method_name, spec, calib.fingerprint, labels)
+        name = f"{task.name} {method_name} {spec.label}"
         if self._finished(fields):
-            log.info("skipping %s %s %s: already in the store", task.name, method_name, spec.label)
+            self.grid.skipped(name)
             return calib
-        qmodel, calib_s = self._calibrated(loaded, method_name, spec, calib)
-        self._evaluate_cell(task, qmodel, fields, spec, calib_s=calib_s)
+        with self.grid.cell(name):
+            qmodel, calib_s = self._calibrated(loaded, method_name, spec, calib)
+            self._evaluate_cell(task, qmodel, fields, spec, calib_s=calib_s)
         return calib
 
     def _calibration_items(self, task: Task) -> list[CalibrationItem]:
@@ -399,4 +405,6 @@ class Harness:
             git_commit=self.git_commit, created_at=now_iso())
         self.store.put(record)
         write_leaderboards(self.store, self.out, task=task.name)
-        log.info("%s %s %s: %s = %.2f", task.name, fields["method"], fields["bits"], task.metric, metrics[task.metric])
+        self.grid.finished(f"{task.name} {fields['method']} {fields['bits']}",
+                           f"{task.metric} = {metrics[task.metric]:.2f} · calibration {format_duration(calib_s)} · "
+                           f"evaluation {format_duration(eval_s)}")

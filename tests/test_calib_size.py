@@ -50,7 +50,7 @@ def test_explicit_size_above_the_split_warns_and_the_key_follows_the_samples_use
     caplog.clear()
     assert main(args + ["--calib-size", "5"]) == 0          # the same 2 images: the same cell
     assert "coco: the calibration split gives only 2 calibration samples (--calib-size 5)" in caplog.text
-    assert "skipping coco minmax W8A8: already in the store" in caplog.messages
+    assert any(m.endswith("coco minmax W8A8: already in the store") for m in caplog.messages)
 
     assert main(args + ["--calib-size", "1"]) == 0          # 1 image: another cell
     cells = [record for record in RunStore(out / "ptqbench.sqlite").records("coco") if record.method == "minmax"]

@@ -35,7 +35,9 @@ def test_grid_writes_leaderboard_and_resumes(small_demo, tmp_path, caplog):
     caplog.clear()
     caplog.set_level(logging.INFO, logger="ptqbench")
     assert main(args) == 0
-    assert sum("already in the store" in m for m in caplog.messages) == 5  # the FP row and 4 method cells
+    assert [m for m in caplog.messages if "already in the store" in m] == [  # the FP row and 4 method cells
+        f"[{k}/5] coco {cell}: already in the store"
+        for k, cell in enumerate(["fp", "minmax W8A8", "minmax W4A8", "percentile W8A8", "percentile W4A8"], 1)]
     again = [r[0] for r in sqlite3.connect(tmp_path / "ptqbench.sqlite").execute("SELECT created_at FROM runs")]
     assert again == created
 

@@ -13,6 +13,7 @@ from ptqbench.config import BitSpec
 from ptqbench.methods.options import NO_OPTIONS_PRESETS
 from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSet
+from ptqbench.progress import phase
 from ptqbench.quant.observers import DeferredSearches, Observer, make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites, weight_layers
@@ -54,7 +55,7 @@ def observing(qmodel: nn.Module, observer_for: Callable[[str, int], Observer],
 def forward_all(qmodel: nn.Module, calib: CalibrationSet, description: str, *, progress: bool = True) -> None:
     """One forward of `qmodel` per calibration sample, in order."""
     forward = adapter_for(qmodel).forward
-    for sample in tqdm(calib.samples, desc=description, disable=not progress, leave=False):
+    for sample in tqdm(calib.samples, desc=phase(description), disable=not progress, leave=False):
         forward(qmodel, sample)
 
 

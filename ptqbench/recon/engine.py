@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ptqbench.errors import ConfigError
+from ptqbench.progress import phase
 from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
@@ -215,7 +216,7 @@ def _train(unit: Unit, root: nn.Module, cache: UnitCache, pieces: _LearnablePiec
     rounding_params = pieces.rounding_parameters()
     running = torch.zeros((), device=cache.device)
     window, first_loss, last_loss = 0, float("nan"), float("nan")
-    bar = tqdm(order, desc=unit.name, disable=not progress, leave=False)
+    bar = tqdm(order, desc=phase(unit.name), disable=not progress, leave=False)
     for step, index in enumerate(bar):
         loss, grads = step_fn(cache.get(index))
         for param, grad in zip(params, grads):
@@ -293,7 +294,7 @@ def reconstruct(units: Sequence[Unit], qmodel: nn.Module, fp_model: nn.Module, c
         param.requires_grad_(False)
     reports = []
     try:
-        for unit in tqdm(units, desc="reconstruction", disable=not progress):
+        for unit in tqdm(units, desc=phase("reconstruction"), disable=not progress):
             report = reconstruct_unit(unit, qmodel, fp_model, samples, settings, seed, progress)
             log.info("unit %s: loss %.4g -> %.4g in %d steps (%.1f s train, %.1f s capture)%s", report.name,
                      report.first_loss, report.last_loss, report.iterations, report.train_s, report.capture_s,

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.models.prediction import PromptedImage
+from ptqbench.progress import phase
 from ptqbench.tasks.ade20k_metric import (
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
@@ -363,7 +364,7 @@ class Ade20kTask(Task):
             else:
                 loaders.append(partial(_prompted_sample, sample, label.shape, boxes, classes, position))
         stream = predictor.stream(loaders)
-        for item, masks, _ in tqdm(stream, total=len(loaders), desc="ade20k gt", disable=not progress):
+        for item, masks, _ in tqdm(stream, total=len(loaders), desc=phase("ade20k gt"), disable=not progress):
             results[item.key] = encode_prediction(self.samples[indices[item.key]].stem, paint_masks(masks, item.extra))
         return results
 
@@ -371,7 +372,7 @@ class Ade20kTask(Task):
         """ssa mode: automatic masks of each image, voted with its semantic prior."""
         generator = self._mask_generator(predictor)
         results = []
-        for index in tqdm(indices, desc="ade20k ssa", disable=not progress):
+        for index in tqdm(indices, desc=phase("ade20k ssa"), disable=not progress):
             sample = self.samples[index]
             image, _ = read_sample(sample)
             prior = read_prior(self.prior_dir / f"{sample.stem}.png", image.shape[:2])

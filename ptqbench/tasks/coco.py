@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.models.prediction import PromptedImage
+from ptqbench.progress import phase
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, stdout_into_log, write_results
 from ptqbench.tasks.images import read_image
@@ -370,7 +371,7 @@ class CocoTask(Task):
         encoder = mask_encoder(in_processes=predictor.device.type == "cuda")
         pending = {}
         stream = predictor.stream(loaders)
-        for item, masks, iou_pred in tqdm(stream, total=len(loaders), desc=f"coco {split.name}", unit="img",
+        for item, masks, iou_pred in tqdm(stream, total=len(loaders), desc=phase(f"coco {split.name}"), unit="img",
                                           disable=not progress):
             detections = item.extra
             scores = detections.scores * np.asarray(iou_pred, dtype=np.float64)

@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.models.prediction import PromptedImage
+from ptqbench.progress import phase
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
 from ptqbench.tasks.dota_eval import (
     DOTA_CLASSES,
@@ -391,7 +392,8 @@ class DotaTask(Task):
         loaders = [partial(image.load, k) for image in images for k in range(len(image.windows))]
         found = [DetectionsBuilder() for _ in images]
         stream = predictor.stream(loaders)
-        for item, masks, ious in tqdm(stream, total=len(loaders), desc="dota", unit="window", disable=not progress):
+        bar = tqdm(stream, total=len(loaders), desc=phase("dota"), unit="window", disable=not progress)
+        for item, masks, ious in bar:
             position, k = item.key
             found[position].add_window(masks, ious, images[position].prompts, images[position].windows[k])
         results = []

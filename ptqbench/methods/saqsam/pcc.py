@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSample
+from ptqbench.progress import phase
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
@@ -298,7 +299,7 @@ def pcc_search(qmodel: nn.Module, fp_model: nn.Module, sample: CalibrationSample
     if maps is None:
         maps = reference_maps(adapter.fp_twin(fp_model), sample)
     results: list[PccChoice] = []
-    bar = tqdm(total=config.passes * len(attentions), desc="PCC search", disable=not progress, leave=False)
+    bar = tqdm(total=config.passes * len(attentions), desc=phase("PCC search"), disable=not progress, leave=False)
 
     def hook(path: str, pass_index: int) -> Callable:
         def search(module: nn.Module, args: tuple, kwargs: dict) -> None:
