@@ -405,6 +405,6 @@ class Harness:
             git_commit=self.git_commit, created_at=now_iso())
         self.store.put(record)
         write_leaderboards(self.store, self.out, task=task.name)
-        self.grid.finished(f"{task.name} {fields['method']} {fields['bits']}",
-                           f"{task.metric} = {metrics[task.metric]:.2f} · calibration {format_duration(calib_s)} · "
+        calibration = f" · calibration {format_duration(calib_s)}" if spec else ""
+        self.grid.finished(f"{task.metric} = {metrics[task.metric]:.2f}{calibration} · "
                            f"evaluation {format_duration(eval_s)}")

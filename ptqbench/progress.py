@@ -48,28 +48,29 @@ class GridProgress:
         self.total = total
         self.done = 0
         self.computed_s: list[float] = []
-        self._started: float | None = None
+        self._open: tuple[str, float] | None = None
 
     @contextmanager
     def cell(self, name: str) -> Iterator[None]:
         """Open cell `name` (e.g. "coco mse W4A4") for the bars' descriptions and its timing."""
         token = _CELL.set(name)
-        self._started = time.perf_counter()
+        self._open = (name, time.perf_counter())
         try:
             yield
         finally:
             _CELL.reset(token)
+            self._open = None
 
-    def finished(self, name: str, summary: str) -> None:
-        """Count the open cell as computed and print "[k/N] name: summary · grid: ETA left"."""
-        if self._started is not None:
-            self.computed_s.append(time.perf_counter() - self._started)
-            self._started = None
+    def finished(self, summary: str) -> None:
+        """Count the open cell as computed and log "[k/N] <cell>: summary · grid: about T left"."""
+        if self._open is None:
+            raise RuntimeError("GridProgress.finished outside a cell")
+        name, started = self._open
+        self.computed_s.append(time.perf_counter() - started)
         self._count(f"{name}: {summary}")
 
     def skipped(self, name: str) -> None:
         """Count a cell that resume skipped (already in the store)."""
-        self._started = None
         self._count(f"{name}: already in the store")
 
     def eta_s(self) -> float | None:

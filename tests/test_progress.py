@@ -26,16 +26,19 @@ def test_one_line_per_cell_and_the_grid_eta(monkeypatch, caplog) -> None:
     grid.skipped("coco fp")
     assert grid.eta_s() is None
     with grid.cell("coco mse W4A4"):
-        pass
-    grid.finished("coco mse W4A4", "mask_AP = 60.05")
+        grid.finished("mask_AP = 60.05")
     assert grid.eta_s() == pytest.approx(10.0 * 3)
     with grid.cell("coco mse W6A6"):
-        pass
-    grid.finished("coco mse W6A6", "mask_AP = 62.50")
+        grid.finished("mask_AP = 62.50")
     assert grid.eta_s() == pytest.approx(20.0 * 2)
     assert caplog.messages == ["[1/5] coco fp: already in the store",
                                "[2/5] coco mse W4A4: mask_AP = 60.05 · grid: about 30 s left",
                                "[3/5] coco mse W6A6: mask_AP = 62.50 · grid: about 40 s left"]
+
+
+def test_finished_needs_an_open_cell() -> None:
+    with pytest.raises(RuntimeError):
+        GridProgress(1).finished("mask_AP = 1.00")
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(4.4, "4 s"), (65, "1 min 05 s"), (3725, "1 h 02 min")])
