@@ -51,6 +51,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +138,16 @@ def _quiet_on_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _percent(stat: float) -> float:
+def stat_percent(stat: float) -> float:
     """A COCOeval stat as a percentage; its -1 (no ground truth in that range) becomes NaN."""
     return float(stat * 100.0) if stat >= 0 else math.nan
 
 
-def score_results(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int]) -> dict[str, float]:
-    """COCOeval(segm) of `results` against `coco_gt` on `image_ids` with maxDets MAX_DETS;
-    returns the METRICS x 100 (see the module docstring)."""
+def evaluate_segm(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int]) -> COCOeval:
+    """COCOeval(segm) of non-empty `results` against `coco_gt` on `image_ids` with maxDets
+    MAX_DETS, after its per-image `evaluate()` (not yet accumulated)."""
     from pycocotools.cocoeval import COCOeval
 
-    if not results:
-        log.warning("no segmentation results: every COCO metric is 0")
-        return {key: 0.0 for key in METRICS}
     with stdout_into_log():
         # loadRes writes area/bbox/id/iscrowd into the entries it gets: hand it copies.
         coco_dt = coco_gt.loadRes([dict(entry) for entry in results])
@@ -157,10 +155,25 @@ def score_results(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Seque
         evaluator.params.imgIds = list(image_ids)
         evaluator.params.maxDets = list(MAX_DETS)
         evaluator.evaluate()
+    return evaluator
+
+
+def summarize_metrics(evaluator: COCOeval) -> dict[str, float]:
+    """`accumulate()` and `summarize()` an evaluated COCOeval; the METRICS x 100."""
+    with stdout_into_log():
         evaluator.accumulate()
     with stdout_into_log():
         evaluator.summarize()
-    return {key: _percent(stat) for key, stat in zip(METRICS, evaluator.stats, strict=True)}
+    return {key: stat_percent(stat) for key, stat in zip(METRICS, evaluator.stats, strict=True)}
+
+
+def score_results(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int]) -> dict[str, float]:
+    """COCOeval(segm) of `results` against `coco_gt` on `image_ids` with maxDets MAX_DETS;
+    returns the METRICS x 100 (see the module docstring)."""
+    if not results:
+        log.warning("no segmentation results: every COCO metric is 0")
+        return {key: 0.0 for key in METRICS}
+    return summarize_metrics(evaluate_segm(coco_gt, results, image_ids))
 
 
 def write_results(results: list[dict[str, Any]], path: Path) -> None:
