@@ -296,12 +296,24 @@ def _best_overlaps(image_ids: Sequence[str], polygons: np.ndarray,
     return ovmax, jmax
 
 
-def class_ap(labels: Mapping[str, DotaLabels], detections: Task1Detections, class_name: str,
-             iou_threshold: float = IOU_THRESHOLD) -> float:
-    """AP (a fraction) of one class's detections against the GT of every image in `labels`.
+@dataclass(frozen=True)
+class ClassMatches:
+    """One class's detections in the devkit's evaluation order and their outcome.
 
-    labels: {image name: DotaLabels} for every image of the evaluated set.
+    image_ids: D image names; tp, fp: float64 [D] 0/1 (both 0: matched a difficult GT);
+    npos: non-difficult GT objects of the class over the evaluated images.
     """
+
+    image_ids: tuple[str, ...]
+    tp: np.ndarray
+    fp: np.ndarray
+    npos: int
+
+
+def class_matches(labels: Mapping[str, DotaLabels], detections: Task1Detections, class_name: str,
+                  iou_threshold: float = IOU_THRESHOLD) -> ClassMatches:
+    """The devkit's greedy matching of one class's detections against the GT of every image in
+    `labels` ({image name: DotaLabels} for every image of the evaluated set)."""
     gt_polygons: dict[str, np.ndarray] = {}
     gt_difficult: dict[str, np.ndarray] = {}
     npos = 0
@@ -315,7 +327,7 @@ def class_ap(labels: Mapping[str, DotaLabels], detections: Task1Detections, clas
         raise DataError(f"{class_name} detections on image(s) outside the evaluated set: {', '.join(unknown[:5])}")
     nd = len(detections)
     if nd == 0:
-        return 0.0
+        return ClassMatches(image_ids=(), tp=np.zeros(0), fp=np.zeros(0), npos=npos)
     order = np.argsort(-detections.scores)
     image_ids = [detections.image_ids[k] for k in order]
     ovmax, jmax = _best_overlaps(image_ids, detections.polygons[order, :], gt_polygons)
@@ -332,12 +344,41 @@ def class_ap(labels: Mapping[str, DotaLabels], detections: Task1Detections, clas
                     fp[d] = 1.0
         else:
             fp[d] = 1.0
-    fp = np.cumsum(fp)
-    tp = np.cumsum(tp)
+    return ClassMatches(image_ids=tuple(image_ids), tp=tp, fp=fp, npos=npos)
+
+
+def matches_ap(matches: ClassMatches) -> float:
+    """The devkit's AP (a fraction) of matched detections: rec, prec and the VOC07 rule."""
+    if len(matches.image_ids) == 0:
+        return 0.0
+    fp = np.cumsum(matches.fp)
+    tp = np.cumsum(matches.tp)
     with np.errstate(divide="ignore", invalid="ignore"):
-        rec = tp / float(npos)
+        rec = tp / float(matches.npos)
     prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
     return voc07_ap(rec, prec)
+
+
+def class_ap(labels: Mapping[str, DotaLabels], detections: Task1Detections, class_name: str,
+             iou_threshold: float = IOU_THRESHOLD) -> float:
+    """AP (a fraction) of one class's detections against the GT of every image in `labels`.
+
+    labels: {image name: DotaLabels} for every image of the evaluated set.
+    """
+    ap = matches_ap(class_matches(labels, detections, class_name, iou_threshold))
+    log.debug("DOTA AP %s: %.4f", class_name, ap)
+    return ap
+
+
+def task1_metrics(aps: Mapping[str, float]) -> dict[str, float]:
+    """{class: AP fraction} for the 15 classes -> mAP (the devkit's sum / 15) and the class APs,
+    in percent, keys `METRIC_KEYS` (the APs may also be arrays, one value per resample)."""
+    total = 0.0
+    for name in DOTA_CLASSES:
+        total = total + aps[name]
+    result = {"mAP": total / len(DOTA_CLASSES) * 100.0}
+    result.update({f"AP_{name}": aps[name] * 100.0 for name in DOTA_CLASSES})
+    return result
 
 
 def evaluate_task1(labels: Mapping[str, DotaLabels],
@@ -347,16 +388,8 @@ def evaluate_task1(labels: Mapping[str, DotaLabels],
     labels: {image name: DotaLabels} of every evaluated image; detections: {class: Task1Detections}
     (missing classes count as empty). mAP = the devkit's sum of class APs / 15, times 100.
     """
-    aps = {}
-    total = 0.0
-    for name in DOTA_CLASSES:
-        ap = class_ap(labels, detections.get(name, empty_detections()), name)
-        log.debug("DOTA AP %s: %.4f", name, ap)
-        aps[name] = ap
-        total = total + ap
-    result = {"mAP": total / len(DOTA_CLASSES) * 100.0}
-    result.update({f"AP_{name}": aps[name] * 100.0 for name in DOTA_CLASSES})
-    return result
+    return task1_metrics({name: class_ap(labels, detections.get(name, empty_detections()), name)
+                          for name in DOTA_CLASSES})
 
 
 def read_split_labels(items: Sequence[SplitItem]) -> dict[str, DotaLabels]:
