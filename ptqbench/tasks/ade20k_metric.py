@@ -146,17 +146,35 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
+def summary_of_counts(intersect: np.ndarray, union: np.ndarray, label_area: np.ndarray) -> dict[str, float]:
+    """{"mIoU", "aAcc", "mAcc"} in percent from split-summed per-class counts int64 [num_classes]
+    (NaN where undefined, e.g. every pixel ignored)."""
+    total_label = label_area.sum()
+    all_acc = intersect.sum() / total_label * 100.0 if total_label > 0 else float("nan")
+    return {
+        "mIoU": _nanmean(_percent_ratio(intersect, union)),
+        "aAcc": float(all_acc),
+        "mAcc": _nanmean(_percent_ratio(intersect, label_area)),
+    }
+
+
 @dataclass
 class IoUAccumulator:
-    """Accumulates mmsegmentation's per-class counts over a split; `summary` gives the metrics."""
+    """Accumulates mmsegmentation's per-class counts over a split; `summary` gives the metrics.
+
+    keep_images: also keep each added image's counts in `image_counts` (int64 [4, num_classes]
+    each: intersection, union, predicted area, label area), for the bootstrap.
+    """
 
     num_classes: int = NUM_CLASSES
     ignore_index: int = IGNORE_INDEX
+    keep_images: bool = False
     intersect: np.ndarray = field(init=False)
     union: np.ndarray = field(init=False)
     pred_area: np.ndarray = field(init=False)
     label_area: np.ndarray = field(init=False)
     images: int = field(init=False, default=0)
+    image_counts: list[np.ndarray] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("intersect", "union", "pred_area", "label_area"):
@@ -171,6 +189,8 @@ class IoUAccumulator:
         self.pred_area += pred_area
         self.label_area += label_area
         self.images += 1
+        if self.keep_images:
+            self.image_counts.append(np.stack([intersect, union, pred_area, label_area]))
 
     def class_iou(self) -> np.ndarray:
         """IoU per class in percent [num_classes], NaN for classes with zero union."""
@@ -182,13 +202,28 @@ class IoUAccumulator:
 
     def summary(self) -> dict[str, float]:
         """{"mIoU", "aAcc", "mAcc"} in percent (NaN where undefined, e.g. every pixel ignored)."""
-        total_label = self.label_area.sum()
-        all_acc = self.intersect.sum() / total_label * 100.0 if total_label > 0 else float("nan")
-        return {
-            "mIoU": _nanmean(self.class_iou()),
-            "aAcc": float(all_acc),
-            "mAcc": _nanmean(self.class_accuracy()),
-        }
+        return summary_of_counts(self.intersect, self.union, self.label_area)
+
+
+def accumulate_prediction_folder(pred_dir: Path, data_root: Path, split: str = "validation", *,
+                                 limit: int | None = None, keep_images: bool = False) -> IoUAccumulator:
+    """The IoUAccumulator of a folder of prediction PNGs against the ADE20K annotations of
+    `split` (see `score_prediction_folder`); keep_images as IoUAccumulator's."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise DataError(f"prediction folder {pred_dir} does not exist")
+    files = annotation_files(data_root, split)
+    if limit is not None:
+        files = files[:limit]
+    accumulator = IoUAccumulator(keep_images=keep_images)
+    for annotation_path in files:
+        label = read_annotation(annotation_path)
+        pred_path = pred_dir / annotation_path.name
+        if not pred_path.is_file():
+            raise DataError(f"missing prediction {pred_path} for annotation {annotation_path}")
+        accumulator.add(read_label_png(pred_path, expected_hw=label.shape), label)
+    log.info("scored %d ADE20K %s predictions from %s", accumulator.images, split, pred_dir)
+    return accumulator
 
 
 def score_prediction_folder(pred_dir: Path, data_root: Path, split: str = "validation", *,
@@ -201,18 +236,4 @@ def score_prediction_folder(pred_dir: Path, data_root: Path, split: str = "valid
     Returns {"mIoU", "aAcc", "mAcc"} in percent. Raises DataError naming a missing or malformed
     prediction or annotation file.
     """
-    pred_dir = Path(pred_dir)
-    if not pred_dir.is_dir():
-        raise DataError(f"prediction folder {pred_dir} does not exist")
-    files = annotation_files(data_root, split)
-    if limit is not None:
-        files = files[:limit]
-    accumulator = IoUAccumulator()
-    for annotation_path in files:
-        label = read_annotation(annotation_path)
-        pred_path = pred_dir / annotation_path.name
-        if not pred_path.is_file():
-            raise DataError(f"missing prediction {pred_path} for annotation {annotation_path}")
-        accumulator.add(read_label_png(pred_path, expected_hw=label.shape), label)
-    log.info("scored %d ADE20K %s predictions from %s", accumulator.images, split, pred_dir)
-    return accumulator.summary()
+    return accumulate_prediction_folder(pred_dir, data_root, split, limit=limit).summary()
