@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ptqbench.config import RunConfig, load_config_file, parse_bits, split_names
+from ptqbench.config import RunConfig, load_config_file, parse_bits, parse_seeds, split_names
 from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.methods.options import parse_method_options
 from ptqbench.prompts.command import add_prompts_parser
@@ -98,7 +98,8 @@ def _add_run_parser(sub: argparse._SubParsersAction, parents: list[argparse.Argu
                    help="number of calibration samples (default 32, or all the calibration split has when fewer)")
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
     p.add_argument("--device", help="auto (default), cpu or cuda")
-    p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
+    p.add_argument("--seed", help="seed of every random choice of the quantized cells (default 0)")
+    p.add_argument("--seeds", help="several calibration draws, e.g. 0,1,2: every quantized cell once per seed")
     p.add_argument("--preset", help="paper or fast (default: fast for sam_tiny, paper otherwise)")
     p.add_argument("--out", help="output folder for the store and leaderboards (default ./results)")
     p.add_argument("--no-resume", action="store_true", help="recompute cells already in the store")
@@ -154,12 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Print the leaderboard of a results folder.")
     board.add_argument("--out", default="results", help="results folder of a run (default ./results)")
     board.add_argument("--task", help="one task (default: every task in the store)")
+    board.add_argument("--by-seed", action="store_true", help="one row per calibration seed (default: their mean)")
     report = sub.add_parser("report", parents=parents, help="write the HTML report (figures) of a results folder",
                             description="Write <out>/report.html (figures inlined) and <out>/report/*.png.")
     report.add_argument("--out", default="results", help="results folder of a run (default ./results)")
     _add_evaluate_parser(sub, parents)
     add_prompts_parser(sub, parents)
     return parser
+
+
+def _seeds(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """The seeds `--seed N` or `--seeds A,B,...` give (None when neither; ConfigError for both)."""
+    if args.seed is not None and args.seeds is not None:
+        raise ConfigError("give --seed or --seeds, not both")
+    if args.seed is not None:
+        seeds = parse_seeds(args.seed, "--seed")
+        if len(seeds) != 1:
+            raise ConfigError(f"--seed takes one integer (--seeds takes several), got {args.seed!r}")
+        return seeds
+    return parse_seeds(args.seeds) if args.seeds is not None else None
 
 
 def _run_config(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
@@ -170,7 +184,7 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
     overrides = dict(
         model=args.model, checkpoint=args.checkpoint, data_root=args.data_root, prompts=args.prompts,
         calib_prompts=args.calib_prompts, calib_split=args.calib_split, calib_size=args.calib_size,
-        limit=args.limit, device=args.device, seed=args.seed, preset=args.preset, out=args.out,
+        limit=args.limit, device=args.device, seeds=_seeds(args), preset=args.preset, out=args.out,
         tasks=split_names(args.tasks, "--tasks") if args.tasks is not None else None,
         methods=split_names(args.methods, "--methods") if args.methods is not None else None,
         bits=parse_bits(args.bits) if args.bits is not None else None,
@@ -292,7 +306,7 @@ def _leaderboard(args: argparse.Namespace) -> None:
     path = Path(args.out) / STORE_FILENAME
     if not path.is_file():
         raise ConfigError(f"no results store at {path}: run `ptqbench run` first or pass --out")
-    sys.stdout.write(format_leaderboard(RunStore(path), args.task) + "\n")
+    sys.stdout.write(format_leaderboard(RunStore(path), args.task, by_seed=args.by_seed) + "\n")
 
 
 def _report(args: argparse.Namespace) -> None:

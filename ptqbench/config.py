@@ -58,6 +58,17 @@ def split_names(text: str, option: str = "name list") -> tuple[str, ...]:
     return names
 
 
+def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
+    """"0,1,2" -> (0, 1, 2): distinct non-negative integers; ConfigError naming `option` otherwise."""
+    try:
+        seeds = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated non-negative integers, got {text!r}") from None
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{option} must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run of the grid.
@@ -70,6 +81,10 @@ class RunConfig:
     method_options: (method, option, value) triples set on the preset's configuration of that
     method (`ptqbench.methods.options`; option names may be dotted, e.g. ("saqsam",
     "pcc.max_prompts", "8")).
+    seeds: the calibration draws; every quantized cell runs once per seed (`--seeds 0,1,2`,
+    `--seed N` for one), the FP cell once (with the first). A seed fixes every random choice of a
+    cell: which calibration images (`tasks.base.calibration_order`), which prompts a method
+    samples, and the method's own draws.
     protocol: "gt" (the prompts the flags name, else ground-truth boxes) or "paper" (detector
     prompts, generated when missing; `ptqbench.prompts.protocol`). detector, detector_weights,
     detector_options: the paper protocol's COCO detector (None: fasterrcnn_resnet50_fpn with
@@ -89,7 +104,7 @@ class RunConfig:
     calib_size: int | None = None
     limit: int | None = None
     device: str = "auto"
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     preset: str | None = None
     out: str = "results"
     resume: bool = True
@@ -109,8 +124,9 @@ class RunConfig:
                 if getattr(self, name):
                     raise ConfigError(f"{name.replace('_', '-')} is set but only --protocol paper runs a detector "
                                       f"(this run's protocol is {self.protocol})")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
+        if (not self.seeds or not all(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0
+                                      for seed in self.seeds) or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"seeds must be distinct non-negative integers, got {self.seeds!r}")
         if self.calib_size is not None and self.calib_size < 1:
             raise ConfigError(f"--calib-size must be at least 1, got {self.calib_size}")
         if self.limit is not None and self.limit < 1:
@@ -141,7 +157,7 @@ class RunConfig:
 
 _FIELD_TYPES = {
     "model": str, "checkpoint": str, "data_root": str, "prompts": str, "calib_prompts": str,
-    "calib_split": str, "calib_size": int, "limit": int, "device": str, "seed": int, "preset": str,
+    "calib_split": str, "calib_size": int, "limit": int, "device": str, "preset": str,
     "out": str, "resume": bool, "protocol": str, "detector": str, "detector_weights": str,
 }
 _OPTIONAL = {"checkpoint", "data_root", "prompts", "calib_prompts", "calib_split", "calib_size", "limit",
@@ -166,6 +182,8 @@ def _config_value(name: str, value: Any) -> Any:
                               f"e.g. {{saqsam: {{pcc: {{max_prompts: 8}}}}}}, got {value!r}")
         return tuple((str(method).lower(), name, option)
                      for method, options in value.items() for name, option in _flatten(options))
+    if name == "seeds":
+        return parse_seeds(",".join(map(str, value if isinstance(value, list) else [value])), "seeds")
     if name in ("task_options", "detector_options"):
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping of option names to values, got {value!r}")
@@ -201,7 +219,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     known = {f.name for f in fields(RunConfig)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        name = key.replace("-", "_")
+        name = "seeds" if key == "seed" else key.replace("-", "_")
         if name not in known:
             raise ConfigError(f"config file {path}: unknown option {key!r}")
         try:

@@ -184,7 +184,8 @@ class Harness:
         self.git_commit = _git_commit()
         self.prompt_plans: dict[str, TaskPrompts] = {}
         quantized = [name for name in self.config.methods if METHODS.canonical(name) != "fp"]
-        self.grid = GridProgress(len(self.config.tasks) * (1 + len(quantized) * len(self.config.bits)))
+        cells_per_task = 1 + len(quantized) * len(self.config.bits) * len(self.config.seeds)
+        self.grid = GridProgress(len(self.config.tasks) * cells_per_task)
 
     def execute(self) -> None:
         tasks = self._checked_tasks()
@@ -225,7 +226,7 @@ class Harness:
                     task.eval_image_count(self.config.limit)
                     task.check_eval_inputs()
                     if quantizes:
-                        task.calibration_items(1, self.config.seed)
+                        task.calibration_items(1, self.config.seeds[0])
         return tasks
 
     def _make_task(self, name: str, input_size: int) -> Task:
@@ -240,7 +241,7 @@ class Harness:
         return task
 
     def _record(self, loaded: LoadedModel, task: Task, dataset_fingerprint: str, method: str,
-                spec: BitSpec | None, calib_fingerprint: str, labels: tuple[str, ...]) -> dict:
+                spec: BitSpec | None, seed: int, calib_fingerprint: str, labels: tuple[str, ...]) -> dict:
         """The identity fields of one cell (`RunStore.cell_key`'s arguments): the evaluation set
         is the dataset fingerprint (data, split and prompt files) and the number of images `--limit`
         leaves; the prompts' protocol and detector come from the task's prompt plan."""
@@ -252,49 +253,54 @@ class Harness:
             images=task.eval_image_count(self.config.limit), method=method,
             bits=spec.label if spec else "fp", preset=self.run.preset if spec else "-",
             method_config=config_json(self.run.method_configs[method]) if spec else NO_OPTIONS_JSON,
-            seed=self.config.seed, calib_fingerprint=calib_fingerprint, labels=labels)
+            seed=seed, calib_fingerprint=calib_fingerprint, labels=labels)
 
     def _run_task(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...]) -> None:
         main = self.dist.is_main
         dataset_fingerprint = task.fingerprint() if main else ""
         with self._cell_failures(loaded.name, task.name, "fp", "fp"):
-            fp_fields = self._record(loaded, task, dataset_fingerprint, "fp", None, "-", labels) if main else None
+            seed = self.config.seeds[0]
+            fp_fields = self._record(loaded, task, dataset_fingerprint, "fp", None, seed, "-", labels) if main else None
             if self._finished(fp_fields):
                 self.grid.skipped(f"{task.name} fp")
             else:
                 with self.grid.cell(f"{task.name} fp"):
                     fp_model = loaded.adapter.fp_twin(loaded.model).to(self.device)
-                    self._evaluate_cell(task, fp_model, fp_fields, None, calib_s=0.0)
-        calib: CalibrationSet | None = None
-        for method_name in self.config.methods:
-            method_name = METHODS.canonical(method_name)
-            if method_name == "fp":
-                continue
-            for spec in self.config.bits:
-                with self._cell_failures(loaded.name, task.name, method_name, spec.label):
-                    calib = self._quantized_cell(task, loaded, labels, dataset_fingerprint, method_name, spec, calib)
+                    self._evaluate_cell(task, fp_model, fp_fields, None, seed, calib_s=0.0)
+        for seed in self.config.seeds:
+            calib: CalibrationSet | None = None
+            for method_name in self.config.methods:
+                method_name = METHODS.canonical(method_name)
+                if method_name == "fp":
+                    continue
+                for spec in self.config.bits:
+                    with self._cell_failures(loaded.name, task.name, method_name, spec.label):
+                        calib = self._quantized_cell(task, loaded, labels, dataset_fingerprint, method_name, spec,
+                                                     seed, calib)
 
     def _quantized_cell(self, task: Task, loaded: LoadedModel, labels: tuple[str, ...], dataset_fingerprint: str,
-                        method_name: str, spec: BitSpec, calib: CalibrationSet | None) -> CalibrationSet | None:
-        """Calibrate, seal and evaluate one method x bits cell unless resume skips it.
+                        method_name: str, spec: BitSpec, seed: int,
+                        calib: CalibrationSet | None) -> CalibrationSet | None:
+        """Calibrate, seal and evaluate one method x bits x seed cell unless resume skips it.
 
-        Returns the task's calibration set, built by the main rank for the first cell that needs it.
+        Returns the seed's calibration set, built by the main rank for the first cell that needs it.
         """
         fields = None
         if self.dist.is_main:
             if calib is None:
-                calib = loaded.adapter.calibration_set(loaded.model, self._calibration_items(task), self.device)
-            fields = self._record(loaded, task, dataset_fingerprint, method_name, spec, calib.fingerprint, labels)
-        name = f"{task.name} {method_name} {spec.label}"
+                items = self._calibration_items(task, seed)
+                calib = loaded.adapter.calibration_set(loaded.model, items, self.device)
+            fields = self._record(loaded, task, dataset_fingerprint, method_name, spec, seed, calib.fingerprint, labels)
+        name = f"{task.name} {method_name} {spec.label}" + (f" seed {seed}" if len(self.config.seeds) > 1 else "")
         if self._finished(fields):
             self.grid.skipped(name)
             return calib
         with self.grid.cell(name):
-            qmodel, calib_s = self._calibrated(loaded, method_name, spec, calib)
-            self._evaluate_cell(task, qmodel, fields, spec, calib_s=calib_s)
+            qmodel, calib_s = self._calibrated(loaded, method_name, spec, seed, calib)
+            self._evaluate_cell(task, qmodel, fields, spec, seed, calib_s=calib_s)
         return calib
 
-    def _calibration_items(self, task: Task) -> list[CalibrationItem]:
+    def _calibration_items(self, task: Task, seed: int) -> list[CalibrationItem]:
         """The task's calibration items: `--calib-size` of them, else DEFAULT_CALIB_SIZE.
 
         A calibration split with fewer gives all it has (the cell key's calibration fingerprint
@@ -302,7 +308,7 @@ class Harness:
         since the default simply takes what a small split (e.g. the demo's) has.
         """
         asked = self.config.calib_size
-        items = task.calibration_items(asked if asked is not None else DEFAULT_CALIB_SIZE, self.config.seed)
+        items = task.calibration_items(asked if asked is not None else DEFAULT_CALIB_SIZE, seed)
         if asked is not None and len(items) < asked:
             log.warning("%s: the calibration split gives only %d calibration samples (--calib-size %d); "
                         "calibrating on %d", task.name, len(items), asked, len(items))
@@ -338,7 +344,7 @@ class Harness:
         finished = self.dist.is_main and self.config.resume and self.store.has(RunStore.cell_key(**fields))
         return self.dist.broadcast_from_main(finished)
 
-    def _calibrated(self, loaded: LoadedModel, method_name: str, spec: BitSpec,
+    def _calibrated(self, loaded: LoadedModel, method_name: str, spec: BitSpec, seed: int,
                     calib: CalibrationSet | None) -> tuple[nn.Module, float]:
         """The sealed quantized model of one cell and its calibration seconds.
 
@@ -353,10 +359,10 @@ class Harness:
             log.info("calibrating %s %s (%s preset, configuration %s, %d images)", method_name, spec.label,
                      self.run.preset, config_id(config_json(config)), len(calib))
             fp_model = loaded.model.to(self.device)
-            torch.manual_seed(self.config.seed)
+            torch.manual_seed(seed)
             start = time.perf_counter()
             method = METHODS.get(method_name)(config)
-            method.calibrate(qmodel, fp_model, calib, spec, self.config.seed)
+            method.calibrate(qmodel, fp_model, calib, spec, seed)
             seal_for_evaluation(qmodel, getattr(method, "fp_sites", ()))
             calib_s = time.perf_counter() - start
         if self.dist.is_distributed:
@@ -381,7 +387,7 @@ class Harness:
         ordered = [prediction for _, prediction in sorted(gathered, key=lambda pair: pair[0])]
         return task.score(ordered, limit, cell_dir)
 
-    def _evaluate_cell(self, task: Task, model: nn.Module, fields: dict | None, spec: BitSpec | None, *,
+    def _evaluate_cell(self, task: Task, model: nn.Module, fields: dict | None, spec: BitSpec | None, seed: int, *,
                        calib_s: float) -> None:
         device = self.device
         if device.type == "cuda":
@@ -391,7 +397,7 @@ class Harness:
             cell = f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
             cell_dir = self.out / "runs" / f"{cell}-{RunStore.cell_key(**fields)[:8]}"  # one folder per cell
             cell_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(self.config.seed)
+        torch.manual_seed(seed)
         start = time.perf_counter()
         metrics = self._evaluate(task, model, cell_dir)
         eval_s = time.perf_counter() - start

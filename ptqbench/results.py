@@ -28,6 +28,7 @@ import pandas as pd
 
 from ptqbench.errors import DataError
 from ptqbench.methods.options import NO_OPTIONS_JSON, config_id
+from ptqbench.seed_statistics import mean_over_seeds
 
 STORE_FILENAME = "ptqbench.sqlite"
 FP = "fp"
@@ -314,9 +315,11 @@ def _config_column(method_config: str) -> str:
     return "-" if method_config in (UNRECORDED_CONFIG, NO_OPTIONS_JSON) else config_id(method_config)
 
 
-def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
-    """The leaderboard of `task`: one row per cell of the store (rows of different settings
-    never replace each other), grouped by evaluation, the FP row first.
+def leaderboard_frame(store: RunStore, task: str, *, by_seed: bool = False) -> pd.DataFrame:
+    """The leaderboard of `task`: one row per setting of the store, its seeds merged
+    (`seed_statistics.mean_over_seeds`: mean values, `<headline>_std`, `seeds`); with `by_seed`,
+    one row per cell (rows of different settings never replace each other, a `seed` column).
+    Rows are grouped by evaluation, the FP row first.
 
     delta_vs_fp is the headline metric minus that of the most recent FP record (method and bits
     "fp") of the same evaluation: model, checkpoint, dataset fingerprint (which covers the
@@ -362,7 +365,11 @@ def leaderboard_frame(store: RunStore, task: str) -> pd.DataFrame:
         frame[column] = frame[column].astype("float64")
     if not frame["labels"].astype(bool).any():
         frame = frame.drop(columns="labels")
-    return frame
+    if by_seed:
+        return frame
+    settings = [RunStore.cell_key(**{**{name: getattr(record, name) for name in _KEY_FIELDS},
+                                     "seed": 0, "calib_fingerprint": None}) for record in rows]
+    return mean_over_seeds(frame, settings, metric_names, records[-1].metric)
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -371,14 +378,15 @@ def _markdown(frame: pd.DataFrame) -> str:
     return cells.to_markdown(index=False, tablefmt="github", floatfmt=".2f", missingval="")
 
 
-def format_leaderboard(store: RunStore, task: str | None = None) -> str:
-    """The leaderboard(s) as text for the terminal: one titled table per task (all tasks when None)."""
+def format_leaderboard(store: RunStore, task: str | None = None, *, by_seed: bool = False) -> str:
+    """The leaderboard(s) as text for the terminal: one titled table per task (all tasks when None),
+    seeds merged (one row per seed with `by_seed`)."""
     tasks = [task] if task is not None else store.tasks()
     if not tasks:
         raise DataError(f"no runs in {store.path}")
     sections = []
     for name in tasks:
-        frame = leaderboard_frame(store, name)
+        frame = leaderboard_frame(store, name, by_seed=by_seed)
         headline = store.records(name)[-1].metric
         sections.append(f"{name} (headline: {headline})\n{_markdown(frame)}")
     return "\n\n".join(sections)
@@ -400,9 +408,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_leaderboards(store: RunStore, out_dir: str | Path, task: str | None = None) -> list[Path]:
-    """Regenerate `<out_dir>/leaderboard_<task>.csv` and `.md` for `task` (every task when None).
+    """Regenerate `<out_dir>/leaderboard_<task>.csv` and `.md` (seeds merged) and
+    `leaderboard_<task>_by_seed.csv` (one row per cell) for `task` (every task when None).
 
-    The CSV keeps 4 decimals, the Markdown 2. Returns the paths written.
+    The CSVs keep 4 decimals, the Markdown 2. Returns the paths written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -411,12 +420,17 @@ def write_leaderboards(store: RunStore, out_dir: str | Path, task: str | None = 
         frame = leaderboard_frame(store, name)
         headline = store.records(name)[-1].metric
         csv_path, md_path = out / f"leaderboard_{name}.csv", out / f"leaderboard_{name}.md"
+        by_seed_path = out / f"leaderboard_{name}_by_seed.csv"
         _write_atomic(csv_path, frame.to_csv(index=False, float_format="%.4f", lineterminator="\n"))
+        _write_atomic(by_seed_path, leaderboard_frame(store, name, by_seed=True).to_csv(
+            index=False, float_format="%.4f", lineterminator="\n"))
         _write_atomic(md_path, (
             f"# Leaderboard: {name}\n\n"
             f"Headline metric: `{headline}`. `delta_vs_fp` is the headline metric minus that of the FP row "
-            f"of the same model, checkpoint, dataset, protocol, detector, prompts and images.\n\n"
+            f"of the same model, checkpoint, dataset, protocol, detector, prompts and images. Cells that "
+            f"differ only in their calibration seed are one row: the mean over `seeds`, and "
+            f"`{headline}_std` their standard deviation (one row per seed: `{by_seed_path.name}`).\n\n"
             f"{_markdown(frame)}\n"
         ))
-        written += [csv_path, md_path]
+        written += [csv_path, md_path, by_seed_path]
     return written

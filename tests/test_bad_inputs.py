@@ -79,7 +79,11 @@ SSA = ADE + ["--task-option", "mode=ssa", "--task-option"]
 CASES = {
     "yaml methods int": (_yaml("methods: 5"), "methods must be a name or a list of names, got 5"),
     "yaml limit word": (_yaml("limit: two"), "limit must be an integer, got 'two'"),
-    "yaml seed word": (_yaml("seed: abc"), "seed must be an integer, got 'abc'"),
+    "yaml seed word": (_yaml("seed: abc"), "seeds must be comma-separated non-negative integers, got 'abc'"),
+    "yaml seeds repeated": (_yaml("seeds: [1, 1]"), "seeds must be distinct non-negative integers, got '1,1'"),
+    "seed and seeds": (RUN + ["--seed", "1", "--seeds", "1,2"], "give --seed or --seeds, not both"),
+    "seed list": (RUN + ["--seed", "1,2"], "--seed takes one integer"),
+    "negative seeds": (RUN + ["--seeds", "0,-1"], "--seeds must be distinct non-negative integers"),
     "yaml task_options string": (_yaml("task_options: foo"), "task_options must be a mapping"),
     "yaml bits bool": (_yaml("bits: true"), "bits must be a bit width or a list of them"),
     "yaml unknown key": (_yaml("bogus: 1"), "unknown option 'bogus'"),

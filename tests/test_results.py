@@ -212,8 +212,19 @@ def test_leaderboard_rows_order_and_delta(store, tmp_path):
 
     written = write_leaderboards(store, tmp_path / "out")
     assert sorted(p.name for p in written) == [
-        "leaderboard_coco.csv", "leaderboard_coco.md", "leaderboard_dota.csv", "leaderboard_dota.md"]
-    rows = _read_csv(tmp_path / "out" / "leaderboard_coco.csv")
+        "leaderboard_coco.csv", "leaderboard_coco.md", "leaderboard_coco_by_seed.csv",
+        "leaderboard_dota.csv", "leaderboard_dota.md", "leaderboard_dota_by_seed.csv"]
+    merged = _read_csv(tmp_path / "out" / "leaderboard_coco.csv")
+    assert list(merged[0]) == ["model", "method", "bits", "w_bits", "a_bits", "preset", "config", "mask_AP",
+                               "mask_AP_std", "mask_AP50", "delta_vs_fp", "calib_s", "eval_s", "images", "seeds",
+                               "protocol", "detector", "prompts", "checkpoint", "dataset"]
+    assert [(r["images"], r["method"], r["bits"], r["seeds"], r["mask_AP"], r["mask_AP_std"], r["delta_vs_fp"])
+            for r in merged if r["prompts"] == "gt" and r["images"] == "5"] == [
+        ("5", "fp", "fp", "0", "40.0000", "", "0.0000"), ("5", "brecq", "W4A4", "0", "30.0000", "", "-10.0000"),
+        ("5", "minmax", "W4A4", "0,1", "15.0000", "7.0711", "-25.0000"),
+        ("5", "minmax", "W8A8", "0", "39.5000", "", "-0.5000"),
+        ("5", "minmax", "W10A10", "0", "39.7500", "", "-0.2500")]
+    rows = _read_csv(tmp_path / "out" / "leaderboard_coco_by_seed.csv")
     assert list(rows[0]) == ["model", "method", "bits", "w_bits", "a_bits", "preset", "config", "mask_AP",
                              "mask_AP50", "delta_vs_fp", "calib_s", "eval_s", "images", "seed", "protocol",
                              "detector", "prompts", "checkpoint", "dataset"]

@@ -59,7 +59,7 @@ from ptqbench.tasks.ade20k_metric import (
     read_label_png,
     score_prediction_folder,
 )
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count
 from ptqbench.tasks.images import image_size, read_image
 from ptqbench.tasks.prompts import require_path
 from ptqbench.types import CalibrationItem
@@ -282,14 +282,15 @@ class Ade20kTask(Task):
         return digest.hexdigest()[:16]
 
     def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
-        """The first `n` calibration images (sorted by name) that have a GT component.
+        """The first `n` calibration images that have a GT component, in `calibration_order(seed)`
+        of the images sorted by name (seed 0: that order).
 
         Boxes: the components of `component_boxes`, at most `MAX_CALIB_BOXES` per image, the
         largest (component area) first. Images without a component are skipped; fewer than `n`
-        such images: all of them. The selection is deterministic; `seed` is unused.
+        such images: all of them.
         """
         items: list[CalibrationItem] = []
-        for sample in list_samples(self.config.data_root, self.calib_split):
+        for sample in calibration_order(list_samples(self.config.data_root, self.calib_split), seed):
             if len(items) == n:
                 break
             image, label = read_sample(sample)

@@ -6,11 +6,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
 
 from ptqbench.errors import ConfigError
 from ptqbench.registry import Registry
 from ptqbench.types import CalibrationItem
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from ptqbench.models.prediction import Predictor
@@ -108,8 +112,8 @@ class Task(ABC):
 
     @abstractmethod
     def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
-        """The first `n` calibration images in file order with their box prompts (all of them,
-        fewer than `n`, when the calibration split has fewer)."""
+        """The first `n` calibration images with their box prompts, in `calibration_order(seed)`
+        of the split's file order (all of them, fewer than `n`, when the split has fewer)."""
 
     @abstractmethod
     def eval_image_count(self, limit: int | None) -> int:
@@ -155,3 +159,12 @@ def check_result_count(task: str, results: Sequence[Any], expected: int) -> None
 
 
 TASKS: Registry[Task] = Registry("task", entry_point_group="ptqbench.tasks")
+
+
+def calibration_order(items: Sequence[T], seed: int) -> list[T]:
+    """The order in which a task takes calibration images: seed 0 keeps the split's own order
+    (the reference protocol: the first N images); any other seed a seeded random permutation of it
+    (numpy's default_rng(seed)), so that `--seeds` draws other calibration sets."""
+    if seed == 0:
+        return list(items)
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]

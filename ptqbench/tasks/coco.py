@@ -43,7 +43,7 @@ from tqdm import tqdm
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.models.prediction import PromptedImage
 from ptqbench.progress import phase
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, stdout_into_log, write_results
 from ptqbench.tasks.images import read_image
 from ptqbench.tasks.prompts import (
@@ -326,15 +326,14 @@ class CocoTask(Task):
                 f"{self.calib_split} with {calib}; data {self.data_root / 'coco'}")
 
     def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
-        """The first `n` images of the calibration split (annotation file order) that have at
-        least one box prompt, with those boxes (xyxy pixels). Images without boxes (only possible
-        with GT prompts) are skipped.
-        `seed` is unused: the set is the same for every seed. Fewer than `n` available: all of
-        them; none at all: DataError."""
+        """The first `n` images of the calibration split in `calibration_order(seed)` of the
+        annotation file order (seed 0: that order) that have at least one box prompt, with those
+        boxes (xyxy pixels). Images without boxes (only possible with GT prompts) are skipped.
+        Fewer than `n` available: all of them; none at all: DataError."""
         split = self._split(self.calib_split)
         lookup = self._prompt_lookup(split, self.calib_prompts)
         items: list[CalibrationItem] = []
-        for image_id in split.image_ids:
+        for image_id in calibration_order(split.image_ids, seed):
             if len(items) >= n:
                 break
             detections = lookup(image_id)

@@ -35,7 +35,8 @@ Calibration items (`calibration_items(n, seed)`): calibration images in sorted f
 split into windows exactly like the evaluation images (same window and gap); a window to which
 at least one prompt (GT box, or a `calib_prompts` Task1 folder box) is assigned becomes one item:
 the window crop and its assigned boxes, clipped, in window pixels. The first `n` such windows are
-returned (all of them when there are fewer); `seed` is unused (the order is fixed by the files).
+returned (all of them when there are fewer); seed 0 takes the images in file order, another seed
+in a seeded random order (`tasks.base.calibration_order`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from tqdm import tqdm
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.models.prediction import PromptedImage
 from ptqbench.progress import phase
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, check_result_count
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count
 from ptqbench.tasks.dota_eval import (
     DOTA_CLASSES,
     METRIC_KEYS,
@@ -348,13 +349,14 @@ class DotaTask(Task):
         return clip_prompts(detector.get(item.name, no_prompts()), width, height)
 
     def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
-        """The first `n` windows with prompts of the calibration split (see the module docstring)."""
+        """The first `n` windows with prompts of the calibration split, its images in
+        `calibration_order(seed)` (see the module docstring)."""
         if n <= 0:
             return []
         items = self._items(self.calib_split)
         detector = self._prompt_source(self.calib_prompt_dir, items)
         result: list[CalibrationItem] = []
-        for item in items:
+        for item in calibration_order(items, seed):
             if len(result) >= n:
                 break
             labels = read_dota_labels(item.label_path) if detector is None else None
