@@ -176,12 +176,13 @@ class CocoImageStats:
 
     def _curves(self, counts: np.ndarray, npig: np.ndarray, area: int, max_det: int) -> tuple[np.ndarray, np.ndarray]:
         """accumulate's precision [B, T, R, K] and recall [B, T, K] for one area range and
-        maxDets, -1 where npig [B, K] is 0."""
+        maxDets, -1 where npig [B, K] is 0 (views of arrays filled category-major, [B, K, T, R]
+        and [B, K, T], so that each category's rows are written contiguously)."""
         rows, n_thresholds, n_categories = len(counts), len(self.iou_thresholds), len(self.category_ids)
-        precision = -np.ones((rows, n_thresholds, len(RECALL_THRESHOLDS), n_categories))
-        recall = -np.ones((rows, n_thresholds, n_categories))
+        precision = np.full((rows, n_categories, n_thresholds, len(RECALL_THRESHOLDS)), -1.0)
+        recall = np.full((rows, n_categories, n_thresholds), -1.0)
         if max_det < 0:
-            return precision, recall
+            return precision.transpose(0, 2, 3, 1), recall.transpose(0, 2, 1)
         for k in range(n_categories):
             present = npig[:, k] > 0
             if not present.any():
@@ -194,9 +195,10 @@ class CocoImageStats:
             for t in range(n_thresholds):
                 matched, ignored = bits[:, t, 0], bits[:, t, 1]
                 q, tp_total = ranked_precision(weights, cumulative, matched & ~ignored, ignored, needed, COCO_RULE)
-                precision[present, t, :, k] = q[present]
-                recall[present, t, k] = tp_total[present] / npig[present, k]
-        return precision, recall
+                precision[:, k, t] = np.where(present[:, None], q, -1.0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    recall[:, k, t] = np.where(present, tp_total / npig[:, k], -1.0)
+        return precision.transpose(0, 2, 3, 1), recall.transpose(0, 2, 1)
 
     def _ranks(self, k: int) -> np.ndarray:
         """Each detection of category k's rank among its image's detections: int64 [N_k]."""
