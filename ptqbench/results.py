@@ -32,7 +32,7 @@ from ptqbench.seed_statistics import mean_over_seeds
 
 STORE_FILENAME = "ptqbench.sqlite"
 FP = "fp"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _KEY_FIELDS = ("model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "images", "method",
                "bits", "preset", "method_config", "seed", "calib_fingerprint", "labels", "protocol", "detector")
 # The protocol and detector of every row stored before protocols existed (schema 1 to 3): GT
@@ -72,10 +72,12 @@ CREATE TABLE IF NOT EXISTS runs (
     labels TEXT NOT NULL,
     created_at TEXT NOT NULL,
     protocol TEXT NOT NULL DEFAULT 'gt',
-    detector TEXT NOT NULL DEFAULT '-'
+    detector TEXT NOT NULL DEFAULT '-',
+    intervals TEXT NOT NULL DEFAULT '{}',
+    delta_interval TEXT NOT NULL DEFAULT 'null'
 )
 """
-_JSON_FIELDS = ("metrics", "versions", "labels")
+_JSON_FIELDS = ("metrics", "versions", "labels", "intervals", "delta_interval")
 
 
 def now_iso() -> str:
@@ -97,7 +99,10 @@ class RunRecord:
     configurations were recorded). labels: caveats shown in the leaderboard, e.g. ("untrained",).
     peak_mem_mb: None where it was not measured. protocol: "gt" or "paper" (`--protocol`);
     detector: what made the prompts under the paper protocol ("<detector>@<weights sha256>" for
-    generated prompts, "user" for the user's files), "-" under gt.
+    generated prompts, "user" for the user's files), "-" under gt. intervals: {metric: [low, high]},
+    the 95% bootstrap intervals over evaluation images (`ptqbench.tasks.bootstrap`; {} when the
+    bootstrap was off or for rows stored before it existed); delta_interval: [low, high] of the
+    paired difference of the headline metric to the FP row of the same evaluation, None without one.
     """
 
     model: str
@@ -126,6 +131,8 @@ class RunRecord:
     created_at: str = field(default_factory=now_iso)
     protocol: str = GT_PROTOCOL
     detector: str = NO_DETECTOR
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    delta_interval: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in self.metrics:
@@ -152,7 +159,7 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._open() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, 2, 3, SCHEMA_VERSION):
+            if version not in (0, 1, 2, 3, 4, SCHEMA_VERSION):
                 raise DataError(
                     f"run store {self.path} has schema version {version}, this ptqbench reads version "
                     f"{SCHEMA_VERSION}; use a new output folder or a matching ptqbench"
@@ -162,7 +169,7 @@ class RunStore:
             conn.execute("PRAGMA journal_mode=WAL")
             with conn:
                 conn.execute(_SCHEMA)
-                if version in (1, 2, 3):
+                if version in (1, 2, 3, 4):
                     _migrate(conn)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -243,10 +250,11 @@ class RunStore:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring a schema-1, 2 or 3 store to the current schema and re-key its rows.
+    """Bring a schema-1 to 4 store to the current schema and re-key its rows.
 
     Schema 1's cell keys did not cover `images`, schema 2's had no method configuration, schema
-    3's no protocol and detector. The configuration column is added as UNRECORDED_CONFIG (what
+    3's no protocol and detector, schema 4's no bootstrap intervals (added empty: not in the key).
+    The configuration column is added as UNRECORDED_CONFIG (what
     those rows ran was not stored), protocol and detector as "gt" and "-" (every earlier row is
     one), and every row's key is computed from its own columns, so the store keeps one row per
     cell. (A schema-1 store kept only the latest of two runs that differed only in `--limit`.)
@@ -257,6 +265,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     if "protocol" not in columns:
         conn.execute(f"ALTER TABLE runs ADD COLUMN protocol TEXT NOT NULL DEFAULT '{GT_PROTOCOL}'")
         conn.execute(f"ALTER TABLE runs ADD COLUMN detector TEXT NOT NULL DEFAULT '{NO_DETECTOR}'")
+    if "intervals" not in columns:
+        conn.execute("ALTER TABLE runs ADD COLUMN intervals TEXT NOT NULL DEFAULT '{}'")
+        conn.execute("ALTER TABLE runs ADD COLUMN delta_interval TEXT NOT NULL DEFAULT 'null'")
     rows = conn.execute(f"SELECT rowid, {', '.join(_KEY_FIELDS)} FROM runs").fetchall()
     for row in rows:
         identity = {name: row[name] for name in _KEY_FIELDS}
@@ -277,6 +288,8 @@ def _from_row(row: sqlite3.Row) -> RunRecord:
     values["metrics"] = {k: float(v) for k, v in json.loads(values["metrics"]).items()}
     values["versions"] = json.loads(values["versions"])
     values["labels"] = tuple(json.loads(values["labels"]))
+    values["intervals"] = json.loads(values["intervals"])
+    values["delta_interval"] = json.loads(values["delta_interval"])
     return RunRecord(**values)
 
 
@@ -315,6 +328,18 @@ def _config_column(method_config: str) -> str:
     return "-" if method_config in (UNRECORDED_CONFIG, NO_OPTIONS_JSON) else config_id(method_config)
 
 
+INTERVAL_COLUMNS = ("ci_low", "ci_high", "delta_ci_low", "delta_ci_high")
+
+
+def _interval_columns(record: RunRecord) -> dict[str, float | None]:
+    """The headline's bootstrap interval and the paired interval of its difference to FP (None where absent)."""
+    low, high = record.intervals.get(record.metric, (None, None))
+    delta_low, delta_high = record.delta_interval if record.delta_interval is not None else (None, None)
+    if _is_fp(record):
+        delta_low, delta_high = (0.0, 0.0) if record.intervals else (None, None)
+    return {"ci_low": low, "ci_high": high, "delta_ci_low": delta_low, "delta_ci_high": delta_high}
+
+
 def leaderboard_frame(store: RunStore, task: str, *, by_seed: bool = False) -> pd.DataFrame:
     """The leaderboard of `task`: one row per setting of the store, its seeds merged
     (`seed_statistics.mean_over_seeds`: mean values, `<headline>_std`, `seeds`); with `by_seed`,
@@ -326,10 +351,11 @@ def leaderboard_frame(store: RunStore, task: str, *, by_seed: bool = False) -> p
     split), protocol, detector, prompts and evaluated images; empty without one.
     Columns: model, method, bits, w_bits, a_bits, preset, config (the short hash of the method's
     configuration, `config_id`; "-" for fp, for methods without settings and for rows stored before
-    configurations were recorded), <metrics, headline first>, delta_vs_fp,
-    calib_s, eval_s, images, seed, protocol, detector ("<name>@<short weights sha256>", "user"
-    or "-"), prompts, checkpoint (short sha256), dataset (short fingerprint), and labels when
-    any row has labels.
+    configurations were recorded), <metrics, headline first>, delta_vs_fp, ci_low / ci_high (the
+    headline's 95% bootstrap interval), delta_ci_low / delta_ci_high (the paired interval of
+    delta_vs_fp; [0, 0] on the FP row), calib_s, eval_s, images, seed, protocol, detector
+    ("<name>@<short weights sha256>", "user" or "-"), prompts, checkpoint (short sha256), dataset
+    (short fingerprint), and labels when any row has labels.
     """
     records = store.records(task)
     if not records:
@@ -352,7 +378,8 @@ def leaderboard_frame(store: RunStore, task: str, *, by_seed: bool = False) -> p
             "w_bits": record.w_bits, "a_bits": record.a_bits, "preset": record.preset,
             "config": _config_column(record.method_config),
             **{name: record.metrics.get(name) for name in metric_names},
-            "delta_vs_fp": delta, "calib_s": record.calib_s, "eval_s": record.eval_s,
+            "delta_vs_fp": delta, **_interval_columns(record),
+            "calib_s": record.calib_s, "eval_s": record.eval_s,
             "images": record.images, "seed": record.seed, "protocol": record.protocol,
             "detector": _detector_column(record.detector), "prompts": record.prompts,
             "checkpoint": _short_hash(record.checkpoint_sha256), "dataset": _short_hash(record.dataset_fingerprint),
@@ -361,7 +388,7 @@ def leaderboard_frame(store: RunStore, task: str, *, by_seed: bool = False) -> p
     frame = pd.DataFrame(table)
     for column in ("w_bits", "a_bits", "images", "seed"):
         frame[column] = frame[column].astype("Int64")
-    for column in (*metric_names, "delta_vs_fp"):
+    for column in (*metric_names, "delta_vs_fp", *INTERVAL_COLUMNS):
         frame[column] = frame[column].astype("float64")
     if not frame["labels"].astype(bool).any():
         frame = frame.drop(columns="labels")

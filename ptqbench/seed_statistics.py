@@ -12,6 +12,8 @@ from __future__ import annotations
 import pandas as pd
 
 AVERAGED_COLUMNS = ("delta_vs_fp", "calib_s", "eval_s")
+# Bootstrap intervals are of one cell's evaluation: kept for a single seed, empty for a mean.
+INTERVAL_COLUMNS = ("ci_low", "ci_high", "delta_ci_low", "delta_ci_high")
 
 
 def mean_over_seeds(frame: pd.DataFrame, settings: list[str], metric_names: list[str], headline: str) -> pd.DataFrame:
@@ -23,7 +25,8 @@ def mean_over_seeds(frame: pd.DataFrame, settings: list[str], metric_names: list
     starts another row); metric_names: the metric columns, headline first. The result replaces
     `seed` with `seeds` (the seeds, comma-separated, in the frame's order), averages the metrics,
     delta_vs_fp, calib_s and eval_s, and adds `<headline>_std` after the headline: the sample
-    standard deviation over the seeds (empty for a single seed).
+    standard deviation over the seeds (empty for a single seed). The bootstrap interval columns
+    stay for a single seed and are empty for a mean of several (each is one evaluation's).
     """
     setting = pd.Series(settings, index=frame.index, name="_setting")
     occurrence = frame.groupby([setting, frame["seed"]], sort=False).cumcount().rename("_occurrence")
@@ -33,6 +36,10 @@ def mean_over_seeds(frame: pd.DataFrame, settings: list[str], metric_names: list
     merged = first.drop(columns=numbers)
     merged[numbers] = grouped[numbers].mean().reset_index(drop=True)
     merged[f"{headline}_std"] = grouped[headline].std(ddof=1).reset_index(drop=True)
+    several = (grouped["seed"].count() > 1).reset_index(drop=True)
+    for column in INTERVAL_COLUMNS:
+        if column in merged.columns:
+            merged.loc[several, column] = float("nan")
     merged["seeds"] = grouped["seed"].agg(lambda seeds: ",".join(str(seed) for seed in seeds)).reset_index(drop=True)
     order = []
     for column in frame.columns:

@@ -149,29 +149,35 @@ def _old_key(record: RunRecord, schema: int) -> str:
     return hashlib.sha256(canonical).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("schema", [1, 2, 3])
+@pytest.mark.parametrize("schema", [1, 2, 3, 4])
 def test_old_stores_are_migrated(tmp_path, schema):
-    """Schema 1 (keys without `images`), 2 (no method configuration; the same table) and 3 (no
-    protocol or detector) become schema 4: their rows get the configuration "unrecorded" (1, 2),
-    protocol "gt" and detector "-", and keys computed from their columns (a schema-3 row keeps its
-    key: a gt cell's identity leaves the protocol out)."""
+    """Schema 1 (keys without `images`), 2 (no method configuration; the same table), 3 (no
+    protocol or detector) and 4 (no bootstrap intervals) become schema 5: their rows get the
+    configuration "unrecorded" (1, 2), protocol "gt" and detector "-", no intervals, and keys
+    computed from their columns (a schema-3 or 4 row keeps its key: a gt cell's identity leaves the
+    protocol out, and intervals are not part of it)."""
     old = [_record(), _record("minmax", "W4A4", 30.0, labels=("untrained",)), _record("minmax", "W8A8", 39.0)]
     assert _old_key(replace(old[1], labels=()), 1) == "b4883e9b117da6dc"  # the key schema 1 pinned
     path = tmp_path / STORE_FILENAME
     with sqlite3.connect(path) as conn:
         conn.execute(_SCHEMA_1)
-        if schema == 3:
+        if schema >= 3:
             conn.execute("ALTER TABLE runs ADD COLUMN method_config TEXT NOT NULL DEFAULT ''")
+        if schema == 4:
+            conn.execute("ALTER TABLE runs ADD COLUMN protocol TEXT NOT NULL DEFAULT 'gt'")
+            conn.execute("ALTER TABLE runs ADD COLUMN detector TEXT NOT NULL DEFAULT '-'")
         for record in old:
             row = results._to_row(record)
-            for name in ("protocol", "detector", *(("method_config",) if schema < 3 else ())):
+            dropped = ("intervals", "delta_interval", *(("protocol", "detector") if schema < 4 else ()),
+                       *(("method_config",) if schema < 3 else ()))
+            for name in dropped:
                 del row[name]
             row["key"] = _old_key(record, schema) if schema < 3 else record.key
             conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
                          tuple(row.values()))
         conn.execute(f"PRAGMA user_version = {schema}")
     store = RunStore(path)
-    migrated = old if schema == 3 else [replace(r, method_config=results.UNRECORDED_CONFIG) for r in old]
+    migrated = old if schema >= 3 else [replace(r, method_config=results.UNRECORDED_CONFIG) for r in old]
     assert store.records() == migrated
     assert all(store.has(r.key) and store.get(r.key) == r for r in migrated)
     assert all(r.protocol == "gt" and r.detector == "-" for r in store.records())
@@ -183,7 +189,7 @@ def test_old_stores_are_migrated(tmp_path, schema):
     assert len(RunStore(path).records()) == (6 if schema < 3 else 5)
     assert store.get(migrated[2].key).metrics["mask_AP"] == 39.0
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == results.SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == results.SCHEMA_VERSION == 5
     frame = results.leaderboard_frame(store, "coco")
     assert len(frame) == len(store.records()) and set(frame["config"]) == {"-"}
     assert set(frame["protocol"]) == {"gt", "paper"} and "fasterrcnn_resnet50_fpn@ab12" in set(frame["detector"])
@@ -216,8 +222,9 @@ def test_leaderboard_rows_order_and_delta(store, tmp_path):
         "leaderboard_dota.csv", "leaderboard_dota.md", "leaderboard_dota_by_seed.csv"]
     merged = _read_csv(tmp_path / "out" / "leaderboard_coco.csv")
     assert list(merged[0]) == ["model", "method", "bits", "w_bits", "a_bits", "preset", "config", "mask_AP",
-                               "mask_AP_std", "mask_AP50", "delta_vs_fp", "calib_s", "eval_s", "images", "seeds",
-                               "protocol", "detector", "prompts", "checkpoint", "dataset"]
+                               "mask_AP_std", "mask_AP50", "delta_vs_fp", "ci_low", "ci_high", "delta_ci_low",
+                               "delta_ci_high", "calib_s", "eval_s", "images", "seeds", "protocol", "detector",
+                               "prompts", "checkpoint", "dataset"]
     assert [(r["images"], r["method"], r["bits"], r["seeds"], r["mask_AP"], r["mask_AP_std"], r["delta_vs_fp"])
             for r in merged if r["prompts"] == "gt" and r["images"] == "5"] == [
         ("5", "fp", "fp", "0", "40.0000", "", "0.0000"), ("5", "brecq", "W4A4", "0", "30.0000", "", "-10.0000"),
@@ -226,8 +233,9 @@ def test_leaderboard_rows_order_and_delta(store, tmp_path):
         ("5", "minmax", "W10A10", "0", "39.7500", "", "-0.2500")]
     rows = _read_csv(tmp_path / "out" / "leaderboard_coco_by_seed.csv")
     assert list(rows[0]) == ["model", "method", "bits", "w_bits", "a_bits", "preset", "config", "mask_AP",
-                             "mask_AP50", "delta_vs_fp", "calib_s", "eval_s", "images", "seed", "protocol",
-                             "detector", "prompts", "checkpoint", "dataset"]
+                             "mask_AP50", "delta_vs_fp", "ci_low", "ci_high", "delta_ci_low", "delta_ci_high",
+                             "calib_s", "eval_s", "images", "seed", "protocol", "detector", "prompts", "checkpoint",
+                             "dataset"]
     assert [(r["prompts"], r["images"], r["method"], r["bits"], r["seed"], r["delta_vs_fp"]) for r in rows] == [
         ("det", "5", "fp", "fp", "0", "0.0000"), ("det", "5", "ptq4sam", "W4A4", "0", "2.0000"),
         ("gt", "2", "fp", "fp", "0", "0.0000"), ("gt", "2", "minmax", "W4A4", "0", "-5.0000"),
