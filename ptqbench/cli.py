@@ -72,6 +72,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _verbose_parent() -> argparse.ArgumentParser:
     """`-v` for a sub-command; SUPPRESS keeps the top-level value unless given after it."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -97,6 +108,8 @@ def _add_run_parser(sub: argparse._SubParsersAction, parents: list[argparse.Argu
     p.add_argument("--calib-size", type=_positive_int,
                    help="number of calibration samples (default 32, or all the calibration split has when fewer)")
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
+    p.add_argument("--bootstrap", type=_non_negative_int,
+                   help="resamples of the evaluation images for the 95%% intervals (default 1000, 0 = none)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--seed", help="seed of every random choice of the quantized cells (default 0)")
     p.add_argument("--seeds", help="several calibration draws, e.g. 0,1,2: every quantized cell once per seed")
@@ -184,7 +197,8 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig, set[str]]:
     overrides = dict(
         model=args.model, checkpoint=args.checkpoint, data_root=args.data_root, prompts=args.prompts,
         calib_prompts=args.calib_prompts, calib_split=args.calib_split, calib_size=args.calib_size,
-        limit=args.limit, device=args.device, seeds=_seeds(args), preset=args.preset, out=args.out,
+        limit=args.limit, bootstrap=args.bootstrap, device=args.device, seeds=_seeds(args), preset=args.preset,
+        out=args.out,
         tasks=split_names(args.tasks, "--tasks") if args.tasks is not None else None,
         methods=split_names(args.methods, "--methods") if args.methods is not None else None,
         bits=parse_bits(args.bits) if args.bits is not None else None,

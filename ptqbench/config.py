@@ -85,6 +85,8 @@ class RunConfig:
     `--seed N` for one), the FP cell once (with the first). A seed fixes every random choice of a
     cell: which calibration images (`tasks.base.calibration_order`), which prompts a method
     samples, and the method's own draws.
+    bootstrap: resamples of the evaluation images behind each cell's 95% intervals
+    (`tasks.bootstrap`; 0 = no intervals).
     protocol: "gt" (the prompts the flags name, else ground-truth boxes) or "paper" (detector
     prompts, generated when missing; `ptqbench.prompts.protocol`). detector, detector_weights,
     detector_options: the paper protocol's COCO detector (None: fasterrcnn_resnet50_fpn with
@@ -105,6 +107,7 @@ class RunConfig:
     limit: int | None = None
     device: str = "auto"
     seeds: tuple[int, ...] = (0,)
+    bootstrap: int = 1000
     preset: str | None = None
     out: str = "results"
     resume: bool = True
@@ -129,6 +132,8 @@ class RunConfig:
             raise ConfigError(f"seeds must be distinct non-negative integers, got {self.seeds!r}")
         if self.calib_size is not None and self.calib_size < 1:
             raise ConfigError(f"--calib-size must be at least 1, got {self.calib_size}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"--bootstrap must be 0 (off) or a number of resamples, got {self.bootstrap}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -157,7 +162,7 @@ class RunConfig:
 
 _FIELD_TYPES = {
     "model": str, "checkpoint": str, "data_root": str, "prompts": str, "calib_prompts": str,
-    "calib_split": str, "calib_size": int, "limit": int, "device": str, "preset": str,
+    "calib_split": str, "calib_size": int, "limit": int, "device": str, "preset": str, "bootstrap": int,
     "out": str, "resume": bool, "protocol": str, "detector": str, "detector_weights": str,
 }
 _OPTIONAL = {"checkpoint", "data_root", "prompts", "calib_prompts", "calib_split", "calib_size", "limit",

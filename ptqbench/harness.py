@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,6 +56,7 @@ from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
 from ptqbench.results import STORE_FILENAME, RunRecord, RunStore, now_iso, write_leaderboards
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, route_task_options
+from ptqbench.tasks.bootstrap import bootstrap_intervals, paired_difference_intervals
 from ptqbench.types import CalibrationItem
 
 log = logging.getLogger(__name__)
@@ -183,6 +185,7 @@ class Harness:
         self.versions = _versions()
         self.git_commit = _git_commit()
         self.prompt_plans: dict[str, TaskPrompts] = {}
+        self.fp_cell_dirs: dict[str, Path] = {}
         quantized = [name for name in self.config.methods if METHODS.canonical(name) != "fp"]
         cells_per_task = 1 + len(quantized) * len(self.config.bits) * len(self.config.seeds)
         self.grid = GridProgress(len(self.config.tasks) * cells_per_task)
@@ -261,6 +264,8 @@ class Harness:
         with self._cell_failures(loaded.name, task.name, "fp", "fp"):
             seed = self.config.seeds[0]
             fp_fields = self._record(loaded, task, dataset_fingerprint, "fp", None, seed, "-", labels) if main else None
+            if main:
+                self.fp_cell_dirs[task.name] = self._cell_dir(task, fp_fields)
             if self._finished(fp_fields):
                 self.grid.skipped(f"{task.name} fp")
             else:
@@ -394,8 +399,7 @@ class Harness:
             torch.cuda.reset_peak_memory_stats(device)
         cell_dir = None
         if self.dist.is_main:
-            cell = f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
-            cell_dir = self.out / "runs" / f"{cell}-{RunStore.cell_key(**fields)[:8]}"  # one folder per cell
+            cell_dir = self._cell_dir(task, fields)
             cell_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         start = time.perf_counter()
@@ -403,9 +407,11 @@ class Harness:
         eval_s = time.perf_counter() - start
         if not self.dist.is_main:
             return
+        intervals, delta_interval = self._intervals(task, cell_dir, is_fp=spec is None)
         record = RunRecord(
             **fields, w_bits=spec.w_bits if spec else None, a_bits=spec.a_bits if spec else None,
             metrics=metrics, metric=task.metric, calib_s=calib_s, eval_s=eval_s,
+            intervals=intervals, delta_interval=delta_interval,
             peak_mem_mb=_peak_memory_mb(device), versions=self.versions,
             device=str(device) if not self.dist.is_distributed else f"{device.type} x{self.dist.world_size}",
             git_commit=self.git_commit, created_at=now_iso())
@@ -414,3 +420,26 @@ class Harness:
         calibration = f" · calibration {format_duration(calib_s)}" if spec else ""
         self.grid.finished(f"{task.metric} = {metrics[task.metric]:.2f}{calibration} · "
                            f"evaluation {format_duration(eval_s)}")
+
+    def _cell_dir(self, task: Task, fields: dict) -> Path:
+        """The folder of one cell's artefacts: `<out>/runs/<model>-<task>-<method>-<bits>-<preset>-<key[:8]>`."""
+        cell = f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
+        return self.out / "runs" / f"{cell}-{RunStore.cell_key(**fields)[:8]}"
+
+    def _intervals(self, task: Task, cell_dir: Path, *, is_fp: bool) -> tuple[dict[str, list[float]],
+                                                                               list[float] | None]:
+        """The cell's 95% bootstrap intervals ({metric: [low, high]}) and, for a quantized cell, the
+        paired interval of its headline difference to the FP cell of the same evaluation (None
+        when that cell kept no statistics); ({}, None) with `--bootstrap 0`."""
+        resamples = self.config.bootstrap
+        statistics = task.load_statistics(cell_dir) if resamples else None
+        if statistics is None:
+            return {}, None
+        found = bootstrap_intervals(statistics, resamples)
+        intervals = {name: [interval.low, interval.high] for name, interval in found.items()}
+        fp_dir = self.fp_cell_dirs.get(task.name)
+        reference = None if is_fp or fp_dir is None else task.load_statistics(fp_dir)
+        if reference is None or not np.array_equal(reference.image_keys, statistics.image_keys):
+            return intervals, None
+        delta = paired_difference_intervals(statistics, reference, resamples, metrics=[task.metric])[task.metric]
+        return intervals, [delta.low, delta.high]

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.models.prediction import PromptedImage
 from ptqbench.progress import phase
+from ptqbench.tasks.ade20k_bootstrap import AdeImageStats, score_prediction_folder_with_statistics
 from ptqbench.tasks.ade20k_metric import (
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
@@ -57,9 +58,8 @@ from ptqbench.tasks.ade20k_metric import (
     dataset_dir,
     read_annotation,
     read_label_png,
-    score_prediction_folder,
 )
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count, save_statistics
 from ptqbench.tasks.images import image_size, read_image
 from ptqbench.tasks.prompts import require_path
 from ptqbench.types import CalibrationItem
@@ -207,6 +207,7 @@ class Ade20kTask(Task):
     `<out_dir>/ade20k_pred/<stem>.png` and returns {"mIoU", "aAcc", "mAcc"} in percent."""
 
     name = "ade20k"
+    statistics_type = AdeImageStats
     options = OPTIONS
     metric = "mIoU"
     metrics = ("mIoU", "aAcc", "mAcc")
@@ -338,8 +339,8 @@ class Ade20kTask(Task):
         return results
 
     def score(self, results: Sequence[AdePrediction], limit: int | None, out_dir: Path) -> dict[str, float]:
-        """Write `<out_dir>/ade20k_pred/<stem>.png` and score the first `limit` images (sorted
-        by name). Returns {"mIoU", "aAcc", "mAcc"} in percent."""
+        """Write `<out_dir>/ade20k_pred/<stem>.png` and the per-image statistics, and score the
+        first `limit` images (sorted by name). Returns {"mIoU", "aAcc", "mAcc"} in percent."""
         samples = self.samples if limit is None else self.samples[:limit]
         check_result_count(self.name, results, len(samples))
         if [result.stem for result in results] != [sample.stem for sample in samples]:
@@ -348,7 +349,10 @@ class Ade20kTask(Task):
         pred_dir.mkdir(parents=True, exist_ok=True)
         for result in results:
             (pred_dir / f"{result.stem}.png").write_bytes(result.png)
-        return score_prediction_folder(pred_dir, self.config.data_root, self.split, limit=len(samples))
+        metrics, statistics = score_prediction_folder_with_statistics(pred_dir, self.config.data_root, self.split,
+                                                                      limit=len(samples))
+        save_statistics(statistics, Path(out_dir))
+        return metrics
 
     def _predict_gt(self, predictor: Predictor, indices: Sequence[int], progress: bool) -> list[AdePrediction]:
         """gt mode: the GT components' boxes of each image (its annotation read here, checked

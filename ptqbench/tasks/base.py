@@ -12,9 +12,12 @@ import numpy as np
 
 from ptqbench.errors import ConfigError
 from ptqbench.registry import Registry
+from ptqbench.tasks.bootstrap import ImageStatistics
 from ptqbench.types import CalibrationItem
 
 T = TypeVar("T")
+# A cell's per-image statistics (`tasks.bootstrap`), written by `score` beside its other artefacts.
+STATISTICS_FILE = "image_stats.npz"
 
 if TYPE_CHECKING:
     from ptqbench.models.prediction import Predictor
@@ -72,13 +75,15 @@ class Task(ABC):
 
     A subclass is constructed from a `TaskConfig` and registered as a class (`@TASKS.register`).
     It implements the abstract steps; `evaluate` (predict, then score) and `check_eval_inputs`
-    (nothing to check) are shared.
+    (nothing to check) are shared. `score` also keeps the cell's per-image statistics
+    (`save_statistics`), from which the harness draws the bootstrap intervals.
     """
 
     name: str
     metric: str                # the headline metric key, e.g. "mask_AP"
     metrics: tuple[str, ...]   # every key `evaluate` returns, headline first
     options: tuple[str, ...] = ()  # the `--task-option` keys the task takes
+    statistics_type: type          # its per-image statistics (`score` keeps them): e.g. CocoImageStats
 
     def check_options(self, config: TaskConfig) -> None:
         """ConfigError naming every option key of `config` that this task does not take
@@ -114,6 +119,10 @@ class Task(ABC):
     def calibration_items(self, n: int, seed: int) -> list[CalibrationItem]:
         """The first `n` calibration images with their box prompts, in `calibration_order(seed)`
         of the split's file order (all of them, fewer than `n`, when the split has fewer)."""
+
+    def load_statistics(self, out_dir: Path) -> ImageStatistics | None:
+        """The per-image statistics `score` kept under `out_dir` (`statistics_type`), None without them."""
+        return load_statistics(self.statistics_type, out_dir)
 
     @abstractmethod
     def eval_image_count(self, limit: int | None) -> int:
@@ -168,3 +177,18 @@ def calibration_order(items: Sequence[T], seed: int) -> list[T]:
     if seed == 0:
         return list(items)
     return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+
+
+def save_statistics(statistics: ImageStatistics, out_dir: Path) -> None:
+    """Write a cell's per-image statistics to `out_dir/STATISTICS_FILE` (compressed arrays)."""
+    np.savez_compressed(Path(out_dir) / STATISTICS_FILE, **statistics.to_arrays())
+
+
+def load_statistics(kind: type, out_dir: Path) -> ImageStatistics | None:
+    """The per-image statistics `save_statistics` wrote under `out_dir` as a `kind` (e.g.
+    CocoImageStats); None when the folder has none (a cell scored before they were kept)."""
+    path = Path(out_dir) / STATISTICS_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as arrays:
+        return kind.from_arrays({name: arrays[name] for name in arrays.files})

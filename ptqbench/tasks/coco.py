@@ -43,7 +43,8 @@ from tqdm import tqdm
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.models.prediction import PromptedImage
 from ptqbench.progress import phase
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count, save_statistics
+from ptqbench.tasks.coco_bootstrap import CocoImageStats, score_results_with_statistics
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, stdout_into_log, write_results
 from ptqbench.tasks.images import read_image
 from ptqbench.tasks.prompts import (
@@ -256,6 +257,7 @@ class CocoTask(Task):
     prompt box, writes `out_dir/coco_segm_results.json` and returns the METRICS (percentages)."""
 
     name = "coco"
+    statistics_type = CocoImageStats
     metric = "mask_AP"
     metrics = METRICS
 
@@ -381,8 +383,8 @@ class CocoTask(Task):
         return results
 
     def score(self, results: Sequence[CocoImageResult], limit: int | None, out_dir: Path) -> dict[str, float]:
-        """Write `out_dir/coco_segm_results.json` (every entry, in image order) and return the
-        METRICS (percentages) over the first `limit` images by id."""
+        """Write `out_dir/coco_segm_results.json` (every entry, in image order) and the per-image
+        statistics, and return the METRICS (percentages) over the first `limit` images by id."""
         split = self._split(self.eval_split)
         image_ids = evaluation_image_ids(split, limit)
         check_result_count(self.name, results, len(image_ids))
@@ -390,7 +392,8 @@ class CocoTask(Task):
             raise ValueError("coco: the per-image results are not in evaluation order")
         entries = [entry for result in results for entry in result.entries]
         write_results(entries, Path(out_dir) / RESULTS_FILE)
-        metrics = score_results(split.coco, entries, image_ids)
+        metrics, statistics = score_results_with_statistics(split.coco, entries, image_ids)
+        save_statistics(statistics, Path(out_dir))
         log.info("coco %s: %d images, %d masks, mask AP %.2f", split.name, len(image_ids), len(entries),
                  metrics["mask_AP"])
         return metrics

@@ -56,7 +56,8 @@ from tqdm import tqdm
 from ptqbench.errors import ConfigError, DataError
 from ptqbench.models.prediction import PromptedImage
 from ptqbench.progress import phase
-from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count
+from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count, save_statistics
+from ptqbench.tasks.dota_bootstrap import DotaImageStats, evaluate_task1_with_statistics
 from ptqbench.tasks.dota_eval import (
     DOTA_CLASSES,
     METRIC_KEYS,
@@ -64,7 +65,6 @@ from ptqbench.tasks.dota_eval import (
     SplitItem,
     Task1Detections,
     dota_split_dir,
-    evaluate_task1,
     list_split,
     read_dota_labels,
     read_split_labels,
@@ -280,6 +280,7 @@ class DotaTask(Task):
     (percent)."""
 
     name = "dota"
+    statistics_type = DotaImageStats
     options = OPTION_KEYS
     metric = "mAP"
     metrics = METRIC_KEYS
@@ -416,8 +417,8 @@ class DotaTask(Task):
         return WindowedImage(position, item.image_path, (height, width), prompts, windows)
 
     def score(self, results: Sequence[DotaImageResult], limit: int | None, out_dir: Path) -> dict[str, float]:
-        """Write `out_dir/dota_task1/Task1_<class>.txt` (lines in image order) and score them
-        against the first `limit` val images (percent)."""
+        """Write `out_dir/dota_task1/Task1_<class>.txt` (lines in image order) and the per-image
+        statistics, and score them against the first `limit` val images (percent)."""
         items = self._items(EVAL_SPLIT)[:limit]
         check_result_count(self.name, results, len(items))
         if [result.image for result in results] != [item.name for item in items]:
@@ -432,5 +433,7 @@ class DotaTask(Task):
             log.info("dota: %d empty masks gave no detection", dropped)
         det_dir = Path(out_dir) / TASK1_FOLDER
         write_task1(det_dir, lines)
-        return evaluate_task1(labels, read_task1_folder(det_dir, labels))
+        metrics, statistics = evaluate_task1_with_statistics(labels, read_task1_folder(det_dir, labels))
+        save_statistics(statistics, Path(out_dir))
+        return metrics
 
