@@ -8,10 +8,12 @@ import logging
 import numpy as np
 import pytest
 
-from ptqbench.cli import main
-from ptqbench.errors import CheckpointError
-from ptqbench.prompts.ade20k import generate_ade20k_priors
-from ptqbench.prompts.segformer import checkpoint_id, class_maps, load_segformer, preprocess
+pytest.importorskip("transformers", reason="SegFormer needs the 'prompts' extra (transformers)")
+
+from ptqbench.cli import main  # noqa: E402
+from ptqbench.errors import CheckpointError  # noqa: E402
+from ptqbench.prompts.ade20k import generate_ade20k_priors  # noqa: E402
+from ptqbench.prompts.segformer import checkpoint_id, class_maps, load_segformer, preprocess  # noqa: E402
 from ptqbench.tasks.ade20k import Ade20kTask, list_samples, read_prior
 from ptqbench.tasks.base import TaskConfig
 from ptqbench.tasks.images import read_image
