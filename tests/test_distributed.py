@@ -194,11 +194,12 @@ def test_two_ranks_match_one_process_and_only_rank_0_writes(tmp_path):
         assert [(r["method"], r["bits"]) for r in board_two] == [("fp", "fp"), ("minmax", "W8A8")]
         assert board_two == board_one, task
     assert _metric_rows(tmp_path / "two" / "leaderboard_ade20k.csv")[0]["mIoU"] != "0.0000"
-    # The per-image artefacts (COCO RLEs and scores, DOTA Task1 lines, ADE20K label PNGs) agree byte for byte.
+    # The per-image artefacts (COCO RLEs and scores, DOTA Task1 lines, ADE20K label PNGs, each cell's
+    # per-image statistics) agree byte for byte.
     runs_one, runs_two = tmp_path / "one" / "runs", tmp_path / "two" / "runs"
     files = sorted(path.relative_to(runs_one) for path in runs_one.rglob("*") if path.is_file())
     assert files == sorted(path.relative_to(runs_two) for path in runs_two.rglob("*") if path.is_file())
-    assert len(files) == 2 * (1 + 15 + 3)
+    assert len(files) == 2 * (1 + 15 + 3) + 2 * 3
     assert all((runs_one / name).read_bytes() == (runs_two / name).read_bytes() for name in files)
 
     # Each cell was stored once (a second writer's INSERT OR REPLACE would raise the rowids).

@@ -75,15 +75,15 @@ class Task(ABC):
 
     A subclass is constructed from a `TaskConfig` and registered as a class (`@TASKS.register`).
     It implements the abstract steps; `evaluate` (predict, then score) and `check_eval_inputs`
-    (nothing to check) are shared. `score` also keeps the cell's per-image statistics
-    (`save_statistics`), from which the harness draws the bootstrap intervals.
+    (nothing to check) are shared. A task with a `statistics_type` also keeps the cell's per-image
+    statistics in `score` (`save_statistics`), from which the harness draws the bootstrap intervals.
     """
 
     name: str
     metric: str                # the headline metric key, e.g. "mask_AP"
     metrics: tuple[str, ...]   # every key `evaluate` returns, headline first
     options: tuple[str, ...] = ()  # the `--task-option` keys the task takes
-    statistics_type: type          # its per-image statistics (`score` keeps them): e.g. CocoImageStats
+    statistics_type: type | None = None  # its per-image statistics, kept by `score` (CocoImageStats, ...)
 
     def check_options(self, config: TaskConfig) -> None:
         """ConfigError naming every option key of `config` that this task does not take
@@ -121,8 +121,9 @@ class Task(ABC):
         of the split's file order (all of them, fewer than `n`, when the split has fewer)."""
 
     def load_statistics(self, out_dir: Path) -> ImageStatistics | None:
-        """The per-image statistics `score` kept under `out_dir` (`statistics_type`), None without them."""
-        return load_statistics(self.statistics_type, out_dir)
+        """The per-image statistics `score` kept under `out_dir` (`statistics_type`); None for a
+        task that keeps none (its rows get no bootstrap intervals) or a cell scored without them."""
+        return None if self.statistics_type is None else load_statistics(self.statistics_type, out_dir)
 
     @abstractmethod
     def eval_image_count(self, limit: int | None) -> int:
