@@ -60,9 +60,11 @@ def metric_vs_bits(rows: pd.DataFrame, metric: str, title: str):
     figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     labels = _bit_order(rows)
     positions = {label: index for index, label in enumerate(labels)}
-    for method, method_rows in rows[rows["bits"] != FP].groupby("method", sort=True):
+    methods = rows[rows["bits"] != FP].groupby("method", sort=True)
+    for k, (method, method_rows) in enumerate(methods):
+        dodge = (k - (methods.ngroups - 1) / 2) * 0.06  # side by side, so that the error bars stay apart
         method_rows = method_rows.drop_duplicates("bits", keep="last")
-        method_rows = method_rows.assign(x=method_rows["bits"].map(positions)).sort_values("x")
+        method_rows = method_rows.assign(x=method_rows["bits"].map(positions) + dodge).sort_values("x")
         axes.errorbar(method_rows["x"], method_rows[metric], yerr=_interval(method_rows, metric, "ci_low", "ci_high"),
                       marker="o", capsize=3, label=method)
     fp_rows = rows[rows["bits"] == FP]
