@@ -28,7 +28,7 @@ import pandas as pd
 
 from ptqbench.errors import DataError
 from ptqbench.methods.options import NO_OPTIONS_JSON, config_id
-from ptqbench.seed_statistics import mean_over_seeds
+from ptqbench.seed_statistics import INTERVAL_COLUMNS, mean_over_seeds
 
 STORE_FILENAME = "ptqbench.sqlite"
 FP = "fp"
@@ -326,9 +326,6 @@ def _detector_column(detector: str) -> str:
 def _config_column(method_config: str) -> str:
     """The leaderboard's config column: the configuration's short hash, "-" where there is none."""
     return "-" if method_config in (UNRECORDED_CONFIG, NO_OPTIONS_JSON) else config_id(method_config)
-
-
-INTERVAL_COLUMNS = ("ci_low", "ci_high", "delta_ci_low", "delta_ci_high")
 
 
 def _interval_columns(record: RunRecord) -> dict[str, float | None]:
