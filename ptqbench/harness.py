@@ -54,7 +54,7 @@ from ptqbench.progress import GridProgress, format_duration
 from ptqbench.prompts.protocol import TaskPrompts, plan_task_prompts
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
-from ptqbench.results import STORE_FILENAME, RunRecord, RunStore, now_iso, write_leaderboards
+from ptqbench.results import RUNS_DIR, STORE_FILENAME, RunRecord, RunStore, cell_folder, now_iso, write_leaderboards
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, route_task_options
 from ptqbench.tasks.bootstrap import bootstrap_intervals, paired_difference_intervals
 from ptqbench.types import CalibrationItem
@@ -422,9 +422,8 @@ class Harness:
                            f"evaluation {format_duration(eval_s)}")
 
     def _cell_dir(self, task: Task, fields: dict) -> Path:
-        """The folder of one cell's artefacts: `<out>/runs/<model>-<task>-<method>-<bits>-<preset>-<key[:8]>`."""
-        cell = f"{fields['model']}-{task.name}-{fields['method']}-{fields['bits']}-{fields['preset']}"
-        return self.out / "runs" / f"{cell}-{RunStore.cell_key(**fields)[:8]}"
+        """The folder of one cell's artefacts (`results.cell_folder`) under `<out>/runs/`."""
+        return self.out / RUNS_DIR / cell_folder(fields)
 
     def _intervals(self, task: Task, cell_dir: Path, *, is_fp: bool) -> tuple[dict[str, list[float]],
                                                                                list[float] | None]:

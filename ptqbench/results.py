@@ -31,6 +31,7 @@ from ptqbench.methods.options import NO_OPTIONS_JSON, config_id
 from ptqbench.seed_statistics import INTERVAL_COLUMNS, mean_over_seeds
 
 STORE_FILENAME = "ptqbench.sqlite"
+RUNS_DIR = "runs"  # <out>/runs/<cell_folder>: each cell's artefacts
 FP = "fp"
 SCHEMA_VERSION = 5
 _KEY_FIELDS = ("model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "images", "method",
@@ -293,11 +294,20 @@ def _from_row(row: sqlite3.Row) -> RunRecord:
     return RunRecord(**values)
 
 
-def _is_fp(record: RunRecord) -> bool:
+def is_fp(record: RunRecord) -> bool:
     return record.method == FP and record.bits == FP
 
 
-def _evaluation(record: RunRecord) -> tuple:
+def cell_folder(fields: dict | RunRecord) -> str:
+    """The name of a cell's artefact folder under `<out>/runs/`: `<model>-<task>-<method>-<bits>-<preset>-<key[:8]>`
+    (fields: `RunStore.cell_key`'s arguments, or a stored record)."""
+    if isinstance(fields, RunRecord):
+        fields = {name: getattr(fields, name) for name in _KEY_FIELDS}
+    key = RunStore.cell_key(**{name: fields[name] for name in _KEY_FIELDS})
+    return f"{fields['model']}-{fields['task']}-{fields['method']}-{fields['bits']}-{fields['preset']}-{key[:8]}"
+
+
+def evaluation_key(record: RunRecord) -> tuple:
     """What fixed the evaluation of `record` (`_EVALUATION_FIELDS`); its FP row shares it."""
     return tuple(getattr(record, name) for name in _EVALUATION_FIELDS)
 
@@ -307,7 +317,7 @@ def _order(record: RunRecord) -> tuple:
     detector, prompts, images), its FP row first, then methods by name, bits numerically, preset and seed."""
     w_bits = record.w_bits if record.w_bits is not None else math.inf
     a_bits = record.a_bits if record.a_bits is not None else math.inf
-    return (*_evaluation(record), not _is_fp(record), record.method, w_bits, a_bits, record.bits, record.preset,
+    return (*evaluation_key(record), not is_fp(record), record.method, w_bits, a_bits, record.bits, record.preset,
             record.method_config, record.seed, record.labels)
 
 
@@ -332,7 +342,7 @@ def _interval_columns(record: RunRecord) -> dict[str, float | None]:
     """The headline's bootstrap interval and the paired interval of its difference to FP (None where absent)."""
     low, high = record.intervals.get(record.metric, (None, None))
     delta_low, delta_high = record.delta_interval if record.delta_interval is not None else (None, None)
-    if _is_fp(record):
+    if is_fp(record):
         delta_low, delta_high = (0.0, 0.0) if record.intervals else (None, None)
     return {"ci_low": low, "ci_high": high, "delta_ci_low": delta_low, "delta_ci_high": delta_high}
 
@@ -357,7 +367,7 @@ def leaderboard_frame(store: RunStore, task: str, *, by_seed: bool = False) -> p
     records = store.records(task)
     if not records:
         raise DataError(f"no runs of task {task!r} in {store.path}; tasks with runs: {store.tasks() or 'none'}")
-    fp_reference = {_evaluation(record): record for record in records if _is_fp(record)}  # oldest first: latest wins
+    fp_reference = {evaluation_key(record): record for record in records if is_fp(record)}  # oldest first: latest wins
     rows = sorted(records, key=_order)
     metric_names: list[str] = []
     for record in rows:
@@ -366,7 +376,7 @@ def leaderboard_frame(store: RunStore, task: str, *, by_seed: bool = False) -> p
                 metric_names.append(name)
     table = []
     for record in rows:
-        fp = fp_reference.get(_evaluation(record))
+        fp = fp_reference.get(evaluation_key(record))
         delta = None
         if fp is not None and record.metric in fp.metrics:
             delta = record.metrics[record.metric] - fp.metrics[record.metric]

@@ -8,12 +8,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
+from ptqbench.cli import main
 from ptqbench.errors import DataError
 from ptqbench.report.page import write_report
 from ptqbench.results import STORE_FILENAME, RunStore, leaderboard_frame
+from ptqbench.tasks.base import TaskConfig
+from ptqbench.tasks.coco import CocoTask
+from ptqbench.tasks.gallery import GALLERY_DIR
 
 DEMO_RESULTS = Path(__file__).resolve().parents[1] / "results" / "demo"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -80,11 +85,37 @@ def test_every_figure_loads_in_a_headless_browser(demo_report: Path, tmp_path: P
 
 
 def test_report_command(tmp_path: Path, capsys) -> None:
-    from ptqbench.cli import main
-
     assert main(["report", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     shutil.copy(DEMO_RESULTS / STORE_FILENAME, tmp_path / STORE_FILENAME)
     assert main(["report", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report.html").is_file()
     assert "report written to" in capsys.readouterr().out
+
+
+def test_gallery_shows_each_cells_masks(small_demo, tmp_path) -> None:
+    """Every cell keeps drawings of its first evaluation images with its masks blended in; the
+    report lays the FP and quantized drawings of one task side by side."""
+    args = ["run", "--data-root", str(small_demo), "--tasks", "coco,dota,ade20k", "--methods", "minmax", "--bits", "4",
+            "--calib-size", "1", "--bootstrap", "0", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(args) == 0
+    cells = sorted((tmp_path / "runs").iterdir())
+    assert len(cells) == 6 and all(len(list((cell / GALLERY_DIR).glob("*.png"))) >= 1 for cell in cells)
+    split = CocoTask(_config(small_demo))._split("val2017")
+    raw = split.read_image(split.image_ids[0])
+    fp_cell = next(cell for cell in cells if "-coco-fp-" in cell.name)
+    drawing = cv2.cvtColor(cv2.imread(str(fp_cell / GALLERY_DIR / "0.png")), cv2.COLOR_BGR2RGB)
+    raw = cv2.resize(raw, (drawing.shape[1], drawing.shape[0]), interpolation=cv2.INTER_AREA)
+    tinted = (np.abs(drawing.astype(int) - raw.astype(int)).max(axis=2) > 20).mean()
+    assert 0.01 < tinted < 0.99, tinted  # the masks cover part of the image, not all of it
+
+    write_report(tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    for name in ("coco", "dota", "ade20k"):
+        assert (tmp_path / "report" / f"{name}_0_gallery.png").is_file()
+        assert f'alt="{name} gallery"' in page
+
+
+def _config(data_root: Path) -> TaskConfig:
+    return TaskConfig(data_root=data_root, prompts=None, calib_prompts=None, calib_split=None, model_input_size=1024,
+                      options=())

@@ -19,7 +19,7 @@ EVALUATION_COLUMNS = ("model", "checkpoint", "dataset", "protocol", "detector", 
 FP = "fp"
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
@@ -56,7 +56,7 @@ def _interval(rows: pd.DataFrame, value: str, low: str, high: str) -> list[list[
 
 def metric_vs_bits(rows: pd.DataFrame, metric: str, title: str):
     """The headline metric against bit width, one line per method, the FP value as a dashed line."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     labels = _bit_order(rows)
     positions = {label: index for index, label in enumerate(labels)}
@@ -81,9 +81,9 @@ def metric_vs_bits(rows: pd.DataFrame, metric: str, title: str):
 
 def delta_bars(rows: pd.DataFrame, metric: str, title: str):
     """delta_vs_fp per (method, bits) as horizontal bars, with the paired interval where known."""
-    plt = _pyplot()
+    plt = pyplot()
     quantized = rows[rows["bits"] != FP].dropna(subset=["delta_vs_fp"])
-    figure, axes = plt.subplots(figsize=(6.4, 0.5 + 0.32 * max(len(quantized), 1)), dpi=100)
+    figure, axes = plt.subplots(figsize=(6.4, 1.2 + 0.32 * max(len(quantized), 1)), dpi=100)
     names = [f"{method} {bits}" for method, bits in zip(quantized["method"], quantized["bits"])]
     errors = _interval(quantized, "delta_vs_fp", "delta_ci_low", "delta_ci_high")
     colors = ["tab:red" if value < 0 else "tab:green" for value in quantized["delta_vs_fp"]]
@@ -99,7 +99,7 @@ def delta_bars(rows: pd.DataFrame, metric: str, title: str):
 
 def calibration_time(rows: pd.DataFrame, metric: str, title: str):
     """Calibration seconds (log scale) against the headline metric, one marker per cell."""
-    plt = _pyplot()
+    plt = pyplot()
     quantized = rows[rows["bits"] != FP]
     figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for method, method_rows in quantized.groupby("method", sort=True):

@@ -2,9 +2,10 @@
 
 For every task in the store and every evaluation in it (`figures.evaluation_groups`): the headline
 metric against bit width, the differences to FP, calibration time against the metric, and the
-leaderboard rows. Every figure is written as `<out>/report/<task>_<n>_<kind>.png` and inlined in
-`<out>/report.html` as a base64 data URI, so the page opens on its own (mailed, archived) and the
-PNGs can go into a paper.
+leaderboard rows; then the mask gallery (`gallery`) where the cells' folders kept drawings.
+Every figure is written as `<out>/report/<task>_<n>_<kind>.png` and inlined in `<out>/report.html`
+as a base64 data URI, so the page opens on its own (mailed, archived) and the PNGs can go into a
+paper.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from ptqbench.errors import DataError
 from ptqbench.report import figures
+from ptqbench.report.gallery import gallery_columns, gallery_figure
 from ptqbench.results import STORE_FILENAME, RunStore, leaderboard_frame
 
 REPORT_FILENAME = "report.html"
@@ -43,8 +45,8 @@ def _image_tag(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
-def _task_section(store: RunStore, task: str, figure_dir: Path) -> tuple[str, list[Path]]:
-    """The HTML of one task (figures and tables per evaluation) and the PNG paths written."""
+def _task_section(store: RunStore, task: str, out_dir: Path, figure_dir: Path) -> tuple[str, list[Path]]:
+    """The HTML of one task (figures and tables per evaluation, then the mask gallery) and the PNG paths written."""
     frame = leaderboard_frame(store, task)
     metric = store.records(task)[-1].metric
     parts = [f"<h2>{html.escape(task)} (headline: {html.escape(metric)})</h2>"]
@@ -58,6 +60,13 @@ def _task_section(store: RunStore, task: str, figure_dir: Path) -> tuple[str, li
             written.append(path)
             parts.append(_image_tag(png, f"{task} {kind}"))
         parts.append(rows.to_html(index=False, float_format=lambda value: f"{value:.2f}", na_rep="", border=0))
+    for index, columns in enumerate(gallery_columns(store.records(task), out_dir)):
+        title = f"{task}: the first evaluation images, FP and each method at its lowest bit width"
+        png = _png_bytes(gallery_figure(columns, task))
+        path = figure_dir / f"{task}_{index}_gallery.png"
+        path.write_bytes(png)
+        written.append(path)
+        parts.append(f"<h3>{html.escape(title)}</h3>\n{_image_tag(png, f'{task} gallery')}")
     return "\n".join(parts), written
 
 
@@ -78,7 +87,7 @@ def write_report(out_dir: str | Path) -> Path:
     figure_dir.mkdir(parents=True, exist_ok=True)
     sections = []
     for task in tasks:
-        section, _ = _task_section(store, task, figure_dir)
+        section, _ = _task_section(store, task, out, figure_dir)
         sections.append(section)
     page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>ptqbench report: {html.escape(str(out))}"
             f"</title><style>{STYLE}</style></head><body>\n<h1>ptqbench report</h1>\n"

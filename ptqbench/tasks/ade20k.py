@@ -60,6 +60,7 @@ from ptqbench.tasks.ade20k_metric import (
     read_label_png,
 )
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count, save_statistics
+from ptqbench.tasks.gallery import GALLERY_IMAGES, palette, save_drawing
 from ptqbench.tasks.images import image_size, read_image
 from ptqbench.tasks.prompts import require_path
 from ptqbench.types import CalibrationItem
@@ -339,8 +340,9 @@ class Ade20kTask(Task):
         return results
 
     def score(self, results: Sequence[AdePrediction], limit: int | None, out_dir: Path) -> dict[str, float]:
-        """Write `<out_dir>/ade20k_pred/<stem>.png` and the per-image statistics, and score the
-        first `limit` images (sorted by name). Returns {"mIoU", "aAcc", "mAcc"} in percent."""
+        """Write `<out_dir>/ade20k_pred/<stem>.png`, the per-image statistics and the gallery
+        drawings (classes in their colours), and score the first `limit` images (sorted by name).
+        Returns {"mIoU", "aAcc", "mAcc"} in percent."""
         samples = self.samples if limit is None else self.samples[:limit]
         check_result_count(self.name, results, len(samples))
         if [result.stem for result in results] != [sample.stem for sample in samples]:
@@ -352,6 +354,10 @@ class Ade20kTask(Task):
         metrics, statistics = score_prediction_folder_with_statistics(pred_dir, self.config.data_root, self.split,
                                                                       limit=len(samples))
         save_statistics(statistics, Path(out_dir))
+        for position, (result, sample) in enumerate(zip(results[:GALLERY_IMAGES], samples)):
+            classes = read_label_png(pred_dir / f"{result.stem}.png").astype(np.int32)
+            classes[classes == IGNORE_INDEX] = -1
+            save_drawing(read_image(sample.image_path), classes, palette(NUM_CLASSES), Path(out_dir), position)
         return metrics
 
     def _predict_gt(self, predictor: Predictor, indices: Sequence[int], progress: bool) -> list[AdePrediction]:

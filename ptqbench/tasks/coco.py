@@ -46,6 +46,7 @@ from ptqbench.progress import phase
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, calibration_order, check_result_count, save_statistics
 from ptqbench.tasks.coco_bootstrap import CocoImageStats, score_results_with_statistics
 from ptqbench.tasks.coco_eval import METRICS, mask_encoder, mask_results, score_results, stdout_into_log, write_results
+from ptqbench.tasks.gallery import GALLERY_IMAGES, INSTANCE_COLOURS, masks_to_labels, palette, save_drawing
 from ptqbench.tasks.images import read_image
 from ptqbench.tasks.prompts import (
     Detections,
@@ -383,8 +384,9 @@ class CocoTask(Task):
         return results
 
     def score(self, results: Sequence[CocoImageResult], limit: int | None, out_dir: Path) -> dict[str, float]:
-        """Write `out_dir/coco_segm_results.json` (every entry, in image order) and the per-image
-        statistics, and return the METRICS (percentages) over the first `limit` images by id."""
+        """Write `out_dir/coco_segm_results.json` (every entry, in image order), the per-image
+        statistics and the gallery drawings (each prompt's mask in its colour), and return the
+        METRICS (percentages) over the first `limit` images by id."""
         split = self._split(self.eval_split)
         image_ids = evaluation_image_ids(split, limit)
         check_result_count(self.name, results, len(image_ids))
@@ -394,6 +396,13 @@ class CocoTask(Task):
         write_results(entries, Path(out_dir) / RESULTS_FILE)
         metrics, statistics = score_results_with_statistics(split.coco, entries, image_ids)
         save_statistics(statistics, Path(out_dir))
+        from pycocotools import mask as mask_utils
+
+        for position, result in enumerate(results[:GALLERY_IMAGES]):
+            image = split.read_image(result.image_id)
+            masks = [mask_utils.decode(entry["segmentation"]).astype(bool) for entry in result.entries]
+            save_drawing(image, masks_to_labels(masks, image.shape[:2]), palette(INSTANCE_COLOURS), Path(out_dir),
+                         position)
         log.info("coco %s: %d images, %d masks, mask AP %.2f", split.name, len(image_ids), len(entries),
                  metrics["mask_AP"])
         return metrics

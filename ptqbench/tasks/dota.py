@@ -79,6 +79,7 @@ from ptqbench.tasks.dota_geometry import (
     polygon_nms,
     window_prompts,
 )
+from ptqbench.tasks.gallery import GALLERY_IMAGES, palette, polygons_to_labels, save_drawing
 from ptqbench.tasks.images import image_size, read_image
 from ptqbench.tasks.prompts import prompt_source
 from ptqbench.types import CalibrationItem
@@ -132,6 +133,18 @@ class DotaImageResult:
     image: str
     lines: dict[str, list[str]]
     empty_masks: int
+
+
+def draw_detections(result: DotaImageResult, image_path: Path, out_dir: Path, position: int) -> None:
+    """The gallery drawing of one image: each detection's polygon filled in its class's colour."""
+    image = read_image(image_path)
+    polygons, classes = [], []
+    for class_index, name in enumerate(DOTA_CLASSES):
+        for line in result.lines.get(name, []):
+            polygons.append(np.array(line.split()[2:10], dtype=np.float64).reshape(4, 2))
+            classes.append(class_index)
+    labels = polygons_to_labels(polygons, classes, image.shape[:2])
+    save_drawing(image, labels, palette(len(DOTA_CLASSES)), out_dir, position)
 
 
 def gt_prompts(labels: DotaLabels, width: int, height: int) -> BoxPrompts:
@@ -417,8 +430,8 @@ class DotaTask(Task):
         return WindowedImage(position, item.image_path, (height, width), prompts, windows)
 
     def score(self, results: Sequence[DotaImageResult], limit: int | None, out_dir: Path) -> dict[str, float]:
-        """Write `out_dir/dota_task1/Task1_<class>.txt` (lines in image order) and the per-image
-        statistics, and score them against the first `limit` val images (percent)."""
+        """Write `out_dir/dota_task1/Task1_<class>.txt` (lines in image order), the per-image
+        statistics and the gallery drawings, and score them against the first `limit` val images (percent)."""
         items = self._items(EVAL_SPLIT)[:limit]
         check_result_count(self.name, results, len(items))
         if [result.image for result in results] != [item.name for item in items]:
@@ -435,5 +448,7 @@ class DotaTask(Task):
         write_task1(det_dir, lines)
         metrics, statistics = evaluate_task1_with_statistics(labels, read_task1_folder(det_dir, labels))
         save_statistics(statistics, Path(out_dir))
+        for position, (result, item) in enumerate(zip(results[:GALLERY_IMAGES], items)):
+            draw_detections(result, item.image_path, Path(out_dir), position)
         return metrics
 
