@@ -54,7 +54,16 @@ from ptqbench.progress import GridProgress, format_duration
 from ptqbench.prompts.protocol import TaskPrompts, plan_task_prompts
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import seal_for_evaluation
-from ptqbench.results import RUNS_DIR, STORE_FILENAME, RunRecord, RunStore, cell_folder, now_iso, write_leaderboards
+from ptqbench.results import (
+    REPORT_MAPS_FILE,
+    RUNS_DIR,
+    STORE_FILENAME,
+    RunRecord,
+    RunStore,
+    cell_folder,
+    now_iso,
+    write_leaderboards,
+)
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, route_task_options
 from ptqbench.tasks.bootstrap import bootstrap_intervals, paired_difference_intervals
 from ptqbench.types import CalibrationItem
@@ -272,6 +281,7 @@ class Harness:
                 with self.grid.cell(f"{task.name} fp"):
                     fp_model = loaded.adapter.fp_twin(loaded.model).to(self.device)
                     self._evaluate_cell(task, fp_model, fp_fields, None, seed, calib_s=0.0)
+        several = len(self.config.seeds) > 1
         for seed in self.config.seeds:
             calib: CalibrationSet | None = None
             for method_name in self.config.methods:
@@ -279,7 +289,8 @@ class Harness:
                 if method_name == "fp":
                     continue
                 for spec in self.config.bits:
-                    with self._cell_failures(loaded.name, task.name, method_name, spec.label):
+                    with self._cell_failures(loaded.name, task.name, method_name, spec.label,
+                                             seed if several else None):
                         calib = self._quantized_cell(task, loaded, labels, dataset_fingerprint, method_name, spec,
                                                      seed, calib)
 
@@ -301,8 +312,8 @@ class Harness:
             self.grid.skipped(name)
             return calib
         with self.grid.cell(name):
-            qmodel, calib_s = self._calibrated(loaded, method_name, spec, seed, calib)
-            self._evaluate_cell(task, qmodel, fields, spec, seed, calib_s=calib_s)
+            qmodel, calib_s, maps = self._calibrated(loaded, method_name, spec, seed, calib)
+            self._evaluate_cell(task, qmodel, fields, spec, seed, calib_s=calib_s, maps=maps)
         return calib
 
     def _calibration_items(self, task: Task, seed: int) -> list[CalibrationItem]:
@@ -320,8 +331,9 @@ class Harness:
         return items
 
     @contextmanager
-    def _cell_failures(self, model: str, task: str, method: str, bits: str) -> Iterator[None]:
-        """Turn an unexpected exception of one cell into a CellError naming the cell.
+    def _cell_failures(self, model: str, task: str, method: str, bits: str, seed: int | None = None) -> Iterator[None]:
+        """Turn an unexpected exception of one cell into a CellError naming the cell (its seed
+        too when the run has several).
 
         The traceback goes to `<out>/errors/<cell>.log` (one file per rank) and to the debug
         log. PtqbenchError (already one clear line) and KeyboardInterrupt pass unchanged; the
@@ -332,7 +344,7 @@ class Harness:
         except PtqbenchError:
             raise
         except Exception as exc:
-            cell = f"{model}-{task}-{method}-{bits}"
+            cell = f"{model}-{task}-{method}-{bits}" + ("" if seed is None else f"-seed{seed}")
             name = cell if self.dist.is_main else f"{cell}.rank{self.dist.rank}"
             path = self.out / "errors" / f"{name}.log"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +352,8 @@ class Harness:
             log.debug("cell %s failed", cell, exc_info=True)
             lines = str(exc).strip().splitlines() or [""]
             message = lines[0] + (" ..." if len(lines) > 1 else "")
-            raise CellError(f"cell (model {model}, task {task}, method {method}, bits {bits}) failed with "
+            seed_part = "" if seed is None else f", seed {seed}"
+            raise CellError(f"cell (model {model}, task {task}, method {method}, bits {bits}{seed_part}) failed with "
                             f"{type(exc).__name__}: {message} (traceback in {path})") from exc
 
     def _finished(self, fields: dict | None) -> bool:
@@ -350,15 +363,16 @@ class Harness:
         return self.dist.broadcast_from_main(finished)
 
     def _calibrated(self, loaded: LoadedModel, method_name: str, spec: BitSpec, seed: int,
-                    calib: CalibrationSet | None) -> tuple[nn.Module, float]:
-        """The sealed quantized model of one cell and its calibration seconds.
+                    calib: CalibrationSet | None) -> tuple[nn.Module, float, dict[str, np.ndarray]]:
+        """The sealed quantized model of one cell, its calibration seconds and the method's
+        `report_maps` (computed after the timing; {} for a method without them or on other ranks).
 
         The main rank calibrates and seals; with several ranks it broadcasts the sealed state
         (state_dict and per-quantizer attributes), which each other rank loads into its own
         twin of the FP model. Other ranks report 0 calibration seconds (they do not record).
         """
         qmodel = loaded.adapter.quantized_twin(loaded.model, spec.w_bits, spec.a_bits).to(self.device)
-        calib_s = 0.0
+        calib_s, maps = 0.0, {}
         if self.dist.is_main:
             config = self.run.method_configs[method_name]
             log.info("calibrating %s %s (%s preset, configuration %s, %d images)", method_name, spec.label,
@@ -370,11 +384,13 @@ class Harness:
             method.calibrate(qmodel, fp_model, calib, spec, seed)
             seal_for_evaluation(qmodel, getattr(method, "fp_sites", ()))
             calib_s = time.perf_counter() - start
+            if hasattr(method, "report_maps"):
+                maps = method.report_maps(qmodel, fp_model, calib)
         if self.dist.is_distributed:
             state = self.dist.broadcast_from_main(sealed_state(qmodel) if self.dist.is_main else None)
             if not self.dist.is_main:
                 load_sealed_state(qmodel, state)
-        return qmodel, calib_s
+        return qmodel, calib_s, maps
 
     def _evaluate(self, task: Task, model: nn.Module, cell_dir: Path) -> dict[str, float] | None:
         """The task's metrics on the main rank (None on the others).
@@ -393,7 +409,7 @@ class Harness:
         return task.score(ordered, limit, cell_dir)
 
     def _evaluate_cell(self, task: Task, model: nn.Module, fields: dict | None, spec: BitSpec | None, seed: int, *,
-                       calib_s: float) -> None:
+                       calib_s: float, maps: dict[str, np.ndarray] | None = None) -> None:
         device = self.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -401,6 +417,8 @@ class Harness:
         if self.dist.is_main:
             cell_dir = self._cell_dir(task, fields)
             cell_dir.mkdir(parents=True, exist_ok=True)
+            if maps:
+                np.savez_compressed(cell_dir / REPORT_MAPS_FILE, **maps)
         torch.manual_seed(seed)
         start = time.perf_counter()
         metrics = self._evaluate(task, model, cell_dir)

@@ -32,6 +32,7 @@ from ptqbench.seed_statistics import INTERVAL_COLUMNS, mean_over_seeds
 
 STORE_FILENAME = "ptqbench.sqlite"
 RUNS_DIR = "runs"  # <out>/runs/<cell_folder>: each cell's artefacts
+REPORT_MAPS_FILE = "report_maps.npz"  # in a cell's folder: its method's `report_maps`, for the report
 FP = "fp"
 SCHEMA_VERSION = 5
 _KEY_FIELDS = ("model", "checkpoint_sha256", "task", "dataset_fingerprint", "prompts", "images", "method",

@@ -15,7 +15,7 @@ import pytest
 from ptqbench.cli import main
 from ptqbench.errors import DataError
 from ptqbench.report.page import write_report
-from ptqbench.results import STORE_FILENAME, RunStore, leaderboard_frame
+from ptqbench.results import REPORT_MAPS_FILE, STORE_FILENAME, RunStore, leaderboard_frame
 from ptqbench.tasks.base import TaskConfig
 from ptqbench.tasks.coco import CocoTask
 from ptqbench.tasks.gallery import GALLERY_DIR
@@ -119,3 +119,17 @@ def test_gallery_shows_each_cells_masks(small_demo, tmp_path) -> None:
 def _config(data_root: Path) -> TaskConfig:
     return TaskConfig(data_root=data_root, prompts=None, calib_prompts=None, calib_split=None, model_input_size=1024,
                       options=())
+
+
+def test_saqsam_cells_keep_pcc_focus_masks_for_the_report(small_demo, tmp_path) -> None:
+    args = ["run", "--data-root", str(small_demo), "--tasks", "coco", "--methods", "saqsam-s", "--bits", "4",
+            "--calib-size", "1", "--bootstrap", "0", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(args) == 0
+    (maps_file,) = (tmp_path / "runs").glob(f"*-coco-saqsam-s-*/{REPORT_MAPS_FILE}")
+    with np.load(maps_file) as maps:
+        fp, quantized = maps["fp"], maps["quantized"]
+    assert fp.dtype == quantized.dtype == bool and fp.shape == quantized.shape and fp.ndim == 2
+    assert fp.any(axis=1).all() and quantized.any(axis=1).all()  # every query keeps its top key
+    write_report(tmp_path)
+    assert (tmp_path / "report" / "coco_focus.png").is_file()
+    assert 'alt="coco focus"' in (tmp_path / "report.html").read_text(encoding="utf-8")

@@ -35,6 +35,9 @@ class Method(Protocol):
     deliberately keeps in FP. Optional: a method without the attribute declares none, and the
     seal then refuses any site left off (`ptqbench.quant.sites.seal_for_evaluation`). No
     built-in method declares any.
+    report_maps(qmodel, fp_model, calib) -> {name: numpy array}: optional; arrays `ptqbench report`
+    shows for the cell, computed after sealing and kept in `<cell folder>/report_maps.npz`
+    (SAQ-SAM: the PCC focus masks of one decoder attention, FP and quantized).
     """
 
     name: str

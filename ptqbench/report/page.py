@@ -2,7 +2,8 @@
 
 For every task in the store and every evaluation in it (`figures.evaluation_groups`): the headline
 metric against bit width, the differences to FP, calibration time against the metric, and the
-leaderboard rows; then the mask gallery (`gallery`) where the cells' folders kept drawings.
+leaderboard rows; then the mask gallery (`gallery`) where the cells' folders kept drawings, and
+SAQ-SAM's PCC focus masks (`focus`) where its cells kept them.
 Every figure is written as `<out>/report/<task>_<n>_<kind>.png` and inlined in `<out>/report.html`
 as a base64 data URI, so the page opens on its own (mailed, archived) and the PNGs can go into a
 paper.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ptqbench.errors import DataError
 from ptqbench.report import figures
+from ptqbench.report.focus import focus_figure, focus_pairs
 from ptqbench.report.gallery import gallery_columns, gallery_figure
 from ptqbench.results import STORE_FILENAME, RunStore, leaderboard_frame
 
@@ -67,6 +69,14 @@ def _task_section(store: RunStore, task: str, out_dir: Path, figure_dir: Path) -
         path.write_bytes(png)
         written.append(path)
         parts.append(f"<h3>{html.escape(title)}</h3>\n{_image_tag(png, f'{task} gallery')}")
+    pairs = focus_pairs(store.records(task), out_dir)
+    if pairs:
+        title = f"{task}: PCC focus masks of the last decoder attention (first prompt, head and query token)"
+        png = _png_bytes(focus_figure(pairs, task))
+        path = figure_dir / f"{task}_focus.png"
+        path.write_bytes(png)
+        written.append(path)
+        parts.append(f"<h3>{html.escape(title)}</h3>\n{_image_tag(png, f'{task} focus')}")
     return "\n".join(parts), written
 
 

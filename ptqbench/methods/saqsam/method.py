@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +35,7 @@ from ptqbench.methods.base import METHODS
 from ptqbench.methods.ptq4sam.agq import AgqCapture
 from ptqbench.methods.ptq4sam.method import FAST_SEARCHES, ActivationObserver, Ptq4SamS, Ptq4SamSConfig, apply_big
 from ptqbench.methods.saqsam.par import FAST_SETTINGS, PAPER_SETTINGS, ParSettings, par_reconstruct
-from ptqbench.methods.saqsam.pcc import PccChoice, PccConfig, pcc_search, reference_maps
+from ptqbench.methods.saqsam.pcc import PccChoice, PccConfig, focus_masks, pcc_search, reference_maps
 from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
 from ptqbench.quant.quantizer import FakeQuantizer
@@ -153,6 +154,20 @@ class SaqSamS:
         for name, step in self.steps(qmodel, fp_model, calib, spec, seed):
             log.info("%s: %s", self.name, name)
             step()
+
+    def report_maps(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet) -> dict[str, np.ndarray]:
+        """PCC's focus masks (`pcc.focus_masks`, theta of the config) of the last decoder attention
+        (SAM: the final token-to-image attention) on PCC's search image, first prompt, first head:
+        {"fp": bool [Nq, Nk], "quantized": bool [Nq, Nk]}, the FP twin's and the calibrated model's."""
+        sample = reference_order(calib).samples[self.config.search_image]
+        adapter = adapter_for(qmodel)
+        path = list(adapter.decoder_attentions(qmodel))[-1]
+        theta = self.config.pcc.theta
+        masks = {}
+        for name, model in (("fp", adapter.fp_twin(fp_model)), ("quantized", qmodel)):
+            attention = reference_maps(model, sample)[path][0, 0]
+            masks[name] = focus_masks(attention, theta).bool().cpu().numpy()
+        return masks
 
 
 @METHODS.register("saqsam", aliases=("saq-sam",))
