@@ -197,7 +197,7 @@ class Harness:
         self.fp_cell_dirs: dict[str, Path] = {}
         quantized = [name for name in self.config.methods if METHODS.canonical(name) != "fp"]
         cells_per_task = 1 + len(quantized) * len(self.config.bits) * len(self.config.seeds)
-        self.grid = GridProgress(len(self.config.tasks) * cells_per_task)
+        self.grid = GridProgress(len(self.config.tasks) * cells_per_task, fp_cells=len(self.config.tasks))
 
     def execute(self) -> None:
         tasks = self._checked_tasks()
@@ -276,9 +276,9 @@ class Harness:
             if main:
                 self.fp_cell_dirs[task.name] = self._cell_dir(task, fp_fields)
             if self._finished(fp_fields):
-                self.grid.skipped(f"{task.name} fp")
+                self.grid.skipped(f"{task.name} fp", fp=True)
             else:
-                with self.grid.cell(f"{task.name} fp"):
+                with self.grid.cell(f"{task.name} fp", fp=True):
                     fp_model = loaded.adapter.fp_twin(loaded.model).to(self.device)
                     self._evaluate_cell(task, fp_model, fp_fields, None, seed, calib_s=0.0)
         several = len(self.config.seeds) > 1

@@ -19,21 +19,25 @@ def test_bars_are_named_after_the_open_cell() -> None:
 
 
 def test_one_line_per_cell_and_the_grid_eta(monkeypatch, caplog) -> None:
-    clock = iter([0.0, 10.0, 10.0, 40.0])
+    """The estimate waits for a timed quantized cell, then counts each kind at its own mean."""
+    clock = iter([0.0, 1.0, 10.0, 40.0, 50.0, 60.0])
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
     caplog.set_level(logging.INFO, logger="ptqbench.progress")
-    grid = GridProgress(5)
-    grid.skipped("coco fp")
-    assert grid.eta_s() is None
+    grid = GridProgress(6, fp_cells=2)
+    with grid.cell("coco fp", fp=True):
+        grid.finished("mask_AP = 63.15")
+    assert grid.eta_s() is None  # 4 quantized cells left, none timed
     with grid.cell("coco mse W4A4"):
         grid.finished("mask_AP = 60.05")
-    assert grid.eta_s() == pytest.approx(10.0 * 3)
-    with grid.cell("coco mse W6A6"):
-        grid.finished("mask_AP = 62.50")
-    assert grid.eta_s() == pytest.approx(20.0 * 2)
-    assert caplog.messages == ["[1/5] coco fp: already in the store",
-                               "[2/5] coco mse W4A4: mask_AP = 60.05 · grid: about 30 s left",
-                               "[3/5] coco mse W6A6: mask_AP = 62.50 · grid: about 40 s left"]
+    assert grid.eta_s() == pytest.approx(1.0 * 1 + 30.0 * 3)
+    grid.skipped("coco mse W6A6")
+    with grid.cell("dota mse W4A4"):
+        grid.finished("mAP = 54.28")
+    assert grid.eta_s() == pytest.approx(1.0 * 1 + 20.0 * 1)
+    assert caplog.messages == ["[1/6] coco fp: mask_AP = 63.15",
+                               "[2/6] coco mse W4A4: mask_AP = 60.05 · grid: about 1 min 31 s left",
+                               "[3/6] coco mse W6A6: already in the store · grid: about 1 min 01 s left",
+                               "[4/6] dota mse W4A4: mAP = 54.28 · grid: about 21 s left"]
 
 
 def test_finished_needs_an_open_cell() -> None:
