@@ -14,13 +14,16 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 from pathlib import Path
 
 from ptqbench.errors import DataError
 from ptqbench.report import figures
 from ptqbench.report.focus import focus_figure, focus_pairs
 from ptqbench.report.gallery import gallery_columns, gallery_figure
-from ptqbench.results import STORE_FILENAME, RunStore, leaderboard_frame
+from ptqbench.results import RUNS_DIR, STORE_FILENAME, RunStore, leaderboard_frame
+
+log = logging.getLogger(__name__)
 
 REPORT_FILENAME = "report.html"
 FIGURE_DIR = "report"
@@ -62,7 +65,11 @@ def _task_section(store: RunStore, task: str, out_dir: Path, figure_dir: Path) -
             written.append(path)
             parts.append(_image_tag(png, f"{task} {kind}"))
         parts.append(rows.to_html(index=False, float_format=lambda value: f"{value:.2f}", na_rep="", border=0))
-    for index, columns in enumerate(gallery_columns(store.records(task), out_dir)):
+    galleries = gallery_columns(store.records(task), out_dir)
+    if not galleries:
+        log.warning("report: no %s cell under %s kept gallery drawings (its runs/ folder is missing or older): "
+                    "the %s gallery is left out", task, out_dir / RUNS_DIR, task)
+    for index, columns in enumerate(galleries):
         title = f"{task}: the first evaluation images, FP and each method at its lowest bit width"
         png = _png_bytes(gallery_figure(columns, task))
         path = figure_dir / f"{task}_{index}_gallery.png"
