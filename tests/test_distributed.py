@@ -28,6 +28,8 @@ from ptqbench.models.sam1.quantized import quantize_sam
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.sealed_state import load_sealed_state, sealed_state
 from ptqbench.quant.sites import quantizer_sites, seal_for_evaluation, weight_layers
+from ptqbench.tasks.base import STATISTICS_FILE
+from ptqbench.tasks.gallery import GALLERY_DIR
 from ptqbench.types import CalibrationItem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,11 +197,14 @@ def test_two_ranks_match_one_process_and_only_rank_0_writes(tmp_path):
         assert board_two == board_one, task
     assert _metric_rows(tmp_path / "two" / "leaderboard_ade20k.csv")[0]["mIoU"] != "0.0000"
     # The per-image artefacts (COCO RLEs and scores, DOTA Task1 lines, ADE20K label PNGs, each cell's
-    # per-image statistics) agree byte for byte.
+    # per-image statistics and gallery drawings) agree byte for byte.
     runs_one, runs_two = tmp_path / "one" / "runs", tmp_path / "two" / "runs"
     files = sorted(path.relative_to(runs_one) for path in runs_one.rglob("*") if path.is_file())
     assert files == sorted(path.relative_to(runs_two) for path in runs_two.rglob("*") if path.is_file())
-    assert len(files) == 2 * (1 + 15 + 3) + 2 * 3
+    predictions = [path for path in files if path.parent.name != GALLERY_DIR and path.name != STATISTICS_FILE]
+    assert len(predictions) == 2 * (1 + 15 + 3)
+    assert sum(path.name == STATISTICS_FILE for path in files) == 2 * 3
+    assert {path.parts[0] for path in files if path.parent.name == GALLERY_DIR} == {path.parts[0] for path in files}
     assert all((runs_one / name).read_bytes() == (runs_two / name).read_bytes() for name in files)
 
     # Each cell was stored once (a second writer's INSERT OR REPLACE would raise the rowids).
