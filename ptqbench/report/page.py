@@ -56,34 +56,32 @@ def _task_section(store: RunStore, task: str, out_dir: Path, figure_dir: Path) -
     metric = store.records(task)[-1].metric
     parts = [f"<h2>{html.escape(task)} (headline: {html.escape(metric)})</h2>"]
     written: list[Path] = []
+
+    def add_figure(figure, name: str, alt: str) -> None:
+        path = figure_dir / f"{task}_{name}.png"
+        png = _png_bytes(figure)
+        path.write_bytes(png)
+        written.append(path)
+        parts.append(_image_tag(png, alt))
+
     for index, (title, rows) in enumerate(figures.evaluation_groups(frame)):
         parts.append(f"<h3>{html.escape(title)}</h3>")
         for kind, draw in FIGURES:
-            png = _png_bytes(draw(rows, metric, title))
-            path = figure_dir / f"{task}_{index}_{kind}.png"
-            path.write_bytes(png)
-            written.append(path)
-            parts.append(_image_tag(png, f"{task} {kind}"))
+            add_figure(draw(rows, metric, title), f"{index}_{kind}", f"{task} {kind}")
         parts.append(rows.to_html(index=False, float_format=lambda value: f"{value:.2f}", na_rep="", border=0))
     galleries = gallery_columns(store.records(task), out_dir)
     if not galleries:
         log.warning("report: no %s cell under %s kept gallery drawings (its runs/ folder is missing or older): "
                     "the %s gallery is left out", task, out_dir / RUNS_DIR, task)
     for index, columns in enumerate(galleries):
-        title = f"{task}: the first evaluation images, FP and each method at its lowest bit width"
-        png = _png_bytes(gallery_figure(columns, task))
-        path = figure_dir / f"{task}_{index}_gallery.png"
-        path.write_bytes(png)
-        written.append(path)
-        parts.append(f"<h3>{html.escape(title)}</h3>\n{_image_tag(png, f'{task} gallery')}")
+        parts.append(f"<h3>{html.escape(task)}: the first evaluation images, FP and each method at its lowest "
+                     f"bit width</h3>")
+        add_figure(gallery_figure(columns, task), f"{index}_gallery", f"{task} gallery")
     pairs = focus_pairs(store.records(task), out_dir)
     if pairs:
-        title = f"{task}: PCC focus masks of the last decoder attention (first prompt, head and query token)"
-        png = _png_bytes(focus_figure(pairs, task))
-        path = figure_dir / f"{task}_focus.png"
-        path.write_bytes(png)
-        written.append(path)
-        parts.append(f"<h3>{html.escape(title)}</h3>\n{_image_tag(png, f'{task} focus')}")
+        parts.append(f"<h3>{html.escape(task)}: PCC focus masks of the last decoder attention (first prompt, "
+                     f"head and query token)</h3>")
+        add_figure(focus_figure(pairs, task), "focus", f"{task} focus")
     return "\n".join(parts), written
 
 
