@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -103,6 +106,12 @@ def test_cli_on_the_demo_split_writes_out_and_reuses(small_demo, tmp_path, monke
     assert main(argv[:-len(TINY_FLAGS) - 2] + TINY_FLAGS) == 0  # no --out: the cached file's path
     assert capsys.readouterr().out.strip() == str(cached)
     assert any("reusing the cached" in message for message in caplog.messages)
+    # a cache hit is instant: it imports no torch (nor torchvision)
+    code = ("import sys; from ptqbench.cli import main; code = main(" + repr(argv[:-len(TINY_FLAGS) - 2] + TINY_FLAGS)
+            + "); print(code, 'torch' in sys.modules, 'torchvision' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PTQBENCH_CACHE": str(tmp_path / "cache")})
+    assert done.stdout.split()[-3:] == ["0", "False", "False"], done.stderr
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -129,9 +138,6 @@ def test_bad_input_is_one_line_and_exit_2(realdata, argv, message, capsys, tmp_p
 
 
 def test_an_unknown_detector_is_answered_without_importing_torch():
-    import subprocess
-    import sys
-
     code = ("import sys; from ptqbench.cli import main; code = main(['prompts', 'coco', '--detector', 'yolo']); "
             "print(code, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -99,14 +100,16 @@ def _identity(detector: str, weights: DetectorWeights, split_name: str, data: st
 def generate_coco_prompts(data_root: Path, split_name: str, detector: str, *, weights: str | None = None,
                           settings: DetectorSettings | None = None, limit: int | None = None,
                           first: int | None = None, device: str = "cpu", progress: bool = True,
-                          cache_dir: Path | None = None) -> GeneratedPrompts:
+                          cache_dir: Path | None = None,
+                          before_detection: Callable[[], object] = lambda: None) -> GeneratedPrompts:
     """The detection file of `detector` on COCO split `split_name` below `data_root`: from the
     cache when an entry of the same identity exists (logged as reused), else detected and stored.
 
     weights: see `weights.resolve_weights`; device: a torch device string ("cpu", "cuda",
     "cuda:1"); cache_dir: default `$PTQBENCH_CACHE/prompts`. A lookup reads the annotation file
     and hashes a weights file once per version of each (`cache.memoized`), so a second run is
-    immediate even on train2017.
+    immediate even on train2017. before_detection runs only when the detector has to run (the CLI
+    sets torch's threads there, so that a cache hit imports no torch).
     """
     detector = check_detector(detector)
     settings = settings or DetectorSettings()
@@ -125,6 +128,7 @@ def generate_coco_prompts(data_root: Path, split_name: str, detector: str, *, we
         log.info("reusing the cached %s prompts on %s (%d images): %s", detector, split_name, len(image_ids),
                  entry.path)
         return GeneratedPrompts(entry.path, detector, resolved, True, entry.meta())
+    before_detection()
     split = load_split(data_root, split_name)
     meta = _detect_and_store(entry, split, image_ids, detector, resolved, settings, device, progress, identity)
     return GeneratedPrompts(entry.path, detector, resolved, False, meta)

@@ -110,11 +110,11 @@ def _coco(args: argparse.Namespace, before_work: Callable[[], object]) -> Path:
                                 batch_size=args.batch_size)
     if args.out:
         _check_out(Path(args.out), "file")
-    before_work()
     from ptqbench.prompts.coco import generate_coco_prompts
 
     made = generate_coco_prompts(_data_root(args.data_root), args.split, detector, weights=args.weights,
-                                 settings=settings, limit=args.limit, first=args.first, device=args.device)
+                                 settings=settings, limit=args.limit, first=args.first, device=args.device,
+                                 before_detection=before_work)
     if not args.out:
         return made.path
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -121,8 +121,6 @@ def resolve_weights(name: str, weights: str | None, *, progress: bool = True,
     of a local state dict. memo_dir: where a file's sha256 is remembered per file version
     (`cache.memoized`); None hashes the file every time.
     """
-    from torchvision.models import get_model_weights
-
     def sha256(path: Path) -> str:
         if memo_dir is None:
             return file_sha256(path)
@@ -130,6 +128,8 @@ def resolve_weights(name: str, weights: str | None, *, progress: bool = True,
 
     name = check_detector(name)
     if weights in (None, "default"):
+        from torchvision.models import get_model_weights  # only here: a cache hit on other weights imports no torch
+
         path = _ensure_hub_file(name, progress)
         return DetectorWeights(source=f"torchvision:{get_model_weights(name).DEFAULT.name}", sha256=sha256(path))
     if weights == RANDOM_WEIGHTS:
