@@ -35,8 +35,7 @@ except ImportError:
 
 HAS_TRITON = triton is not None
 BLOCK = 2048
-# torch's float32 constants of the chain: clamp's floor, log(2) of pow's backward and log2's backward.
-TINY = float(np.float32(1e-30))
+# log(2) as torch's pow and log2 backwards use it: a float64 constant rounded to float32.
 LN2 = float(np.float32(math.log(2.0)))
 
 
