@@ -65,7 +65,7 @@ from ptqbench.results import (
     write_leaderboards,
 )
 from ptqbench.tasks.base import TASKS, Task, TaskConfig, route_task_options
-from ptqbench.tasks.bootstrap import bootstrap_intervals, paired_difference_intervals
+from ptqbench.tasks.bootstrap import Resampled, resample
 from ptqbench.types import CalibrationItem
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,7 @@ class Harness:
         self.git_commit = _git_commit()
         self.prompt_plans: dict[str, TaskPrompts] = {}
         self.fp_cell_dirs: dict[str, Path] = {}
+        self.fp_resampled: dict[str, Resampled | None] = {}
         quantized = [name for name in self.config.methods if METHODS.canonical(name) != "fp"]
         cells_per_task = 1 + len(quantized) * len(self.config.bits) * len(self.config.seeds)
         self.grid = GridProgress(len(self.config.tasks) * cells_per_task, fp_cells=len(self.config.tasks))
@@ -447,16 +448,28 @@ class Harness:
                                                                                list[float] | None]:
         """The cell's 95% bootstrap intervals ({metric: [low, high]}) and, for a quantized cell, the
         paired interval of its headline difference to the FP cell of the same evaluation (None
-        when that cell kept no statistics); ({}, None) with `--bootstrap 0`."""
+        when that cell kept no statistics); ({}, None) with `--bootstrap 0`. The FP cell's
+        resamples are drawn once per task (`_fp_resampled`) and shared by its quantized cells."""
         resamples = self.config.bootstrap
         statistics = task.load_statistics(cell_dir) if resamples else None
         if statistics is None:
             return {}, None
-        found = bootstrap_intervals(statistics, resamples)
-        intervals = {name: [interval.low, interval.high] for name, interval in found.items()}
-        fp_dir = self.fp_cell_dirs.get(task.name)
-        reference = None if is_fp or fp_dir is None else task.load_statistics(fp_dir)
-        if reference is None or not np.array_equal(reference.image_keys, statistics.image_keys):
+        drawn = resample(statistics, resamples)
+        intervals = {name: [interval.low, interval.high] for name, interval in drawn.intervals().items()}
+        if is_fp:
+            self.fp_resampled[task.name] = drawn
             return intervals, None
-        delta = paired_difference_intervals(statistics, reference, resamples, metrics=[task.metric])[task.metric]
+        reference = self._fp_resampled(task)
+        if reference is None or not np.array_equal(reference.image_keys, drawn.image_keys):
+            return intervals, None
+        delta = drawn.difference_intervals(reference)[task.metric]
         return intervals, [delta.low, delta.high]
+
+    def _fp_resampled(self, task: Task) -> Resampled | None:
+        """The FP cell's resamples of this run's evaluation of `task`: drawn when it was evaluated,
+        else (a resumed FP cell) from the statistics its folder kept; None without them."""
+        if task.name not in self.fp_resampled:
+            statistics = task.load_statistics(self.fp_cell_dirs[task.name])
+            self.fp_resampled[task.name] = (None if statistics is None
+                                            else resample(statistics, self.config.bootstrap))
+        return self.fp_resampled[task.name]

@@ -45,3 +45,15 @@ def test_no_bootstrap_no_intervals(small_demo, tmp_path) -> None:
     assert main(args) == 0
     assert all(r.intervals == {} and r.delta_interval is None for r in RunStore(tmp_path / STORE_FILENAME).records())
     assert {r["ci_low"] for r in _rows(tmp_path / "leaderboard_coco.csv")} == {""}
+
+
+def test_a_resumed_fp_cell_still_pairs_the_new_cells(small_demo, tmp_path) -> None:
+    """The FP cell of an earlier run is skipped; its kept statistics pair the run's new cells."""
+    args = ["run", "--data-root", str(small_demo), "--tasks", "coco", "--methods", "minmax", "--calib-size", "1",
+            "--bootstrap", "200", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(args + ["--bits", "4"]) == 0
+    assert main(args + ["--bits", "4,8"]) == 0
+    records = {r.bits: r for r in RunStore(tmp_path / STORE_FILENAME).records("coco")}
+    low, high = records["W8A8"].delta_interval
+    delta = records["W8A8"].metrics["mask_AP"] - records["fp"].metrics["mask_AP"]
+    assert low <= delta + 1e-9 and delta - 1e-9 <= high

@@ -92,11 +92,38 @@ def percentile_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> I
     return Interval(float(low), float(high))
 
 
+@dataclass(frozen=True)
+class Resampled:
+    """One cell's metrics on every resample: image_keys [n] (the images resampled, in evaluation
+    order) and values {metric: float64 [B]} in draw order (`resampled_metrics`)."""
+
+    image_keys: np.ndarray
+    values: dict[str, np.ndarray]
+
+    def intervals(self, confidence: float = CONFIDENCE) -> dict[str, Interval]:
+        """{metric: Interval} of the cell."""
+        return {key: percentile_interval(column, confidence) for key, column in self.values.items()}
+
+    def difference_intervals(self, reference: Resampled, confidence: float = CONFIDENCE) -> dict[str, Interval]:
+        """{metric: Interval} of (cell - reference) per resample, for the metrics both have.
+        Raises ValueError unless both cells were evaluated on the same images (the same seed and
+        resample count then make the index sets the same: the difference is paired)."""
+        if not np.array_equal(self.image_keys, reference.image_keys):
+            raise ValueError("a paired interval needs two cells evaluated on the same images in the same order")
+        return {key: percentile_interval(column - reference.values[key], confidence)
+                for key, column in self.values.items() if key in reference.values}
+
+
+def resample(stats: ImageStatistics, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+             metrics: Sequence[str] | None = None) -> Resampled:
+    """The cell's `Resampled` metrics (`resampled_metrics`), to draw intervals from."""
+    return Resampled(np.asarray(stats.image_keys), resampled_metrics(stats, resamples, seed, metrics))
+
+
 def bootstrap_intervals(stats: ImageStatistics, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
                         confidence: float = CONFIDENCE, metrics: Sequence[str] | None = None) -> dict[str, Interval]:
     """{metric: Interval} of one cell; {} when resamples is 0 (bootstrap off)."""
-    values = resampled_metrics(stats, resamples, seed, metrics)
-    return {key: percentile_interval(column, confidence) for key, column in values.items()}
+    return resample(stats, resamples, seed, metrics).intervals(confidence)
 
 
 def paired_difference_intervals(stats: ImageStatistics, reference: ImageStatistics,
@@ -107,6 +134,5 @@ def paired_difference_intervals(stats: ImageStatistics, reference: ImageStatisti
     resamples is 0. Raises ValueError unless both cells were evaluated on the same images."""
     if not np.array_equal(stats.image_keys, reference.image_keys):
         raise ValueError("a paired interval needs two cells evaluated on the same images in the same order")
-    cell = resampled_metrics(stats, resamples, seed, metrics)
-    base = resampled_metrics(reference, resamples, seed, metrics)
-    return {key: percentile_interval(cell[key] - base[key], confidence) for key in cell}
+    cell = resample(stats, resamples, seed, metrics)
+    return cell.difference_intervals(resample(reference, resamples, seed, metrics), confidence)
