@@ -35,14 +35,22 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#22
          "h2{border-bottom:1px solid #ccc}")
 
 
-def _png_bytes(figure) -> bytes:
-    """The figure as PNG bytes; the figure is closed."""
+def _png_bytes(figure, *, palette: bool = False) -> bytes:
+    """The figure as PNG bytes; the figure is closed. palette: 256 colours (median cut), for the
+    gallery's photographs, whose full-colour PNGs are 3-4 times larger (the committed demo's
+    page carries three of them)."""
     import matplotlib.pyplot as plt
+    from PIL import Image
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    return buffer.getvalue()
+    if not palette:
+        return buffer.getvalue()
+    image = Image.open(buffer).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+    compact = io.BytesIO()
+    image.save(compact, format="PNG", optimize=True)
+    return compact.getvalue()
 
 
 def _image_tag(png: bytes, alt: str) -> str:
@@ -57,9 +65,9 @@ def _task_section(store: RunStore, task: str, out_dir: Path, figure_dir: Path) -
     parts = [f"<h2>{html.escape(task)} (headline: {html.escape(metric)})</h2>"]
     written: list[Path] = []
 
-    def add_figure(figure, name: str, alt: str) -> None:
+    def add_figure(figure, name: str, alt: str, *, palette: bool = False) -> None:
         path = figure_dir / f"{task}_{name}.png"
-        png = _png_bytes(figure)
+        png = _png_bytes(figure, palette=palette)
         path.write_bytes(png)
         written.append(path)
         parts.append(_image_tag(png, alt))
@@ -76,7 +84,7 @@ def _task_section(store: RunStore, task: str, out_dir: Path, figure_dir: Path) -
     for index, columns in enumerate(galleries):
         parts.append(f"<h3>{html.escape(task)}: the first evaluation images, FP and each method at its lowest "
                      f"bit width</h3>")
-        add_figure(gallery_figure(columns, task), f"{index}_gallery", f"{task} gallery")
+        add_figure(gallery_figure(columns, task), f"{index}_gallery", f"{task} gallery", palette=True)
     pairs = focus_pairs(store.records(task), out_dir)
     if pairs:
         parts.append(f"<h3>{html.escape(task)}: PCC focus masks of the last decoder attention (first prompt, "
