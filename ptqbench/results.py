@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -27,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from ptqbench.errors import DataError
+from ptqbench.files import write_text_atomic
 from ptqbench.methods.options import NO_OPTIONS_JSON, config_id
 from ptqbench.seed_statistics import INTERVAL_COLUMNS, mean_over_seeds
 
@@ -427,21 +426,6 @@ def format_leaderboard(store: RunStore, task: str | None = None, *, by_seed: boo
     return "\n\n".join(sections)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file next to `path`, then rename it over `path`."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    done = False
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-        done = True
-    finally:
-        if not done:
-            Path(temp_name).unlink(missing_ok=True)
-
-
 def write_leaderboards(store: RunStore, out_dir: str | Path, task: str | None = None) -> list[Path]:
     """Regenerate `<out_dir>/leaderboard_<task>.csv` and `.md` (seeds merged) and
     `leaderboard_<task>_by_seed.csv` (one row per cell) for `task` (every task when None).
@@ -456,10 +440,10 @@ def write_leaderboards(store: RunStore, out_dir: str | Path, task: str | None = 
         headline = store.records(name)[-1].metric
         csv_path, md_path = out / f"leaderboard_{name}.csv", out / f"leaderboard_{name}.md"
         by_seed_path = out / f"leaderboard_{name}_by_seed.csv"
-        _write_atomic(csv_path, frame.to_csv(index=False, float_format="%.4f", lineterminator="\n"))
-        _write_atomic(by_seed_path, leaderboard_frame(store, name, by_seed=True).to_csv(
+        write_text_atomic(csv_path, frame.to_csv(index=False, float_format="%.4f", lineterminator="\n"))
+        write_text_atomic(by_seed_path, leaderboard_frame(store, name, by_seed=True).to_csv(
             index=False, float_format="%.4f", lineterminator="\n"))
-        _write_atomic(md_path, (
+        write_text_atomic(md_path, (
             f"# Leaderboard: {name}\n\n"
             f"Headline metric: `{headline}`. `delta_vs_fp` is the headline metric minus that of the FP row "
             f"of the same model, checkpoint, dataset, protocol, detector, prompts and images. Cells that "

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptqbench import files
 from ptqbench.errors import CheckpointError
 from ptqbench.models.spec import MODELS, LoadedModel, ModelSpec, ResolvedCheckpoint
 from ptqbench.paths import CACHE_ENV, cache_root
@@ -37,18 +38,13 @@ from ptqbench.paths import CACHE_ENV, cache_root
 log = logging.getLogger(__name__)
 
 UNTRAINED_SHA256 = "untrained-seed0"
-_HASH_CHUNK = 8 << 20
 _DOWNLOAD_CHUNK = 1 << 20
 
 
 def file_digests(path: Path) -> tuple[str, str]:
     """The (sha256, md5) hex digests of a file, read in chunks."""
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            sha.update(chunk)
-            md5.update(chunk)
-    return sha.hexdigest(), md5.hexdigest()
+    sha256, md5 = files.file_digests(path, ("sha256", "md5"))
+    return sha256, md5
 
 
 def _digest_problem(spec: ModelSpec, sha256: str, md5: str) -> str | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ptqbench.files import write_text_atomic
 from ptqbench.paths import cache_root
 
 FORMAT = 1
@@ -88,17 +89,9 @@ def memoized(folder: Path, source: Path, question: dict[str, Any], compute: Call
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write `value` as JSON next to `path` under a temporary name, then rename it into place."""
+    """Write `value` as JSON to `path` atomically (`files.write_text_atomic`), creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(value, out)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(value))
 
 
 def store(entry: CacheEntry, write: Callable[[Path], None], meta: Callable[[], dict[str, Any]], *,

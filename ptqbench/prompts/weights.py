@@ -11,13 +11,13 @@ every row that uses them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptqbench.errors import CheckpointError, ConfigError
+from ptqbench.files import file_digests
 from ptqbench.prompts.cache import memoized
 from ptqbench.prompts.zoo import RANDOM_WEIGHTS, DetectorSettings, check_detector
 
@@ -47,11 +47,7 @@ class DetectorWeights:
 
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digests(path)[0]
 
 
 def hub_checkpoint(detector: str) -> tuple[str, Path]:
