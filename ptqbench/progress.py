@@ -50,7 +50,6 @@ class GridProgress:
 
     def __init__(self, total: int, fp_cells: int = 0) -> None:
         self.total = total
-        self.done = 0
         self.left = {True: fp_cells, False: total - fp_cells}  # by "is FP"
         self.computed_s: dict[bool, list[float]] = {True: [], False: []}
         self._open: tuple[str, bool, float] | None = None
@@ -89,8 +88,8 @@ class GridProgress:
         return self.left[True] * fp_mean + self.left[False] * means.get(False, 0.0)
 
     def _count(self, line: str, fp: bool) -> None:
-        self.done += 1
         self.left[fp] -= 1
+        done = self.total - sum(self.left.values())
         eta = self.eta_s()
-        tail = "" if eta is None or self.done >= self.total else f" · grid: about {format_duration(eta)} left"
-        log.info("[%d/%d] %s%s", self.done, self.total, line, tail)
+        tail = "" if eta is None or done >= self.total else f" · grid: about {format_duration(eta)} left"
+        log.info("[%d/%d] %s%s", done, self.total, line, tail)
