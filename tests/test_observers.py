@@ -8,6 +8,7 @@ import torch
 
 from ptqbench.errors import ConfigError, PtqbenchError, UnknownNameError
 from ptqbench.quant.functional import affine_qparams, fake_quant_affine
+from ptqbench.quant import mse_search
 from ptqbench.quant.mse_search import bounded_search_per_tensor, grid_search_per_channel
 from ptqbench.quant.observers import (
     AvgMinMaxObserver,
@@ -266,3 +267,24 @@ def test_strided_sample_keeps_extremes_and_caps_size():
     assert sample.numel() <= 1002
     assert sample.min() == 0 and sample.max() == 99_999
     assert strided_sample(x, None) is x and strided_sample(x, 10**6) is x
+
+
+def test_cpu_grid_search_is_remembered_by_content(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second search of equal bytes and settings reuses the first result (no new search) and
+    returns a copy equal to it; other bytes or settings search again."""
+    calls = []
+    search = mse_search.search_grid_per_channel
+    monkeypatch.setattr(mse_search, "search_grid_per_channel",
+                        lambda *args: calls.append(args) or search(*args))
+    monkeypatch.setattr(mse_search, "_CPU_GRID_MEMO", type(mse_search._CPU_GRID_MEMO)())
+    rows = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
+    first = grid_search_per_channel(rows, 4, 2.4, 20)
+    first[0].zero_()  # the caller's copy, not the remembered result
+    again = grid_search_per_channel(rows.clone(), 4, 2.4, 20)
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(again, search(rows, 4, 2.4, 20)))
+    grid_search_per_channel(rows, 6, 2.4, 20)
+    changed = rows.clone()
+    changed[1, 5] = torch.nextafter(changed[1, 5], torch.tensor(9.0))
+    grid_search_per_channel(changed, 4, 2.4, 20)
+    assert len(calls) == 3

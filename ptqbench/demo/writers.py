@@ -33,14 +33,14 @@ class DemoSizes:
 
     The calibration (train) splits are small on purpose: the CPU demo must finish in minutes
     even for search-heavy observers (mse), so runs on the demo calibrate on 8 images (COCO,
-    ADE20K) or the windows of 2 images (DOTA): the default calibration size (32) takes every
+    ADE20K) or the 9 windows of one image (DOTA): the default calibration size (32) takes every
     sample of a split that has fewer (the log says how many), without a warning.
     """
 
     coco_val: int = 24
     coco_train: int = 8
     dota_val: int = 4
-    dota_train: int = 2
+    dota_train: int = 1
     ade_val: int = 8
     ade_train: int = 8
 

@@ -8,7 +8,9 @@ wraps them into observers (`make_observer("mse")`).
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Generator, Sequence
 from typing import Literal
 
@@ -25,9 +27,36 @@ from ptqbench.quant.lockstep import LpErrorRows, run_lockstep
 MSE_NUM_RANGES = 100
 # Elements per [3, channels, K] block of the per-channel grid search.
 _GRID_BLOCK_ELEMENTS = {"cpu": 1 << 18, "other": 1 << 26}
+# Results of the CPU grid search, by the exact bytes of the rows and the search settings.
+_CPU_GRID_MEMO: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+_CPU_GRID_MEMO_ENTRIES = 4096
 
 
 def grid_search_per_channel(rows: Tensor, bits: int, p: float,
+                            num_ranges: int = MSE_NUM_RANGES) -> tuple[Tensor, Tensor]:
+    """Per-channel search over (range, zero point) minimising mean(|Q(x) - x|^p), p >= 1:
+    rows [C, K] -> (x_min [C], x_max [C]); see `search_grid_per_channel`.
+
+    On the CPU, where the search of one model takes seconds, the result is remembered by the
+    exact bytes of `rows` (blake2b) and the settings, for the rest of the process (the last
+    4,096 weights): a grid of cells searches the same weights once per method configuration and
+    bit width, not once per task. The result is the search's, bit for bit (a copy is returned).
+    """
+    if rows.device.type != "cpu":
+        return search_grid_per_channel(rows, bits, p, num_ranges)
+    rows = rows.detach().contiguous()
+    digest = hashlib.blake2b(rows.reshape(-1).view(torch.uint8).numpy().data, digest_size=32).digest()
+    key = (digest, rows.dtype, tuple(rows.shape), bits, float(p), num_ranges)
+    if key not in _CPU_GRID_MEMO:
+        _CPU_GRID_MEMO[key] = search_grid_per_channel(rows, bits, p, num_ranges)
+        while len(_CPU_GRID_MEMO) > _CPU_GRID_MEMO_ENTRIES:
+            _CPU_GRID_MEMO.popitem(last=False)
+    _CPU_GRID_MEMO.move_to_end(key)
+    x_min, x_max = _CPU_GRID_MEMO[key]
+    return x_min.clone(), x_max.clone()
+
+
+def search_grid_per_channel(rows: Tensor, bits: int, p: float,
                             num_ranges: int = MSE_NUM_RANGES) -> tuple[Tensor, Tensor]:
     """Per-channel search over (range, zero point) minimising mean(|Q(x) - x|^p), p >= 1.
 
@@ -109,7 +138,7 @@ def _error_mean(x: Tensor, width: Tensor, zero_points: Tensor, bits: int, p: flo
 
 def exhaustive_grid_search(x: Tensor, span: Tensor, bits: int, p: float, num_ranges: int,
                            z_range: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """`grid_search_per_channel` on one block by scoring every candidate (`channel_grid_minima`):
+    """`search_grid_per_channel` on one block by scoring every candidate (`channel_grid_minima`):
     x [C, K] float32 CUDA, span [C] -> (x_min [C], x_max [C]), the first minimiser in (i, z) order.
 
     The candidates' qparams are computed here with the eager expressions of `_error_mean`
@@ -131,7 +160,7 @@ def exhaustive_grid_search(x: Tensor, span: Tensor, bits: int, p: float, num_ran
 def _grid_search_block(
     x: Tensor, span: Tensor, bits: int, p: float, num_ranges: int, z_range: tuple[int, int]
 ) -> tuple[Tensor, Tensor]:
-    """`grid_search_per_channel` on one block: x [C, K], span [C] -> (x_min [C], x_max [C])."""
+    """`search_grid_per_channel` on one block: x [C, K], span [C] -> (x_min [C], x_max [C])."""
     qmin, qmax = quant_range(bits)
     z_low, z_high = z_range
     num_channels = x.shape[0]

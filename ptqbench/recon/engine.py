@@ -3,8 +3,9 @@
 `reconstruct(units, qmodel, fp_model, calib, settings, seed, progress)` takes the units in
 order; for each one it
 
-1. captures the unit's inputs in the quantized model (as reconstructed so far) and in the FP
-   model, its extras and its FP targets over the calibration set (`cache.build_cache`);
+1. draws the calibration sample of every training step (`sample_order`) and captures, for each
+   sample drawn, the unit's inputs in the quantized model (as reconstructed so far) and in the FP
+   model, its extras and its FP targets (`cache.build_cache`);
 2. installs the learnable pieces in the unit's trained modules: an `AdaRoundQuantizer` per
    weight (when `config.adaround`), LSQ scales on every activation quantizer in quantize mode
    (when `config.learn_scales`), QDrop's per-element drop (`config.quantize_prob`) with a seeded
@@ -204,14 +205,19 @@ def _optimizers(pieces: _LearnablePieces, config: UnitConfig, device: torch.devi
     return optimizers, schedulers
 
 
-def _train(unit: Unit, root: nn.Module, cache: UnitCache, pieces: _LearnablePieces, seed: int,
+def sample_order(num_samples: int, iterations: int, seed: int) -> list[int]:
+    """The calibration sample of each training step: uniform draws with replacement, seeded."""
+    return torch.randint(num_samples, (iterations,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _train(unit: Unit, root: nn.Module, cache: UnitCache, order: Sequence[int], pieces: _LearnablePieces,
            generator: torch.Generator, log_every: int, progress: bool, cuda_graphs: bool) -> tuple[float, float]:
-    """The optimisation loop of one unit; returns the mean loss of the first and last logging window."""
+    """The optimisation loop of one unit, step k on cache entry order[k]; returns the mean loss of
+    the first and last logging window."""
     config = unit.config
     optimizers, schedulers = _optimizers(pieces, config, cache.device)
     params = pieces.parameters()
     step_fn = UnitStep(unit, root, params, config.quantize_prob, generator, cache.device, cuda_graphs)
-    order = torch.randint(len(cache), (config.iterations,), generator=torch.Generator().manual_seed(seed)).tolist()
     use_regularizer = bool(pieces.adaround) and config.reg_lambda > 0
     rounding_params = pieces.rounding_parameters()
     running = torch.zeros((), device=cache.device)
@@ -252,12 +258,15 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, fp_model: nn.Module, samples
                      settings: ReconstructionSettings, seed: int, progress: bool) -> UnitReport:
     """Capture, train and finish one unit (see the module docstring)."""
     device = next(qmodel.parameters()).device
+    seed_u = unit_seed(seed, unit.name)
+    order = sample_order(len(samples), unit.config.iterations, seed_u)
+    used = sorted(set(order))  # only the samples the steps draw are captured
     start = time.perf_counter()
-    cache = build_cache(unit, qmodel, fp_model, samples, settings.forward, device,
+    cache = build_cache(unit, qmodel, fp_model, [samples[i] for i in used], settings.forward, device,
                         settings.cache, settings.cache_memory_fraction)
     _synchronize(device)
     capture_s = time.perf_counter() - start
-    seed_u = unit_seed(seed, unit.name)
+    entry_of = {sample: entry for entry, sample in enumerate(used)}
     generator = torch.Generator(device=device).manual_seed(seed_u)
     pieces = _LearnablePieces(qmodel, unit, generator)
     first_loss = last_loss = float("nan")
@@ -265,8 +274,9 @@ def reconstruct_unit(unit: Unit, qmodel: nn.Module, fp_model: nn.Module, samples
     try:
         if pieces.trainable and unit.config.iterations > 0:
             window = max(1, min(settings.log_every, unit.config.iterations // 10))
-            first_loss, last_loss = _train(unit, qmodel.get_submodule(unit.root), cache, pieces, seed_u,
-                                           generator, window, progress, settings.cuda_graphs)
+            first_loss, last_loss = _train(unit, qmodel.get_submodule(unit.root), cache,
+                                           [entry_of[i] for i in order], pieces, generator, window, progress,
+                                           settings.cuda_graphs)
         else:
             log.info("unit %s has nothing to train; skipped", unit.name)
     finally:
