@@ -381,13 +381,18 @@ def table(reference: dict[str, float], ptqbench: dict[str, float]) -> list[list[
 
 
 def reference_commit(root: Path) -> str:
-    """The checkout's commit, for the record (or why there is none)."""
+    """The checkout's commit, for the record (or why there is none). Only a checkout whose own top
+    folder is `root` counts: an extracted archive inside another repository is not one."""
     try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True, timeout=30)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root.resolve():
+            return "not a git checkout"
         result = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return "commit unknown"
-    return f"commit {result.stdout.strip()}" if result.returncode == 0 else "not a git checkout"
+    return f"commit {result.stdout.strip()}" if result.returncode == 0 else "commit unknown"
 
 
 def main() -> None:

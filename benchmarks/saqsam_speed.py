@@ -9,7 +9,7 @@ training time scaled to the preset's iterations (an upper bound: the measured st
 warm-up). With `--project-images N` the steps that visit every calibration image (AGQ, the
 activation statistics, PAR's input capture) are scaled from `--images` to N images, for a short
 run, and so is the largest PAR unit cache in the projected peak GPU memory (measured peak + that
-cache's growth). The total is compared with a target (15 minutes by default).
+cache's growth). The total is compared with a target (8 minutes by default, issue 16).
 
     python benchmarks/saqsam_speed.py                                   # sam_vit_b, paper, GPU
     python benchmarks/saqsam_speed.py --model sam_tiny --device cpu --preset fast --iterations 5
@@ -45,7 +45,7 @@ def main() -> None:
     add_calibration_arguments(parser)
     parser.add_argument("--iterations", type=int, default=20, help="PAR steps measured per unit")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--target-minutes", type=float, default=15.0)
+    parser.add_argument("--target-minutes", type=float, default=8.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:

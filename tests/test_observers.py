@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ptqbench.errors import ConfigError, PtqbenchError, UnknownNameError
-from ptqbench.quant.functional import affine_qparams, fake_quant_affine
 from ptqbench.quant import mse_search
+from ptqbench.quant.functional import affine_qparams, fake_quant_affine
 from ptqbench.quant.mse_search import bounded_search_per_tensor, grid_search_per_channel
 from ptqbench.quant.observers import (
     AvgMinMaxObserver,
