@@ -26,9 +26,10 @@ from ptqbench.quant.layers import QuantLinear
 from ptqbench.quant.observers import make_observer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import seal_for_evaluation
+from ptqbench.recon import engine
 from ptqbench.recon.cache import build_cache
-from ptqbench.recon.engine import ReconstructionSettings, reconstruct
-from ptqbench.recon.step import mix_inputs
+from ptqbench.recon.engine import ReconstructionSettings, reconstruct, sample_order, unit_seed
+from ptqbench.recon.step import UnitStep, mix_inputs
 from ptqbench.recon.unit import HookPoint, Unit, UnitConfig, lp_error
 
 
@@ -130,6 +131,27 @@ def test_reconstruction_is_reproducible_from_the_seed() -> None:
         reconstruct([linear_unit(config)], quantized, fp, calib, settings, seed=7, progress=False)
         weights.append((quantized.layer.weight.clone(), quantized.layer.input_quantizer.scale.clone()))
     assert torch.equal(weights[0][0], weights[1][0]) and torch.equal(weights[0][1], weights[1][1])
+
+
+def test_a_unit_captures_only_the_samples_its_steps_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 steps on 8 samples: the cache holds the distinct samples drawn, and step k trains on the
+    sample the seeded order names, as when every sample was captured."""
+    fp, quantized, calib, settings = linear_setup()
+    captured, stepped = [], []
+    build = engine.build_cache
+    monkeypatch.setattr(engine, "build_cache", lambda unit, q, f, samples, *rest:
+                        captured.append(list(samples)) or build(unit, q, f, samples, *rest))
+    call = UnitStep.__call__
+    monkeypatch.setattr(UnitStep, "__call__",
+                        lambda self, entry: stepped.append(entry.quant_inputs["x"]) or call(self, entry))
+    reconstruct([linear_unit(replace(ADAROUND_ONLY, iterations=3))], quantized, fp, calib, settings, seed=0,
+                progress=False)
+    order = sample_order(len(calib.samples), 3, unit_seed(0, "layer"))
+    drawn = sorted(set(order))
+    assert len(drawn) < len(calib.samples)
+    assert len(captured[0]) == len(drawn)
+    assert all(torch.equal(sample, calib.samples[i]) for sample, i in zip(captured[0], drawn))
+    assert len(stepped) == 3 and all(torch.equal(x, calib.samples[i]) for x, i in zip(stepped, order))
 
 
 def test_lsq_scale_receives_gradients_and_learning_it_lowers_the_error() -> None:
