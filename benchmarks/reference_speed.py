@@ -19,9 +19,9 @@ and the same device. Timed:
     each kind, `iters` = warm-up + `--steps` + 1; the clock is read (device synchronised) in the
     loss of the first step after the warm-up and `--steps` steps later, so the capture of the
     unit's inputs, the optimiser set-up and the final hardening are not in the time. ptqbench:
-    `recon_speed.bench_model` (QDrop settings, W4A4, CUDA graphs on a GPU), its ms/step. Note
-    that bench_model's units start from min/max ranges with a uniform softmax grid, while the
-    reference's attention units carry its AGQ log2 softmax quantizer (learnable scale).
+    `recon_speed.bench_model` (QDrop settings, W4A4, CUDA graphs on a GPU), its steady-state
+    ms/step, with the softmax sites on the AGQ log2 grid (learnable scale), as the reference's
+    attention units have them; bench_model's units start from min/max ranges.
 
 Before anything is timed, one FP encoder forward warms the device up for both sides, and the
 ptqbench statistics run once on the first image on a throwaway twin (Triton kernels compile once
@@ -348,7 +348,7 @@ def run_ptqbench(fp_model: Sam, model_name: str, calib: CalibrationSet, boxes: i
     print(f"ptqbench quantize_sam: {times['quantize']:.1f} s, BIG + statistics: {times['calibrate']:.1f} s",
           flush=True)
     rows, _ = bench_model(model_name, steps, len(calib.samples), boxes, device,
-                          ReconstructionSettings(forward=sample_forward))
+                          ReconstructionSettings(forward=sample_forward), softmax="log2")
     times.update({row[1]: float(row[3]) / 1000 for row in rows if row[1] in UNIT_KINDS})
     return times
 

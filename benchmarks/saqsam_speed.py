@@ -1,15 +1,18 @@
 """SAQ-SAM calibration time: every step of `saqsam` timed, PAR projected to its preset's iterations.
 
-The model has random weights (segment_anything's builder with checkpoint=None, or sam_tiny's
-seeded init); the calibration set is random: `--images` normalised images at the model's input
-size with `--boxes` random box prompts each. The steps run exactly as `saqsam` runs them (BIG,
-PCC, weight ranges, AGQ, activation ranges, PAR), each timed once. PAR trains every unit for only
-`--iterations` steps; its projected time per unit is the measured capture time plus the measured
-training time scaled to the preset's iterations (an upper bound: the measured steps include the
-warm-up). With `--project-images N` the steps that visit every calibration image (AGQ, the
-activation statistics, PAR's input capture) are scaled from `--images` to N images, for a short
-run, and so is the largest PAR unit cache in the projected peak GPU memory (measured peak + that
-cache's growth). The total is compared with a target (8 minutes by default, issue 16).
+The model has random weights (segment_anything's builder with checkpoint=None, or sam_tiny's seeded
+init); the calibration set is random: `--images` normalised images at the model's input size with
+`--boxes` random box prompts each. The steps run exactly as `saqsam` runs them (BIG, PCC, weight
+ranges, AGQ, activation ranges, PAR), each timed once. PAR trains every unit for only
+`--iterations` steps, then once more with twice as many; its projected time per unit is the
+measured capture time plus the preset's iterations times the steady-state step time, the difference
+of the two runs' training times over the extra steps (the capture of the steps' CUDA graphs is in
+both and cancels). The statistics steps run once on one image first (untimed), so that the one-off
+compilation of the Triton kernels is not in their time. With `--project-images N` the steps that
+visit every calibration image (AGQ, the activation statistics, PAR's input capture) are scaled from
+`--images` to N images, for a short run, and so is the largest PAR unit cache in the projected peak
+GPU memory (measured peak + that cache's growth). The total is compared with a target (8 minutes by
+default, issue 16).
 
     python benchmarks/saqsam_speed.py                                   # sam_vit_b, paper, GPU
     python benchmarks/saqsam_speed.py --model sam_tiny --device cpu --preset fast --iterations 5
@@ -26,8 +29,8 @@ import torch
 from tabulate import tabulate
 
 from ptqbench.config import BitSpec
-from ptqbench.methods.saqsam.method import SaqSam
-from ptqbench.methods.saqsam.par import par_units, with_iterations
+from ptqbench.methods.saqsam.method import SaqSam, reference_order
+from ptqbench.methods.saqsam.par import par_reconstruct, par_units, with_iterations
 from ptqbench.models.sam1.quantized import quantize_sam
 
 from recon_speed import add_calibration_arguments, build, random_calibration  # the script folder is on sys.path
@@ -38,6 +41,17 @@ PER_IMAGE_STEPS = ("AGQ", "activations")
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def warm_up(method: SaqSam, fp_model, calib, spec: BitSpec) -> None:
+    """The statistics steps once on the first image, on a throwaway twin: the one-off compilation of
+    the Triton kernels (once per machine) is then not scaled with the images."""
+    twin = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(calib.samples[0].image.device)
+    one_image = replace(calib, samples=calib.samples[:1])
+    for name, step in method.steps(twin, fp_model, one_image, spec, seed=0):
+        if name != "PAR":
+            step()
+    synchronize(calib.samples[0].image.device)
 
 
 def main() -> None:
@@ -54,11 +68,12 @@ def main() -> None:
     spec = BitSpec.parse(args.bits)
 
     fp_model = build(args.model).to(device)
-    qmodel = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(device)
     calib = random_calibration(fp_model.image_encoder.img_size, args.images, args.boxes, device)
     preset = SaqSam.presets[args.preset]
     target = preset.par
     method = SaqSam(replace(preset, par=with_iterations(target, args.iterations)), progress=False)
+    warm_up(method, fp_model, calib, spec)
+    qmodel = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(device)
 
     image_scale = (args.project_images or args.images) / args.images
     rows, total_s = [], 0.0
@@ -77,10 +92,14 @@ def main() -> None:
         rows.append([name, "", f"{elapsed:.1f}", f"{projected:.1f}"])
         total_s += projected
 
+    # PAR again with twice the steps (on the reconstructed model: only the time matters); the
+    # difference is the steady-state time of the extra steps, without the graphs' capture
+    longer = par_reconstruct(qmodel, fp_model, reference_order(calib), with_iterations(target, 2 * args.iterations),
+                             seed=0, progress=False)
     preset_iterations = {unit.name: unit.config.iterations for unit in par_units(qmodel, fp_model, target)}
-    for report in reports:
+    for report, long_report in zip(reports, longer):
         steps = preset_iterations[report.name]
-        per_step = report.train_s / max(report.iterations, 1)
+        per_step = (long_report.train_s - report.train_s) / max(long_report.iterations - report.iterations, 1)
         projected = report.capture_s * image_scale + per_step * steps
         rows.append([f"PAR {report.name}", f"{1000 * per_step:.1f} ms/step x {steps}",
                      f"{report.capture_s + report.train_s:.1f}", f"{projected:.1f}"])

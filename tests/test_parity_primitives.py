@@ -48,15 +48,16 @@ def _forward_backward(quantizer_or_fn, x: torch.Tensor, upstream: torch.Tensor) 
 FQ_TENSOR = fixtures_of("fq_per_tensor")
 
 
+@pytest.mark.parametrize("device", DEVICES)  # on a GPU the quantizer's training forward is fused (fused_lsq)
 @pytest.mark.parametrize("fixture", FQ_TENSOR, ids=_ids(FQ_TENSOR))
-def test_fake_quant_per_tensor(fixture: dict) -> None:
+def test_fake_quant_per_tensor(fixture: dict, device: str) -> None:
     inputs, expected = load(fixture)
     bits = fixture["params"]["bits"]
     x, upstream = _t(inputs["x"]), _t(inputs["upstream_grad"])
     scale, zero_point = qf.affine_qparams(*(torch.tensor(v) for v in fixture["params"]["range"]), bits)
-    quantizer = FakeQuantizer(bits, is_weight=False)
+    quantizer = FakeQuantizer(bits, is_weight=False).to(device)
     quantizer.set_range(*(torch.tensor(v) for v in fixture["params"]["range"]))
-    y, grad_x = _forward_backward(quantizer, x, upstream)
+    y, grad_x = (t.cpu() for t in _forward_backward(quantizer, x.to(device), upstream.to(device)))
     y_plain = qf.fake_quant_affine(x, scale, zero_point, bits)
     _check(fixture, {"scale": scale, "zero_point": zero_point, "y": y, "grad_x": grad_x}, expected)
     _check(fixture, {"scale": scale, "zero_point": zero_point, "y": y_plain, "grad_x": grad_x}, expected)
@@ -65,20 +66,23 @@ def test_fake_quant_per_tensor(fixture: dict) -> None:
 LSQ = fixtures_of("lsq_per_tensor", "lsq_per_channel")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fixture", LSQ, ids=_ids(LSQ))
-def test_lsq(fixture: dict) -> None:
+def test_lsq(fixture: dict, device: str) -> None:
     inputs, expected = load(fixture)
     channel_axis = fixture["params"].get("ch_axis")
-    quantizer = FakeQuantizer(fixture["params"]["bits"], is_weight=channel_axis is not None, channel_axis=channel_axis)
+    quantizer = FakeQuantizer(fixture["params"]["bits"], is_weight=channel_axis is not None,
+                              channel_axis=channel_axis).to(device)
     scale, zero_point = _t(expected["scale"]), _t(expected["zero_point"])
     if channel_axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
     quantizer._store(scale, zero_point)
     quantizer.mode = "quantize"
     learnable = quantizer.make_scale_learnable()
-    y, grad_x = _forward_backward(quantizer, _t(inputs["x"]), _t(inputs["upstream_grad"]))
+    y, grad_x = (t.cpu() for t in _forward_backward(quantizer, _t(inputs["x"]).to(device),
+                                                     _t(inputs["upstream_grad"]).to(device)))
     _check(fixture, {"scale": expected["scale"], "zero_point": expected["zero_point"], "y": y, "grad_x": grad_x,
-                     "grad_scale": learnable.grad}, expected)
+                     "grad_scale": learnable.grad.cpu()}, expected)
 
 
 FQ_CHANNEL = fixtures_of("fq_per_channel")

@@ -142,8 +142,8 @@ def test_a_unit_captures_only_the_samples_its_steps_draw(monkeypatch: pytest.Mon
     monkeypatch.setattr(engine, "build_cache", lambda unit, q, f, samples, *rest:
                         captured.append(list(samples)) or build(unit, q, f, samples, *rest))
     call = UnitStep.__call__
-    monkeypatch.setattr(UnitStep, "__call__",
-                        lambda self, entry: stepped.append(entry.quant_inputs["x"]) or call(self, entry))
+    monkeypatch.setattr(UnitStep, "__call__", lambda self, entry, **flags:
+                        stepped.append(entry.quant_inputs["x"]) or call(self, entry, **flags))
     reconstruct([linear_unit(replace(ADAROUND_ONLY, iterations=3))], quantized, fp, calib, settings, seed=0,
                 progress=False)
     order = sample_order(len(calib.samples), 3, unit_seed(0, "layer"))

@@ -54,14 +54,30 @@ if HAS_TRITON:
         return u, inside, below, power
 
     @triton.jit
+    def log2_forward(a, scale, powers_ptr, neg_tau, top):
+        """fake_quant_log2(a) of a block of elements (a tensor of any layout)."""
+        _, _, below, power = _levels(a, scale, powers_ptr, neg_tau, top)
+        return tl.where(below, 0.0, scale * power)
+
+    @triton.jit
     def _forward_kernel(a_ptr, scale_ptr, powers_ptr, out_ptr, numel, neg_tau, top, BLOCK: tl.constexpr):
         """out = fake_quant_log2(a) over one block of BLOCK elements."""
         index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         valid = index < numel
         a = tl.load(a_ptr + index, mask=valid, other=1.0)
         scale = tl.load(scale_ptr)
-        _, _, below, power = _levels(a, scale, powers_ptr, neg_tau, top)
-        tl.store(out_ptr + index, tl.where(below, 0.0, scale * power), mask=valid)
+        tl.store(out_ptr + index, log2_forward(a, scale, powers_ptr, neg_tau, top), mask=valid)
+
+    @triton.jit
+    def log2_backward(a, grad, scale, powers_ptr, neg_tau, inv_tau, top, ln2):
+        """(grad_a, the scale gradient's term through `s * p`, its term through `a / s`) per element."""
+        u, inside, below, power = _levels(a, scale, powers_ptr, neg_tau, top)
+        grad_out = tl.where(below, 0.0, grad)
+        grad_exponent = (grad_out * scale) * (power * ln2)
+        grad_level = tl.where(inside, -(grad_exponent * inv_tau), 0.0)
+        grad_log = libdevice.div_rn(grad_level * neg_tau, u * ln2)
+        grad_a = tl.where(a >= 1e-30, libdevice.div_rn(grad_log, scale), 0.0)
+        return grad_a, grad_out * power, -grad_log * libdevice.div_rn(u, scale)
 
     @triton.jit
     def _backward_kernel(a_ptr, scale_ptr, powers_ptr, grad_ptr, grad_a_ptr, partial_ptr, numel, neg_tau, inv_tau,
@@ -74,17 +90,11 @@ if HAS_TRITON:
         a = tl.load(a_ptr + index, mask=valid, other=1.0)
         grad = tl.load(grad_ptr + index, mask=valid, other=0.0)
         scale = tl.load(scale_ptr)
-        u, inside, below, power = _levels(a, scale, powers_ptr, neg_tau, top)
-        grad_out = tl.where(below, 0.0, grad)
-        grad_exponent = (grad_out * scale) * (power * ln2)
-        grad_level = tl.where(inside, -(grad_exponent * inv_tau), 0.0)
-        grad_log = libdevice.div_rn(grad_level * neg_tau, u * ln2)
-        grad_a = tl.where(a >= 1e-30, libdevice.div_rn(grad_log, scale), 0.0)
+        grad_a, through_product, through_quotient = log2_backward(a, grad, scale, powers_ptr, neg_tau, inv_tau, top,
+                                                                  ln2)
         tl.store(grad_a_ptr + index, grad_a, mask=valid)
-        through_product = tl.where(valid, grad_out * power, 0.0)
-        through_quotient = tl.where(valid, -grad_log * libdevice.div_rn(u, scale), 0.0)
-        tl.store(partial_ptr + block, tl.sum(through_product, axis=0))
-        tl.store(partial_ptr + tl.num_programs(0) + block, tl.sum(through_quotient, axis=0))
+        tl.store(partial_ptr + block, tl.sum(tl.where(valid, through_product, 0.0), axis=0))
+        tl.store(partial_ptr + tl.num_programs(0) + block, tl.sum(tl.where(valid, through_quotient, 0.0), axis=0))
 
 
 def can_fuse(a: Tensor, scale: Tensor) -> bool:
@@ -102,7 +112,7 @@ def level_powers(tau: int, bits: int, device: torch.device) -> Tensor:
     return torch.pow(2.0, -levels / tau)
 
 
-def _constants(tau: int, bits: int) -> dict[str, float]:
+def log2_constants(tau: int, bits: int) -> dict[str, float]:
     """The kernels' scalars: -tau, float32(1 / tau) as torch's division computes it, the top level."""
     return {"neg_tau": float(-tau), "inv_tau": float(np.float32(1.0) / np.float32(tau)),
             "top": float(2**bits - 1)}
@@ -116,7 +126,7 @@ class _FusedLog2(torch.autograd.Function):
         a = a.contiguous()
         out = torch.empty_like(a)
         blocks = triton.cdiv(a.numel(), BLOCK)
-        constants = _constants(tau, bits)
+        constants = log2_constants(tau, bits)
         _forward_kernel[(blocks,)](a, scale, level_powers(tau, bits, a.device), out, a.numel(), constants["neg_tau"],
                                    constants["top"], BLOCK=BLOCK, enable_fp_fusion=False)
         ctx.save_for_backward(a, scale)
@@ -132,7 +142,7 @@ class _FusedLog2(torch.autograd.Function):
         partials = torch.empty(2, blocks, dtype=torch.float32, device=a.device)
         powers = level_powers(ctx.tau, ctx.bits, a.device)
         _backward_kernel[(blocks,)](a, scale, powers, grad, grad_a, partials, a.numel(),
-                                    **_constants(ctx.tau, ctx.bits), ln2=LN2, BLOCK=BLOCK, enable_fp_fusion=False)
+                                    **log2_constants(ctx.tau, ctx.bits), ln2=LN2, BLOCK=BLOCK, enable_fp_fusion=False)
         grad_scale = partials.sum(dim=1)
         grad_scale = (grad_scale[0] + grad_scale[1]).reshape(scale.shape) if ctx.needs_input_grad[1] else None
         return grad_a if ctx.needs_input_grad[0] else None, grad_scale, None, None

@@ -14,6 +14,8 @@ the uniform affine grid (`functional`: qmin 0, qmax 2^b - 1) and, for softmax ou
 - QDrop: `quantize_prob` < 1 quantizes each element with that probability and passes the
   rest through in FP (fresh randomness every forward, drawn from `generator` when one is
   set, else from the global RNG). Evaluation always uses 1.
+In a training step on a GPU (float32 CUDA input, gradients on), the per-tensor uniform grid runs
+as two fused kernels (`fused_lsq`): the same values, the draw from Triton's random stream.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ptqbench.quant import functional as qf
+from ptqbench.quant import fused_lsq
 
 if TYPE_CHECKING:
     from ptqbench.quant.observers import Observer
@@ -150,6 +153,8 @@ class FakeQuantizer(nn.Module):
         if self.mode == "observe":
             self.observer.update(x.detach())
             return x
+        if fused_lsq.can_fuse(x, self):  # a training step on a GPU
+            return fused_lsq.fused_fake_quant(x, self)
         x_hat = self.quantize(x)
         if self.quantize_prob < 1.0:
             uniform = torch.rand(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)

@@ -13,8 +13,8 @@ order; for each one it
 3. trains them: each step takes one calibration sample, mixes the unit input
    `where(U < p, quantized input, FP input)`, runs the unit, adds the AdaRound regulariser
    (lambda, beta annealed 20 -> 2 after the warm-up) to the unit loss; Adam on V, Adam on the
-   scales with cosine decay to 0. The forward and gradients of a step (`step.UnitStep`)
-   are replayed as CUDA graphs on a GPU;
+   scales with cosine decay to 0 (`optimisation.UnitOptimisation`). A whole step (forward,
+   gradients, optimiser update: `step.UnitStep`) is replayed as a CUDA graph on a GPU;
 4. ends the unit: weights are hard-rounded (`floor + 1[V >= 0]`) and written back into the
    layer's weight, whose own quantizer then reproduces them exactly (re-quantizing a grid value
    is the identity), and frozen; scales become buffers again; every quantizer of the unit gets
@@ -41,12 +41,13 @@ from tqdm.auto import tqdm
 
 from ptqbench.errors import ConfigError
 from ptqbench.progress import phase
-from ptqbench.quant.adaround import AdaRoundQuantizer, beta_schedule
+from ptqbench.quant.adaround import AdaRoundQuantizer
 from ptqbench.quant.layers import QuantWeightLayer
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.recon.cache import Forward, Placement, UnitCache, build_cache
+from ptqbench.recon.optimisation import UnitOptimisation
 from ptqbench.recon.step import UnitStep
-from ptqbench.recon.unit import Unit, UnitConfig
+from ptqbench.recon.unit import Unit
 
 if TYPE_CHECKING:
     from ptqbench.models.calibration import CalibrationSample, CalibrationSet
@@ -193,18 +194,6 @@ class _LearnablePieces:
         return flipped / total if total else None
 
 
-def _optimizers(pieces: _LearnablePieces, config: UnitConfig, device: torch.device) -> tuple[list, list]:
-    fused = device.type == "cuda"
-    optimizers, schedulers = [], []
-    if pieces.adaround:
-        optimizers.append(torch.optim.Adam(pieces.rounding_parameters(), lr=config.weight_lr, fused=fused))
-    if pieces.scales:
-        scale_opt = torch.optim.Adam(pieces.scales, lr=config.scale_lr, fused=fused)
-        optimizers.append(scale_opt)
-        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(scale_opt, T_max=config.iterations, eta_min=0.0))
-    return optimizers, schedulers
-
-
 def sample_order(num_samples: int, iterations: int, seed: int) -> list[int]:
     """The calibration sample of each training step: uniform draws with replacement, seeded."""
     return torch.randint(num_samples, (iterations,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -215,26 +204,16 @@ def _train(unit: Unit, root: nn.Module, cache: UnitCache, order: Sequence[int], 
     """The optimisation loop of one unit, step k on cache entry order[k]; returns the mean loss of
     the first and last logging window."""
     config = unit.config
-    optimizers, schedulers = _optimizers(pieces, config, cache.device)
-    params = pieces.parameters()
-    step_fn = UnitStep(unit, root, params, config.quantize_prob, generator, cache.device, cuda_graphs)
-    use_regularizer = bool(pieces.adaround) and config.reg_lambda > 0
-    rounding_params = pieces.rounding_parameters()
+    optimisation = UnitOptimisation(pieces.rounding_parameters(), pieces.scales, pieces.regularizer, config,
+                                    cache.device)
+    step_fn = UnitStep(unit, root, optimisation.params, config.quantize_prob, generator, cache.device, cuda_graphs,
+                       update=optimisation.update)
     running = torch.zeros((), device=cache.device)
     window, first_loss, last_loss = 0, float("nan"), float("nan")
     bar = tqdm(order, desc=phase(unit.name), disable=not progress, leave=False)
     for step, index in enumerate(bar):
-        loss, grads = step_fn(cache.get(index))
-        for param, grad in zip(params, grads):
-            param.grad = grad
-        beta = beta_schedule(step, config.iterations, config.warmup, config.beta_start, config.beta_end)
-        if use_regularizer and beta is not None:
-            for v, grad in zip(rounding_params, torch.autograd.grad(pieces.regularizer(beta), rounding_params)):
-                v.grad = grad if v.grad is None else v.grad + grad
-        for optimizer in optimizers:
-            optimizer.step()
-        for scheduler in schedulers:
-            scheduler.step()
+        loss, _ = step_fn(cache.get(index), regularize=optimisation.prepare(step))
+        optimisation.finish_step()
         running += loss
         window += 1
         if window == log_every or step == config.iterations - 1:
@@ -244,8 +223,7 @@ def _train(unit: Unit, root: nn.Module, cache: UnitCache, order: Sequence[int], 
             bar.set_postfix(loss=f"{last_loss:.4g}")
             running.zero_()
             window = 0
-    for param in params:
-        param.grad = None
+    optimisation.release()
     return first_loss, last_loss
 
 

@@ -2,25 +2,27 @@
 
 A step takes one cache entry (the unit's quantized and FP inputs, target and extras for one
 calibration sample), mixes the inputs as QDrop does (`unit_inputs`), runs the unit, computes its
-loss and the gradients of that loss with respect to the unit's trainable tensors. `UnitStep` returns
-(loss, gradients); the engine adds the AdaRound regulariser's gradients and runs the optimiser.
+loss and the gradients of that loss with respect to the unit's trainable tensors, then runs the
+engine's update on them (the AdaRound regulariser's gradients and the optimisers' step,
+`optimisation.UnitOptimisation`). `UnitStep` returns (loss, gradients).
 
 On a GPU the step is captured as a CUDA graph the first time an input-shape signature appears
 (after two warm-up runs on a side stream) and replayed for every later entry of that signature:
-the inputs are copied into the graph's static buffers and the recorded kernels run again, with no
-Python and no kernel-launch overhead. Replays compute exactly what the eager step computes for the
-same random numbers; the random stream (QDrop's input mixing and in-unit drops, drawn from the
-unit's generator, which is registered with every graph) is seeded and reproducible, but not the
-eager one. The graphs of one unit (one per number of prompts, say) share one memory pool and
-write their gradients into the same buffers, so each extra graph costs little more than its
-static inputs: a replay's outputs are consumed (the optimiser step is queued) before the next
-replay overwrites them. A unit whose step cannot be captured (its forward waits for the GPU or
+the inputs are copied into the graph's static buffers and the recorded kernels, the optimisers'
+included, run again, with no Python and no kernel-launch overhead. Replays compute exactly what
+the eager step computes for the same random numbers; the random stream (QDrop's input mixing and
+in-unit drops, drawn from the unit's generator, which is registered with every graph) is seeded
+and reproducible, but not the eager one. The graphs of one unit (one per number of prompts, say)
+share one memory pool and write their gradients into the same buffers, so each extra graph costs
+little more than its static inputs: a replay's gradients are consumed by its own update before the
+next replay overwrites them. A unit whose step cannot be captured (its forward waits for the GPU or
 copies from the host) is trained eagerly, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,10 +89,14 @@ class UnitStep:
     root: the unit's module in the quantized model; params: the trainable tensors (AdaRound's V,
     LSQ scales), a gradient is None where the loss does not depend on one; quantize_prob and
     generator: QDrop's input mixing. cuda_graphs: capture and replay the step on a GPU.
+    update: (gradients, regularize) -> None, run after the backward of every step, inside its
+    graph (the optimisers' step, `optimisation.UnitOptimisation.update`); a step's `regularize`
+    flag is passed to it, and each value of the flag has its own graphs.
     """
 
     def __init__(self, unit: Unit, root: nn.Module, params: list[Tensor], quantize_prob: float,
-                 generator: torch.Generator | None, device: torch.device, cuda_graphs: bool) -> None:
+                 generator: torch.Generator | None, device: torch.device, cuda_graphs: bool,
+                 update: Callable[[Gradients, bool], None] | None = None) -> None:
         self.unit = unit
         self.root = root
         self.params = params
@@ -98,6 +104,7 @@ class UnitStep:
         self.generator = generator
         self.device = device
         self.use_graphs = cuda_graphs and device.type == "cuda"
+        self.update = update
         self._captured: dict[tuple, _CapturedStep] = {}
         self._pool: Any = None
         self._grad_buffers: list[Tensor] | None = None
@@ -108,29 +115,36 @@ class UnitStep:
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return loss.detach(), grads
 
-    def __call__(self, entry: CacheEntry) -> tuple[Tensor, Gradients]:
+    def _eager(self, entry: CacheEntry, regularize: bool) -> tuple[Tensor, Gradients]:
+        loss, grads = self._forward_backward(entry)
+        if self.update is not None:
+            self.update(grads, regularize)
+        return loss, grads
+
+    def __call__(self, entry: CacheEntry, regularize: bool = False) -> tuple[Tensor, Gradients]:
         if not self.use_graphs:
-            return self._forward_backward(entry)
-        key = _signature(entry)
+            return self._eager(entry, regularize)
+        key = (_signature(entry), regularize)
         captured = self._captured.get(key)
         if captured is None:
             try:
-                captured = self._capture(entry)
+                captured = self._capture(entry, regularize)
             except RuntimeError as exc:
                 log.warning("unit %s: its training step cannot be captured as a CUDA graph (%s); training it "
                             "eagerly", self.unit.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 torch.cuda.synchronize(self.device)
                 self.use_graphs = False
                 self._captured.clear()
-                return self._forward_backward(entry)
+                return self._eager(entry, regularize)
             self._captured[key] = captured
         for static, fresh in zip(_tensors(captured.inputs), _tensors(entry)):
             static.copy_(fresh, non_blocking=True)
         captured.graph.replay()
         return captured.loss, captured.grads
 
-    def _capture(self, entry: CacheEntry) -> _CapturedStep:
-        """Warm up on a side stream, then record one step on static copies of `entry`'s tensors."""
+    def _capture(self, entry: CacheEntry, regularize: bool) -> _CapturedStep:
+        """Warm up on a side stream (forward and backward only: the update changes the parameters),
+        then record one step, update included, on static copies of `entry`'s tensors."""
         static = CacheEntry(**tree_map(vars(entry), lambda t: t.to(self.device, copy=True)))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -148,8 +162,10 @@ class UnitStep:
             for buffer, grad in zip(self._grad_buffers, grads):
                 if grad is not None:
                     buffer.copy_(grad)
+            outputs = tuple(None if grad is None else buffer for buffer, grad in zip(self._grad_buffers, grads))
+            if self.update is not None:
+                self.update(outputs, regularize)
         if self._pool is None:
             self._pool = graph.pool()
-        outputs = tuple(None if grad is None else buffer for buffer, grad in zip(self._grad_buffers, grads))
         return _CapturedStep(graph, static, loss, outputs)
 

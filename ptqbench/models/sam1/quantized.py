@@ -33,6 +33,7 @@ from segment_anything.modeling.transformer import Attention as DecoderAttention
 from torch import Tensor, nn
 
 from ptqbench.models.sam1.fused_rel_pos import add_rel_pos_, can_fuse
+from ptqbench.quant import fused_softmax_quant
 from ptqbench.quant.layers import QuantConv2d, QuantLinear
 from ptqbench.quant.quantizer import FakeQuantizer
 
@@ -59,15 +60,25 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
     return get_rel_pos(q_size, k_size, rel_pos) if index is None else rel_pos[index]
 
 
-def add_rel_pos(attn: Tensor, q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
-    """segment_anything's `add_decomposed_rel_pos` for a square attention (q and k on one
-    [h, w] grid), with `rel_pos_table`: attn [B, hw, hw] + the height and width terms of q [B, hw, C].
-    In evaluation on a GPU both terms are added in one pass over attn, in place (`add_rel_pos_`)."""
+def rel_pos_terms(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The height and width terms of segment_anything's `add_decomposed_rel_pos` for a square
+    attention (q and k on one [h, w] grid), with `rel_pos_table`: q [B, hw, C] ->
+    rel_h [B, h, w, h] (added over the key's row), rel_w [B, h, w, w] (over the key's column)."""
     h, w = size
     batch, _, dim = q.shape
     r_q = q.reshape(batch, h, w, dim)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rel_pos_table(h, h, rel_pos_h))
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rel_pos_table(w, w, rel_pos_w))
+    return rel_h, rel_w
+
+
+def add_rel_pos(attn: Tensor, q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
+    """segment_anything's `add_decomposed_rel_pos` for a square attention: attn [B, hw, hw] + the
+    `rel_pos_terms` of q [B, hw, C]. In evaluation on a GPU both terms are added in one pass over
+    attn, in place (`add_rel_pos_`)."""
+    h, w = size
+    batch = q.shape[0]
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
     if can_fuse(attn):
         return add_rel_pos_(attn, rel_h, rel_w)
     return (attn.view(batch, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(batch, h * w, h * w)
@@ -101,10 +112,17 @@ class QuantEncoderAttention(EncoderAttention):
         q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
         q_hat, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
         attn = (q_hat * self.scale) @ k.transpose(-2, -1)
-        if self.use_rel_pos:
-            attn = add_rel_pos(attn, q_hat if self.rel_pos_from_quantized_q else q, self.rel_pos_h, self.rel_pos_w,
-                               (H, W))
-        attn = self.softmax_quantizer(attn.softmax(dim=-1))
+        q_for_rel_pos = q_hat if self.rel_pos_from_quantized_q else q
+        if fused_softmax_quant.can_fuse(attn, self.softmax_quantizer):
+            bias = (None, None)
+            if self.use_rel_pos:
+                rel_h, rel_w = rel_pos_terms(q_for_rel_pos, self.rel_pos_h, self.rel_pos_w, (H, W))
+                bias = (rel_h.reshape(*attn.shape[:2], H), rel_w.reshape(*attn.shape[:2], W))
+            attn = fused_softmax_quant.quantized_softmax(attn, self.softmax_quantizer, *bias)
+        else:
+            if self.use_rel_pos:
+                attn = add_rel_pos(attn, q_for_rel_pos, self.rel_pos_h, self.rel_pos_w, (H, W))
+            attn = self.softmax_quantizer(attn.softmax(dim=-1))
         x = (attn @ v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         return self.proj(x)
 
@@ -125,22 +143,26 @@ class QuantDecoderAttention(DecoderAttention):
         _activation_quantizers(twin, a_bits)
         return twin
 
-    def attention_map(self, q: Tensor, k: Tensor) -> Tensor:
-        """A = softmax(Q K^T / sqrt(d)) [B, heads, Nq, Nk] before the softmax site, with the
-        q_proj / k_proj input sites and the q / k sites as they are (PCC's attention map).
-
-        q: [B, Nq, C], k: [B, Nk, C]. The values are not touched (no v site runs).
-        """
+    def attention_logits(self, q: Tensor, k: Tensor) -> Tensor:
+        """Q K^T / sqrt(d) [B, heads, Nq, Nk], with the q_proj / k_proj input sites and the q / k
+        sites as they are. q: [B, Nq, C], k: [B, Nk, C]. The values are not touched (no v site runs)."""
         q = self._separate_heads(self.q_quantizer(self.q_proj(q)), self.num_heads)
         k = self._separate_heads(self.k_quantizer(self.k_proj(k)), self.num_heads)
         _, _, _, c_per_head = q.shape
         attn = q @ k.permute(0, 1, 3, 2)
-        attn = attn / math.sqrt(c_per_head)
-        return torch.softmax(attn, dim=-1)
+        return attn / math.sqrt(c_per_head)
+
+    def attention_map(self, q: Tensor, k: Tensor) -> Tensor:
+        """A = softmax(`attention_logits`) [B, heads, Nq, Nk] before the softmax site (PCC's attention map)."""
+        return torch.softmax(self.attention_logits(q, k), dim=-1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         v = self._separate_heads(self.v_quantizer(self.v_proj(v)), self.num_heads)
-        attn = self.softmax_quantizer(self.attention_map(q, k))
+        logits = self.attention_logits(q, k)
+        if fused_softmax_quant.can_fuse(logits, self.softmax_quantizer):
+            attn = fused_softmax_quant.quantized_softmax(logits, self.softmax_quantizer)
+        else:
+            attn = self.softmax_quantizer(torch.softmax(logits, dim=-1))
         return self.out_proj(self._recombine_heads(attn @ v))
 
 
