@@ -8,7 +8,8 @@ while beta is annealed, and training ends with hard rounding `floor(W/s) + 1[V >
 
 `AdaRoundQuantizer` is a drop-in for the `weight_quantizer` of a
 `ptqbench.quant.layers.QuantWeightLayer` during reconstruction: called with the layer's weight,
-it returns the soft-rounded fake-quantized weight; `hard_weight` gives the hard-rounded one.
+it returns the soft-rounded fake-quantized weight; `hard_weight` gives the hard-rounded one. In a
+training step on a GPU the soft weight and the regulariser run as fused kernels (`fused_adaround`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ptqbench.quant import functional as qf
+from ptqbench.quant import fused_adaround
 from ptqbench.quant.quantizer import FakeQuantizer
 
 ZETA = 1.1
@@ -82,10 +84,16 @@ class AdaRoundQuantizer(nn.Module):
         if weight.shape != self.w_floor.shape:
             raise ValueError(f"AdaRound was set up for a weight of shape {tuple(self.w_floor.shape)}, "
                              f"got {tuple(weight.shape)}")
+        if fused_adaround.can_fuse(self.v):  # a training step on a GPU
+            return fused_adaround.soft_weight(self.v, self.w_floor, self.scale, self.zero_point, self.bits, ZETA,
+                                              GAMMA)
         return self._on_grid(rectified_sigmoid(self.v))
 
-    def regularizer(self, beta: float) -> Tensor:
-        """sum(1 - |2 h(V) - 1|^beta) over every element (0-d tensor)."""
+    def regularizer(self, beta: float | Tensor) -> Tensor:
+        """sum(1 - |2 h(V) - 1|^beta) over every element (0-d tensor). beta: a number, or a 0-d
+        tensor on V's device (a training step replayed from a CUDA graph)."""
+        if fused_adaround.can_fuse(self.v):
+            return fused_adaround.regularizer(self.v, beta, ZETA, GAMMA)
         return (1.0 - (2.0 * rectified_sigmoid(self.v) - 1.0).abs().pow(beta)).sum()
 
     @torch.no_grad()
