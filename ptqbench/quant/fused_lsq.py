@@ -34,17 +34,18 @@ BLOCK = 2048
 if HAS_TRITON:
 
     @triton.jit
-    def _quantize(x, scale, zero_point, qmax):
-        """(the fake-quantized x, the on-grid mask) of a block."""
+    def uniform_fake_quant(x, scale, zero_point, qmax):
+        """(the fake-quantized x, the on-grid mask) of a block of any layout."""
         level = libdevice.rint(x * libdevice.div_rn(1.0, scale)) + zero_point
         on_grid = (level >= 0.0) & (level <= qmax)
         return (tl.minimum(tl.maximum(level, 0.0), qmax) - zero_point) * scale, on_grid
 
     @triton.jit
-    def _kept(seed_ptr, block, offsets, quantize_prob, DROP: tl.constexpr):
-        """QDrop's draw: which elements of the block take the quantized value."""
+    def qdrop_kept(seed_ptr, stream, offsets, quantize_prob, DROP: tl.constexpr):
+        """QDrop's draw: which elements of a block take the quantized value. Each block draws from
+        its own Philox stream (the seed at seed_ptr + `stream`), at its elements' `offsets`."""
         if DROP:
-            return tl.rand(tl.load(seed_ptr) + block, offsets) < quantize_prob
+            return tl.rand(tl.load(seed_ptr) + stream, offsets) < quantize_prob
         return offsets >= 0
 
     @triton.jit
@@ -55,8 +56,8 @@ if HAS_TRITON:
         index = block * BLOCK + offsets
         valid = index < numel
         x = tl.load(x_ptr + index, mask=valid, other=0.0)
-        quantized, _ = _quantize(x, tl.load(scale_ptr), tl.load(zero_point_ptr), qmax)
-        out = tl.where(_kept(seed_ptr, block, offsets, quantize_prob, DROP), quantized, x)
+        quantized, _ = uniform_fake_quant(x, tl.load(scale_ptr), tl.load(zero_point_ptr), qmax)
+        out = tl.where(qdrop_kept(seed_ptr, block, offsets, quantize_prob, DROP), quantized, x)
         tl.store(out_ptr + index, out, mask=valid)
 
     @triton.jit
@@ -69,8 +70,8 @@ if HAS_TRITON:
         valid = index < numel
         x = tl.load(x_ptr + index, mask=valid, other=0.0)
         grad = tl.load(grad_ptr + index, mask=valid, other=0.0)
-        quantized, on_grid = _quantize(x, tl.load(scale_ptr), tl.load(zero_point_ptr), qmax)
-        kept = _kept(seed_ptr, block, offsets, quantize_prob, DROP)
+        quantized, on_grid = uniform_fake_quant(x, tl.load(scale_ptr), tl.load(zero_point_ptr), qmax)
+        kept = qdrop_kept(seed_ptr, block, offsets, quantize_prob, DROP)
         tl.store(grad_x_ptr + index, tl.where(kept, grad * on_grid.to(tl.float32), grad), mask=valid)
         term = tl.where(kept & valid, grad * (quantized - x * on_grid.to(tl.float32)), 0.0)
         tl.store(partial_ptr + block, tl.sum(term, axis=0))

@@ -47,6 +47,7 @@ NUM_WARPS = 4  # per program, for full tiles
 
 if HAS_TRITON:
     from ptqbench.quant.fused_log2 import log2_backward, log2_forward
+    from ptqbench.quant.fused_lsq import qdrop_kept, uniform_fake_quant
 
     @triton.jit
     def _chunk(logits_ptr, row_bias_ptr, col_bias_ptr, row, first, h, w, keys_per_row, HAS_BIAS: tl.constexpr,
@@ -67,17 +68,8 @@ if HAS_TRITON:
     def _quantize(p, scale, zero_point, powers_ptr, qmax, neg_tau, GRID: tl.constexpr):
         """(the fake-quantized p, the uniform grid's on-grid mask) of a tile."""
         if GRID == 0:
-            level = libdevice.rint(p * libdevice.div_rn(1.0, scale)) + zero_point
-            on_grid = (level >= 0.0) & (level <= qmax)
-            return (tl.minimum(tl.maximum(level, 0.0), qmax) - zero_point) * scale, on_grid
+            return uniform_fake_quant(p, scale, zero_point, qmax)
         return log2_forward(p, scale, powers_ptr, neg_tau, qmax), p >= 0.0
-
-    @triton.jit
-    def _kept(seed_ptr, row, keys, quantize_prob, DROP: tl.constexpr):
-        """QDrop's draw: which elements of the tile take the quantized value."""
-        if DROP:
-            return tl.rand(tl.load(seed_ptr) + row, keys) < quantize_prob
-        return keys >= 0
 
     @triton.jit
     def _forward_kernel(logits_ptr, row_bias_ptr, col_bias_ptr, scale_ptr, zero_point_ptr, powers_ptr, seed_ptr,
@@ -103,7 +95,7 @@ if HAS_TRITON:
                                     BLOCK_I, BLOCK_W)
             p = libdevice.div_rn(libdevice.exp(x - row_max), row_sum)
             quantized, _ = _quantize(p, scale, zero_point, powers_ptr, qmax, neg_tau, GRID)
-            out = tl.where(_kept(seed_ptr, row, keys, quantize_prob, DROP), quantized, p)
+            out = tl.where(qdrop_kept(seed_ptr, row, keys, quantize_prob, DROP), quantized, p)
             tl.store(out_ptr + row * keys_per_row + keys, out, mask=valid)
         tl.store(stats_ptr + row, row_max)
         tl.store(stats_ptr + rows + row, row_sum)
@@ -128,7 +120,7 @@ if HAS_TRITON:
             x, keys, valid = _chunk(logits_ptr, row_bias_ptr, col_bias_ptr, row, first, h, w, keys_per_row, HAS_BIAS,
                                     BLOCK_I, BLOCK_W)
             p = libdevice.div_rn(libdevice.exp(x - row_max), row_sum)
-            kept = _kept(seed_ptr, row, keys, quantize_prob, DROP)
+            kept = qdrop_kept(seed_ptr, row, keys, quantize_prob, DROP)
             grad = tl.load(grad_ptr + row * keys_per_row + keys, mask=valid, other=0.0)
             grad_quantized = tl.where(kept, grad, 0.0)
             if GRID == 0:
