@@ -15,10 +15,15 @@ stream, seeded from the quantizer's generator, not torch's. The input gradient i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from ptqbench.quant.functional import lsq_grad_scale, quant_range
+
+if TYPE_CHECKING:
+    from ptqbench.quant.quantizer import FakeQuantizer
 
 try:
     import triton
@@ -102,7 +107,15 @@ class _FusedLsq(torch.autograd.Function):
         return grad_x if ctx.needs_input_grad[0] else None, grad_scale, None, None, None, None, None
 
 
-def can_fuse(x: Tensor, quantizer) -> bool:
+def qdrop_seed(quantizer: FakeQuantizer, device: torch.device) -> Tensor:
+    """The seed of one forward's QDrop draw ([1] int64 on `device`), drawn from the quantizer's
+    generator (graph-safe: a replayed graph draws a fresh one); zero when nothing is dropped."""
+    if quantizer.quantize_prob < 1.0:
+        return torch.randint(0, 2**31, (1,), generator=quantizer.generator, device=device)
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def can_fuse(x: Tensor, quantizer: FakeQuantizer) -> bool:
     """Whether `fused_fake_quant` applies: Triton is present, x is float32 CUDA in a step that
     needs gradients (x's or the learnable scale's), and the quantizer is in mode "quantize" on the
     per-tensor uniform grid with its parameters on x's device."""
@@ -113,15 +126,14 @@ def can_fuse(x: Tensor, quantizer) -> bool:
             and quantizer.scale.dtype == torch.float32)
 
 
-def fused_fake_quant(x: Tensor, quantizer) -> Tensor:
+def fused_fake_quant(x: Tensor, quantizer: FakeQuantizer) -> Tensor:
     """The quantizer's training forward (`FakeQuantizer.forward` in mode "quantize": fake
     quantization, LSQ's gradient to a learnable scale, QDrop's keep with `quantize_prob` drawn from
     its generator) in fused kernels. x: float32 CUDA, any shape (`can_fuse`); returns x's shape."""
     learnable = isinstance(quantizer.scale, torch.nn.Parameter)
     scale = quantizer.scale.abs().clamp(min=1e-8) if learnable else quantizer.scale
     prob = float(quantizer.quantize_prob)
-    seed = (torch.randint(0, 2**31, (1,), generator=quantizer.generator, device=x.device) if prob < 1.0
-            else torch.zeros(1, dtype=torch.int64, device=x.device))
+    seed = qdrop_seed(quantizer, x.device)
     lsq_factor = lsq_grad_scale(x.numel(), quantizer.bits) if learnable else 0.0
     return _FusedLsq.apply(x.contiguous(), scale, quantizer.zero_point.float(), seed,
                            float(quant_range(quantizer.bits)[1]), prob, lsq_factor)

@@ -25,12 +25,16 @@ chain's formulas; their sums are added in another order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ptqbench.quant import fused_log2
+from ptqbench.quant import fused_log2, fused_lsq
 from ptqbench.quant.functional import lsq_grad_scale, quant_range
+
+if TYPE_CHECKING:
+    from ptqbench.quant.quantizer import FakeQuantizer
 
 try:
     import triton
@@ -232,7 +236,7 @@ def _powers(spec: SoftmaxQuantSpec, device: torch.device) -> Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
 
 
-def can_fuse(logits: Tensor, quantizer) -> bool:
+def can_fuse(logits: Tensor, quantizer: FakeQuantizer) -> bool:
     """Whether `quantized_softmax` applies: Triton is present, the logits are float32 CUDA and need
     gradients (a training step; evaluation keeps torch's softmax), and the quantizer quantizes per
     tensor, with its scale on their device."""
@@ -242,7 +246,7 @@ def can_fuse(logits: Tensor, quantizer) -> bool:
             and quantizer.scale.device == logits.device and quantizer.scale.dtype == torch.float32)
 
 
-def quantized_softmax(logits: Tensor, quantizer, row_bias: Tensor | None = None,
+def quantized_softmax(logits: Tensor, quantizer: FakeQuantizer, row_bias: Tensor | None = None,
                       col_bias: Tensor | None = None) -> Tensor:
     """quantizer(softmax(logits + bias, dim=-1)) in fused kernels (see the module docstring).
 
@@ -263,8 +267,7 @@ def quantized_softmax(logits: Tensor, quantizer, row_bias: Tensor | None = None,
     lsq_factor = lsq_grad_scale(logits.numel(), quantizer.bits) if learnable and not log2 else 1.0
     spec = SoftmaxQuantSpec(h, w, LOG2 if log2 else UNIFORM, quantizer.bits, quantizer.log2_tau or 1,
                             float(quantizer.quantize_prob), lsq_factor)
-    seed = (torch.randint(0, 2**31, (1,), generator=quantizer.generator, device=logits.device)
-            if spec.quantize_prob < 1.0 else torch.zeros(1, dtype=torch.int64, device=logits.device))
+    seed = fused_lsq.qdrop_seed(quantizer, logits.device)
     if row_bias is not None:
         row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
     return _QuantizedSoftmax.apply(logits.contiguous(), row_bias, col_bias, scale, quantizer.zero_point.float(),
