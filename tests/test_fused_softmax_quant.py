@@ -76,7 +76,8 @@ def test_fused_forward_and_gradients_match_the_eager_chain(grid: str, keys: tupl
     want = torch.autograd.grad(reference, leaves, grad)
     assert all(relative_error(g, w) < 1e-3 for g, w in zip(got[:-1], want[:-1]))
     # the scale's gradient is a sum of nearly cancelling terms: compare it at their rounding scale
-    assert torch.allclose(got[-1], want[-1], rtol=1e-3, atol=1e-5 * float((grad * reference).abs().sum()))
+    tolerance = 1e-5 * float((grad * reference).abs().sum().detach())
+    assert torch.allclose(got[-1], want[-1], rtol=1e-3, atol=tolerance)
 
 
 @needs_fused
@@ -98,7 +99,7 @@ def test_qdrop_keeps_each_probability_quantized_with_its_probability(grid: str) 
     got = torch.autograd.grad(out, (logits, site.scale), grad)
     want = torch.autograd.grad(reference, (logits, site.scale), grad)
     assert relative_error(got[0], want[0]) < 1e-3
-    assert torch.allclose(got[1], want[1], rtol=1e-3, atol=1e-5 * float((grad * reference).abs().sum()))
+    assert torch.allclose(got[1], want[1], rtol=1e-3, atol=1e-5 * float((grad * reference).abs().sum().detach()))
     again = fused_softmax_quant.quantized_softmax(logits, site)
     assert not torch.equal(again, out)  # a fresh draw every forward
 
@@ -127,5 +128,4 @@ def test_encoder_attention_trains_through_the_fused_softmax(monkeypatch) -> None
     reference_grads = torch.autograd.grad(reference, leaves, grad)
     assert relative_error(fused, reference) < 1e-5
     assert all(relative_error(g, r) < 1e-3 for g, r in zip(fused_grads[:-1], reference_grads[:-1]))
-    print("softmax scale gradient", float(fused_grads[-1]), float(reference_grads[-1]))
-    assert torch.allclose(fused_grads[-1], reference_grads[-1], rtol=1e-2)
+    assert torch.allclose(fused_grads[-1], reference_grads[-1], rtol=1e-4)  # measured on an H200: 1e-7
