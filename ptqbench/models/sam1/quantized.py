@@ -11,6 +11,8 @@ Sites (relative to each swapped module):
   reference, the default) or from the unquantized q (SAQ-SAM's, `use_fp_query_for_rel_pos`) (`add_rel_pos`:
   segment_anything's arithmetic with the gather index kept on the device, so the forward never
   waits for the GPU and can be captured in a CUDA graph, and in evaluation on a GPU one fused pass);
+  in a training step on a GPU the term, the softmax and the softmax site run as one fused kernel
+  (`ptqbench.quant.fused_softmax_quant`; the decoder attentions' softmax and site too);
 - MLP blocks (encoder and decoder): `lin1.input`, `lin1.weight`, `lin2.input` (post-activation), `lin2.weight`;
 - encoder neck: `neck.0.*` (1x1 conv) and `neck.2.*` (3x3 conv), input and weight;
 - mask decoder transformer attentions: `{q,k,v,out}_proj.{input,weight}`, `q`, `k`, `v`, `softmax`.
