@@ -18,7 +18,7 @@ bits at most. On the CPU everything is as the reference has it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -47,8 +47,8 @@ class UnitOptimisation:
     parameters live (a GPU makes the update capturable).
     """
 
-    def __init__(self, rounding: Sequence[Tensor], scales: Sequence[Tensor], regularizer, config: UnitConfig,
-                 device: torch.device) -> None:
+    def __init__(self, rounding: Sequence[Tensor], scales: Sequence[Tensor],
+                 regularizer: Callable[[float | Tensor], Tensor], config: UnitConfig, device: torch.device) -> None:
         self.config = config
         self.rounding = list(rounding)
         self.params = self.rounding + list(scales)
