@@ -115,25 +115,27 @@ def qdrop_seed(quantizer: FakeQuantizer, device: torch.device) -> Tensor:
     return torch.zeros(1, dtype=torch.int64, device=device)
 
 
+def quantizes_per_tensor_on(quantizer: FakeQuantizer, x: Tensor) -> bool:
+    """Whether Triton is present, x is float32 CUDA and the quantizer is in mode "quantize", per
+    tensor, with a float32 scale on x's device: what every fused training kernel needs."""
+    return (HAS_TRITON and x.is_cuda and x.dtype == torch.float32 and quantizer.mode == "quantize"
+            and quantizer.channel_axis is None and quantizer.scale.dim() == 0
+            and quantizer.scale.device == x.device and quantizer.scale.dtype == torch.float32)
+
+
 def can_fuse(x: Tensor, quantizer: FakeQuantizer) -> bool:
-    """Whether `fused_fake_quant` applies: Triton is present, x is float32 CUDA in a step that
-    needs gradients (x's or the learnable scale's), and the quantizer is in mode "quantize" on the
-    per-tensor uniform grid with its parameters on x's device."""
-    learnable = isinstance(quantizer.scale, torch.nn.Parameter)
-    return (HAS_TRITON and torch.is_grad_enabled() and (x.requires_grad or learnable) and x.is_cuda
-            and x.dtype == torch.float32 and quantizer.mode == "quantize" and quantizer.channel_axis is None
-            and quantizer.log2_tau is None and quantizer.scale.dim() == 0 and quantizer.scale.device == x.device
-            and quantizer.scale.dtype == torch.float32)
+    """Whether `fused_fake_quant` applies: a step that needs gradients (x's or the learnable
+    scale's) and a per-tensor uniform site (`quantizes_per_tensor_on`)."""
+    return (torch.is_grad_enabled() and (x.requires_grad or quantizer.learns_scale)
+            and quantizer.log2_tau is None and quantizes_per_tensor_on(quantizer, x))
 
 
 def fused_fake_quant(x: Tensor, quantizer: FakeQuantizer) -> Tensor:
     """The quantizer's training forward (`FakeQuantizer.forward` in mode "quantize": fake
     quantization, LSQ's gradient to a learnable scale, QDrop's keep with `quantize_prob` drawn from
     its generator) in fused kernels. x: float32 CUDA, any shape (`can_fuse`); returns x's shape."""
-    learnable = isinstance(quantizer.scale, torch.nn.Parameter)
-    scale = quantizer.scale.abs().clamp(min=1e-8) if learnable else quantizer.scale
     prob = float(quantizer.quantize_prob)
     seed = qdrop_seed(quantizer, x.device)
-    lsq_factor = lsq_grad_scale(x.numel(), quantizer.bits) if learnable else 0.0
-    return _FusedLsq.apply(x.contiguous(), scale, quantizer.zero_point.float(), seed,
+    lsq_factor = lsq_grad_scale(x.numel(), quantizer.bits) if quantizer.learns_scale else 0.0
+    return _FusedLsq.apply(x.contiguous(), quantizer.positive_scale(), quantizer.zero_point.float(), seed,
                            float(quant_range(quantizer.bits)[1]), prob, lsq_factor)

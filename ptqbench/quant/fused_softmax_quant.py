@@ -200,13 +200,13 @@ class _QuantizedSoftmax(torch.autograd.Function):
         bias = (row_bias, col_bias) if row_bias is not None else (logits, logits)
         _forward_kernel[(rows,)](logits, *bias, scale, zero_point, powers, seed, out, stats, rows,
                                  HAS_BIAS=row_bias is not None, **spec.launch())
-        ctx.save_for_backward(logits, row_bias, col_bias, scale, zero_point, seed, stats)
+        ctx.save_for_backward(logits, row_bias, col_bias, scale, zero_point, seed, stats, powers)
         ctx.spec = spec
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        logits, row_bias, col_bias, scale, zero_point, seed, stats = ctx.saved_tensors
+        logits, row_bias, col_bias, scale, zero_point, seed, stats, powers = ctx.saved_tensors
         spec = ctx.spec
         rows = stats.shape[1]
         has_bias = row_bias is not None
@@ -216,7 +216,7 @@ class _QuantizedSoftmax(torch.autograd.Function):
         partials = torch.empty(rows, dtype=torch.float32, device=logits.device)
         bias = (row_bias, col_bias) if has_bias else (logits, logits)
         bias_grads = (grad_row_bias, grad_col_bias) if has_bias else (grad_logits, grad_logits)
-        _backward_kernel[(rows,)](logits, *bias, scale, zero_point, _powers(spec, logits.device), seed, stats,
+        _backward_kernel[(rows,)](logits, *bias, scale, zero_point, powers, seed, stats,
                                   grad.contiguous(), grad_logits, *bias_grads, partials, rows,
                                   inv_tau=fused_log2.log2_constants(spec.tau, spec.bits)["inv_tau"],
                                   ln2=fused_log2.LN2, HAS_BIAS=has_bias, **spec.launch())
@@ -240,10 +240,8 @@ def can_fuse(logits: Tensor, quantizer: FakeQuantizer) -> bool:
     """Whether `quantized_softmax` applies: Triton is present, the logits are float32 CUDA and need
     gradients (a training step; evaluation keeps torch's softmax), and the quantizer quantizes per
     tensor, with its scale on their device."""
-    return (HAS_TRITON and torch.is_grad_enabled() and logits.requires_grad and logits.is_cuda
-            and logits.dtype == torch.float32
-            and quantizer.mode == "quantize" and quantizer.channel_axis is None and quantizer.scale.dim() == 0
-            and quantizer.scale.device == logits.device and quantizer.scale.dtype == torch.float32)
+    return (torch.is_grad_enabled() and logits.requires_grad
+            and fused_lsq.quantizes_per_tensor_on(quantizer, logits))
 
 
 def quantized_softmax(logits: Tensor, quantizer: FakeQuantizer, row_bias: Tensor | None = None,
@@ -262,13 +260,11 @@ def quantized_softmax(logits: Tensor, quantizer: FakeQuantizer, row_bias: Tensor
     if h * w != keys:
         raise ValueError(f"a key grid of {h} x {w} does not cover {keys} keys")
     log2 = quantizer.log2_tau is not None
-    learnable = isinstance(quantizer.scale, torch.nn.Parameter)
-    scale = quantizer.scale.abs().clamp(min=1e-8) if learnable else quantizer.scale
-    lsq_factor = lsq_grad_scale(logits.numel(), quantizer.bits) if learnable and not log2 else 1.0
+    lsq_factor = lsq_grad_scale(logits.numel(), quantizer.bits) if quantizer.learns_scale and not log2 else 1.0
     spec = SoftmaxQuantSpec(h, w, LOG2 if log2 else UNIFORM, quantizer.bits, quantizer.log2_tau or 1,
                             float(quantizer.quantize_prob), lsq_factor)
     seed = fused_lsq.qdrop_seed(quantizer, logits.device)
     if row_bias is not None:
         row_bias, col_bias = row_bias.contiguous(), col_bias.contiguous()
-    return _QuantizedSoftmax.apply(logits.contiguous(), row_bias, col_bias, scale, quantizer.zero_point.float(),
-                                   seed, spec)
+    return _QuantizedSoftmax.apply(logits.contiguous(), row_bias, col_bias, quantizer.positive_scale(),
+                                   quantizer.zero_point.float(), seed, spec)

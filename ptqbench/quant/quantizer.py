@@ -113,6 +113,16 @@ class FakeQuantizer(nn.Module):
             self.scale = scale.to(self.scale.device)
         self.zero_point = zero_point.to(self.zero_point.device)
 
+    @property
+    def learns_scale(self) -> bool:
+        """Whether the scale is a trainable parameter (LSQ, or AGQ's log2 scale)."""
+        return isinstance(self.scale, nn.Parameter)
+
+    def positive_scale(self) -> Tensor:
+        """The scale a forward divides by: a learnable one as |scale| clamped to 1e-8 (it may move
+        through 0 while training), a stored one as it is. 0-d or [C]."""
+        return self.scale.abs().clamp(min=1e-8) if self.learns_scale else self.scale
+
     def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
         if self.channel_axis is None or t.dim() == 0:
             return t
@@ -127,8 +137,8 @@ class FakeQuantizer(nn.Module):
         `nn.Parameter` (PTQ4SAM `fake_quant.py:647-654`), unlike its LSQ quantizers.
         """
         scale = self.scale
-        if isinstance(scale, nn.Parameter) and self.log2_tau is not None:
-            return scale.abs().clamp(min=1e-8)
+        if self.learns_scale and self.log2_tau is not None:
+            return self.positive_scale()
         if isinstance(scale, nn.Parameter):
             numel = x.numel() if self.channel_axis is None else x.numel() // x.shape[self.channel_axis]
             g = qf.lsq_grad_scale(numel, self.bits)
@@ -139,8 +149,8 @@ class FakeQuantizer(nn.Module):
     def quantize(self, x: Tensor) -> Tensor:
         """The fake-quantized tensor (every element), whatever the mode."""
         if self.channel_axis is None and self.log2_tau is None:
-            if isinstance(self.scale, nn.Parameter):
-                return qf.fake_quant_affine_lsq(x, self.scale.abs().clamp(min=1e-8), self.zero_point, self.bits)
+            if self.learns_scale:
+                return qf.fake_quant_affine_lsq(x, self.positive_scale(), self.zero_point, self.bits)
             return qf.fake_quant_affine_fused(x, self.scale, self.zero_point, self.bits)
         scale = self._broadcast(self._learnable_scale(x), x)
         if self.log2_tau is not None:
