@@ -137,6 +137,12 @@ def test_the_eager_step_gives_backwards_gradients(sam_tiny):
     pieces.finish()
 
 
+def trained_tensors(qmodel) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and every quantizer scale of the model, by name."""
+    tensors = {name: param.detach().clone() for name, param in qmodel.named_parameters()}
+    return tensors | {name: q.scale.detach().clone() for name, q in quantizer_sites(qmodel).items()}
+
+
 @needs_cuda
 def test_graphed_updates_train_as_the_eager_steps(sam_tiny):
     """The optimisers' step and the regulariser inside the graphs (both sides of the warm-up): the
@@ -145,14 +151,11 @@ def test_graphed_updates_train_as_the_eager_steps(sam_tiny):
     learned, initial = [], None
     for cuda_graphs in (True, False):
         qmodel, reference, calib, units = par_setup(sam_tiny.cpu(), device)
-        state = {name: param.detach().clone() for name, param in qmodel.named_parameters()}
-        state |= {name: q.scale.detach().clone() for name, q in quantizer_sites(qmodel).items()}
-        initial = state
+        initial = trained_tensors(qmodel)
         unit = replace(units[3], config=replace(units[3].config, iterations=12, warmup=0.5, quantize_prob=1.0))
         settings = ReconstructionSettings(forward=sample_forward, log_every=4, cuda_graphs=cuda_graphs)
         reconstruct([unit], qmodel, reference, calib, settings, seed=1, progress=False)
-        state = {name: param.detach().clone() for name, param in qmodel.named_parameters()}
-        learned.append(state | {name: q.scale.detach().clone() for name, q in quantizer_sites(qmodel).items()})
+        learned.append(trained_tensors(qmodel))
     graphed, eager = learned
     assert any(not torch.equal(eager[name], initial[name]) for name in eager)
     for name in eager:

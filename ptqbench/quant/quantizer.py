@@ -93,7 +93,7 @@ class FakeQuantizer(nn.Module):
 
     def make_scale_learnable(self) -> nn.Parameter:
         """LSQ: the scale becomes a trainable parameter (initialised from its current value)."""
-        if not isinstance(self.scale, nn.Parameter):
+        if not self.learns_scale:
             value = self.scale.detach().clone()
             del self.scale
             self.scale = nn.Parameter(value)
@@ -101,13 +101,13 @@ class FakeQuantizer(nn.Module):
 
     def freeze_scale(self) -> None:
         """End of learning: the scale becomes a plain buffer again (|scale| clamped positive, as used in forward)."""
-        if isinstance(self.scale, nn.Parameter):
-            value = self.scale.detach().abs().clamp(min=1e-8).clone()
+        if self.learns_scale:
+            value = self.positive_scale().detach().clone()
             del self.scale
             self.register_buffer("scale", value)
 
     def _store(self, scale: Tensor, zero_point: Tensor) -> None:
-        if isinstance(self.scale, nn.Parameter):
+        if self.learns_scale:
             self.scale.data = scale.to(self.scale.device)
         else:
             self.scale = scale.to(self.scale.device)
@@ -139,7 +139,7 @@ class FakeQuantizer(nn.Module):
         scale = self.scale
         if self.learns_scale and self.log2_tau is not None:
             return self.positive_scale()
-        if isinstance(scale, nn.Parameter):
+        if self.learns_scale:
             numel = x.numel() if self.channel_axis is None else x.numel() // x.shape[self.channel_axis]
             g = qf.lsq_grad_scale(numel, self.bits)
             scale = (scale - scale * g).detach() + scale * g

@@ -45,7 +45,7 @@ def sealed_state(model: nn.Module) -> SealedState:
     """The evaluation state of a sealed model (tensors copied to the CPU)."""
     quantizers = _quantizers(model)
     for path, quantizer in quantizers.items():
-        if quantizer.mode == "observe" or isinstance(quantizer.scale, nn.Parameter):
+        if quantizer.mode == "observe" or quantizer.learns_scale:
             raise PtqbenchError(f"quantizer {path} is not sealed: call seal_for_evaluation first")
     return SealedState(
         state_dict={key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
