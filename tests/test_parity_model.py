@@ -83,7 +83,7 @@ def _model_values(qmodel, record: dict) -> dict[str, np.ndarray]:
         if quantizer.log2_tau is not None:
             values[f"tau__{name}"] = np.array(quantizer.log2_tau)
         elif quantizer.set_range_args is not None:
-            values[f"min__{name}"], values[f"max__{name}"] = (np.array(v) for v in quantizer.set_range_args)
+            values[f"min__{name}"], values[f"max__{name}"] = (np.array(float(v)) for v in quantizer.set_range_args)
     for path, decision in record["BIG"].items():
         values[f"bimodal__{path}"] = np.array(int(decision.bimodal))
         values[f"folded__{path}"] = np.array(int(decision.folded))

@@ -39,13 +39,13 @@ def test_focus_iou_is_one_for_identical_maps_and_drops_when_a_key_changes():
     iou = focus_iou(attn, attn.clone())
     assert iou.shape == (3, 2)
     assert torch.allclose(iou, torch.ones(3, 2), atol=1e-5)
-    assert focus_distance(attn, attn.clone()) == pytest.approx(0.0, abs=1e-5)
+    assert float(focus_distance(attn, attn.clone())) == pytest.approx(0.0, abs=1e-5)
 
     ref = torch.tensor([[[[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.7, 0.1]]]])  # [1 prompt, 1 head, 2 queries, 4 keys]
     hat = ref.clone()
     hat[0, 0, 0, 2] = 0.35  # key 2 of query 0 enters the focus: masks {0,1},{2} vs {0,1,2},{2}
     assert focus_iou(ref, hat).item() == pytest.approx(3 / (4 + 1e-6))
-    assert focus_distance(ref, hat) == pytest.approx(1 - 3 / (4 + 1e-6))
+    assert float(focus_distance(ref, hat)) == pytest.approx(1 - 3 / (4 + 1e-6))
 
 
 def test_percentile_candidates_match_numpy_quantile():
@@ -82,7 +82,7 @@ def test_pcc_clips_far_inside_outliers_and_beats_the_mse_range():
         reference = attention.attention_map(queries, keys)
     site = attention.k_proj.input_quantizer
 
-    def distance() -> float:
+    def distance() -> torch.Tensor:
         with torch.no_grad():
             return focus_distance(reference, attention.attention_map(queries, keys))
 
@@ -90,12 +90,12 @@ def test_pcc_clips_far_inside_outliers_and_beats_the_mse_range():
     assert site.mode == "quantize"
     assert choice.distance == min(choice.distances)
     assert max(abs(choice.x_min), abs(choice.x_max)) < 0.1 * keys.abs().max().item()  # > 10x clipping
-    assert distance() == pytest.approx(choice.distance)
+    assert float(distance()) == pytest.approx(choice.distance)
 
     observer = make_observer("mse", bits=4)
     observer.update(keys)
     site.set_range(*observer.compute_range(4))
-    assert distance() > choice.distance
+    assert float(distance()) > choice.distance
 
 
 def _sample(size: int = 256, boxes: int = 3) -> CalibrationSample:

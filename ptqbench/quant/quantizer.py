@@ -52,7 +52,7 @@ class FakeQuantizer(nn.Module):
         self.quantize_prob = 1.0
         self.generator: torch.Generator | None = None
         self.log2_tau: int | None = None
-        self.set_range_args: tuple[float, float] | None = None
+        self.set_range_args: tuple[Tensor, Tensor] | None = None
         self.register_buffer("zero_point", torch.tensor(0.0))
         self.register_buffer("scale", torch.tensor(1.0))
 
@@ -69,10 +69,11 @@ class FakeQuantizer(nn.Module):
     def set_range(self, x_min: Tensor, x_max: Tensor) -> None:
         """Set scale and zero point from a range (0-d or [C]) and switch to quantize mode.
 
-        A per-tensor range is also kept, as given, in `set_range_args` (for inspection).
+        A per-tensor range is also kept, as given (detached, on its device: nothing is read back
+        to the host, so a search can set many candidate ranges without waiting), in `set_range_args`.
         """
         if x_min.dim() == 0:
-            self.set_range_args = (float(x_min), float(x_max))
+            self.set_range_args = (x_min.detach(), x_max.detach())
         scale, zero_point = qf.affine_qparams(x_min.float(), x_max.float(), self.bits)
         self._store(scale, zero_point)
         self.mode = "quantize"

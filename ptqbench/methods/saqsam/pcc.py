@@ -79,9 +79,10 @@ def focus_iou(reference: Tensor, quantized: Tensor, theta: float = DEFAULT_THETA
     return inter / (union + IOU_EPS)
 
 
-def focus_distance(reference: Tensor, quantized: Tensor, theta: float = DEFAULT_THETA) -> float:
-    """mean(1 - focus IoU) over prompts and heads (0 for maps with the same focus)."""
-    return float((1.0 - focus_iou(reference, quantized, theta)).mean())
+def focus_distance(reference: Tensor, quantized: Tensor, theta: float = DEFAULT_THETA) -> Tensor:
+    """mean(1 - focus IoU) over prompts and heads (0 for maps with the same focus), a 0-d tensor
+    on the maps' device (not read back, so a search can score every candidate before one read)."""
+    return (1.0 - focus_iou(reference, quantized, theta)).mean()
 
 
 TORCH_QUANTILE_LIMIT = 2**24
@@ -142,19 +143,21 @@ class ClipChoice:
     candidates: tuple[tuple[float, float], ...]
 
 
-def search_clip(quantizer: FakeQuantizer, activation: Tensor, distance: Callable[[], float],
+def search_clip(quantizer: FakeQuantizer, activation: Tensor, distance: Callable[[], Tensor],
                 percentiles: Sequence[float] = PCC_PERCENTILES) -> ClipChoice:
     """Greedy step of PCC: try each percentile clip of `activation` on `quantizer`, keep the best.
 
     quantizer: the site searched (uniform grid; left in quantize mode at the winning range).
     activation: the site's input on the search image (any shape). distance: () -> the focus
-    distance of the model as it is now (called once per candidate, with the candidate set).
+    distance (0-d tensor) of the model as it is now (called once per candidate, with the
+    candidate set); the distances are read back together, once per site.
     """
     candidates = percentile_candidates(activation, percentiles)
-    distances = []
+    scored = []
     for x_min, x_max in candidates:
         quantizer.set_range(x_min, x_max)
-        distances.append(distance())
+        scored.append(distance().detach().reshape(()))
+    distances = torch.stack(scored).tolist()
     best = min(range(len(candidates)), key=distances.__getitem__)
     x_min, x_max = candidates[best]
     quantizer.set_range(x_min, x_max)
@@ -227,7 +230,7 @@ def search_attention(attention: nn.Module, q: Tensor, k: Tensor, reference_map: 
         quantizer = attention.get_submodule(f"{site}_quantizer")
         activation = read_input(attention, f"{site}_quantizer", lambda module: module.attention_map(q, k))
 
-        def distance() -> float:
+        def distance() -> Tensor:
             return focus_distance(reference_map, attention.attention_map(q, k), config.theta)
 
         choice = search_clip(quantizer, activation, distance, config.percentiles)
