@@ -20,6 +20,7 @@ that differs from torch's reduction order, so it can differ from the eager one i
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -107,9 +108,25 @@ def can_fuse(a: Tensor, scale: Tensor) -> bool:
 def level_powers(tau: int, bits: int, device: torch.device) -> Tensor:
     """2^(-c / tau) for every level c = 0 .. 2^bits - 1: float32 [2^bits] on `device`, computed by
     the torch expressions of `fake_quant_log2_eager` (so each value is the eager one, bit for bit,
-    whatever algorithm torch's `pow` uses)."""
+    whatever algorithm torch's `pow` uses). Read-only: one table per (tau, bits, device) is kept
+    and shared, except while a CUDA graph is being captured (a table made then would hold its
+    values only once the graph replays), when a fresh one is computed."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _compute_level_powers(tau, bits, device)
+    return _kept_level_powers(tau, bits, device)
+
+
+def _compute_level_powers(tau: int, bits: int, device: torch.device) -> Tensor:
     levels = torch.arange(2**bits, dtype=torch.float32, device=device)
     return torch.pow(2.0, -levels / tau)
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_level_powers(tau: int, bits: int, device: torch.device) -> Tensor:
+    powers = _compute_level_powers(tau, bits, device)
+    if device.type == "cuda":  # finished before any stream reads it
+        torch.cuda.current_stream(device).synchronize()
+    return powers
 
 
 def log2_constants(tau: int, bits: int) -> dict[str, float]:
