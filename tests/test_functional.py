@@ -137,3 +137,28 @@ def test_fake_quant_log2_scale_and_zero(tau: int) -> None:
     mid = fake_quant_log2(scale * 2 ** (-2.4 / tau), scale, tau, 8)
     assert mid.item() == pytest.approx(0.37 * 2 ** (-2 / tau), rel=1e-6)
 
+
+
+def test_quantizer_int_zero_point_follows_every_change_of_the_buffer() -> None:
+    """The int32 zero point the fused kernel takes is kept between calls, and remade when the
+    buffer gets a new range, is written in place, is loaded, or the module is copied."""
+    import copy
+
+    from ptqbench.quant.quantizer import FakeQuantizer
+
+    quantizer = FakeQuantizer(4, is_weight=False)
+    quantizer.set_range(torch.tensor(-1.0), torch.tensor(2.0))  # s = 0.2, z = 5
+    kept = quantizer.int_zero_point()
+    assert kept.dtype == torch.int32 and int(kept) == 5 and quantizer.int_zero_point() is kept
+    quantizer.set_range(torch.tensor(-2.0), torch.tensor(1.0))
+    assert int(quantizer.int_zero_point()) == 10
+    quantizer.zero_point.fill_(3.0)
+    assert int(quantizer.int_zero_point()) == 3
+    quantizer.load_state_dict({"zero_point": torch.tensor(7.0), "scale": torch.tensor(0.5)})
+    assert int(quantizer.int_zero_point()) == 7
+    x = torch.linspace(-6.0, 6.0, 101)
+    expected = fake_quant_affine(x, torch.tensor(0.5), torch.tensor(7.0), 4)
+    twin = copy.deepcopy(quantizer)
+    twin.zero_point.fill_(0.0)
+    assert torch.equal(quantizer(x), expected)
+    assert torch.equal(twin(x), fake_quant_affine(x, torch.tensor(0.5), torch.tensor(0.0), 4))

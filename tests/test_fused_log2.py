@@ -83,3 +83,23 @@ def test_quantizer_with_learnable_log2_scale_trains_the_same_on_the_gpu() -> Non
     assert torch.equal(out, eager) and torch.equal(grad_a, eager_grad_a)
     assert torch.allclose(grad_scale, eager_grad_scale, rtol=1e-4, atol=summation_tolerance(grad, eager))
 
+
+
+@needs_fused
+def test_tables_made_inside_a_graph_capture_are_not_kept() -> None:
+    """The level table and the int32 zero point are kept between calls, but not when the first
+    call is inside a CUDA-graph capture (their values would exist only after a replay)."""
+    quantizer = FakeQuantizer(4, is_weight=False).cuda()
+    quantizer.set_range(torch.tensor(-1.0), torch.tensor(2.0))
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        fused_log2.level_powers(3, 5, torch.device("cuda", torch.cuda.current_device()))
+        quantizer.int_zero_point()
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    powers = fused_log2.level_powers(3, 5, torch.device("cuda", torch.cuda.current_device()))
+    eager = torch.pow(2.0, -torch.arange(32, dtype=torch.float32, device="cuda") / 3)
+    assert torch.equal(powers, eager)
+    assert int(quantizer.int_zero_point()) == 5

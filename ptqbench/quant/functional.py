@@ -73,10 +73,16 @@ def fake_quant_affine(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -
 def fake_quant_affine_fused(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """Per-tensor `fake_quant_affine` in one fused kernel (no gradient to the scale).
 
-    x: any shape; scale and zero_point: 0-d tensors (zero_point holds an integer value).
+    x: any shape; scale and zero_point: 0-d or [1] tensors (zero_point holds an integer value; given
+    as int32, as `FakeQuantizer.int_zero_point` keeps it, it is not cast again on every call).
     """
     qmin, qmax = quant_range(bits)
-    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), qmin, qmax)
+    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), as_int32(zero_point).reshape(1), qmin, qmax)
+
+
+def as_int32(zero_point: Tensor) -> Tensor:
+    """The zero point in the dtype the fused fake-quant kernels take (int32), cast only when it is not."""
+    return zero_point if zero_point.dtype == torch.int32 else zero_point.to(torch.int32)
 
 
 class _LsqFakeQuant(torch.autograd.Function):
@@ -92,7 +98,7 @@ class _LsqFakeQuant(torch.autograd.Function):
                 grad_factor: float) -> Tensor:
         enabled = torch.ones(1, dtype=torch.long, device=x.device)
         x_hat, mask = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), enabled, qmin, qmax)
+            x, scale.reshape(1), as_int32(zero_point).reshape(1), enabled, qmin, qmax)
         ctx.save_for_backward(x, x_hat, mask, scale)
         ctx.grad_factor = grad_factor
         return x_hat
@@ -111,7 +117,7 @@ def fake_quant_affine_lsq(x: Tensor, scale: Tensor, zero_point: Tensor, bits: in
     scale gets `sum(grad * (round(x/s) - x/s))` inside and `sum(grad * (clamp(level) - z))`
     outside, times LSQ's gradient scale 1/sqrt(numel * qmax). No gradient to the zero point.
     Nothing is read back to the host (the reconstruction hot path stays asynchronous).
-    x: any shape; scale (> 0) and zero_point: 0-d tensors.
+    x: any shape; scale (> 0) and zero_point: 0-d tensors (zero_point float or int32).
     """
     qmin, qmax = quant_range(bits)
     return _LsqFakeQuant.apply(x, scale, zero_point, qmin, qmax, lsq_grad_scale(x.numel(), bits))

@@ -55,6 +55,7 @@ class FakeQuantizer(nn.Module):
         self.set_range_args: tuple[Tensor, Tensor] | None = None
         self.register_buffer("zero_point", torch.tensor(0.0))
         self.register_buffer("scale", torch.tensor(1.0))
+        self._int_zero_point: tuple[Tensor, int, Tensor] | None = None
 
     def extra_repr(self) -> str:
         grid = f"log2(tau={self.log2_tau})" if self.log2_tau else "uniform"
@@ -124,6 +125,26 @@ class FakeQuantizer(nn.Module):
         through 0 while training), a stored one as it is. 0-d or [C]."""
         return self.scale.abs().clamp(min=1e-8) if self.learns_scale else self.scale
 
+    def int_zero_point(self) -> Tensor:
+        """The 0-d zero point as int32, the fused kernels' dtype: cast once and kept until the buffer
+        is replaced (a new range, a move to another device) or written in place (its `_version`).
+        Never kept from inside a CUDA-graph capture, where the cast only runs when the graph replays."""
+        zero_point = self.zero_point
+        kept = self._int_zero_point
+        if kept is not None and kept[0] is zero_point and kept[1] == zero_point._version:
+            return kept[2]
+        cast = zero_point.to(torch.int32)
+        if not (zero_point.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._int_zero_point = (zero_point, zero_point._version, cast)
+        return cast
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles start without the kept int32 zero point: a copied buffer is a new
+        tensor whose version count does not continue the original's."""
+        state = self.__dict__.copy()
+        state["_int_zero_point"] = None
+        return state
+
     def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
         if self.channel_axis is None or t.dim() == 0:
             return t
@@ -151,8 +172,8 @@ class FakeQuantizer(nn.Module):
         """The fake-quantized tensor (every element), whatever the mode."""
         if self.channel_axis is None and self.log2_tau is None:
             if self.learns_scale:
-                return qf.fake_quant_affine_lsq(x, self.positive_scale(), self.zero_point, self.bits)
-            return qf.fake_quant_affine_fused(x, self.scale, self.zero_point, self.bits)
+                return qf.fake_quant_affine_lsq(x, self.positive_scale(), self.int_zero_point(), self.bits)
+            return qf.fake_quant_affine_fused(x, self.scale, self.int_zero_point(), self.bits)
         scale = self._broadcast(self._learnable_scale(x), x)
         if self.log2_tau is not None:
             return qf.fake_quant_log2(x, scale, self.log2_tau, self.bits)
