@@ -144,33 +144,32 @@ class UnitStep:
 
     def _capture(self, entry: CacheEntry, regularize: bool) -> _CapturedStep:
         """Warm up on a side stream (forward and backward only: the update changes the parameters),
-        then record one step, update included, on static copies of `entry`'s tensors, on the same
-        stream. The capture is begun directly rather than through `torch.cuda.graph`, whose entry
-        synchronizes the device and empties the allocator's caches before every capture."""
+        then record one step, update included, on static copies of `entry`'s tensors.
+
+        Through `torch.cuda.graph`, whose entry empties the allocator's cache: the memory pools of
+        finished units' graphs go back to the device. A direct `capture_begin` keeps them cached in
+        the process, and on a shared GPU other processes run out of memory (the self-check's
+        parallel runs did, on 2026-12-03)."""
         static = CacheEntry(**tree_map(vars(entry), lambda t: t.to(self.device, copy=True)))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):
                 self._forward_backward(static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             graph.register_generator_state(self.generator)
         if self._grad_buffers is None:
             self._grad_buffers = [torch.empty_like(param) for param in self.params]
-        with torch.cuda.stream(side):
-            graph.capture_begin(*(() if self._pool is None else (self._pool,)))
-            try:
-                loss, grads = self._forward_backward(static)
-                for buffer, grad in zip(self._grad_buffers, grads):
-                    if grad is not None:
-                        buffer.copy_(grad)
-                outputs = tuple(None if grad is None else buffer for buffer, grad in zip(self._grad_buffers, grads))
-                if self.update is not None:
-                    self.update(outputs, regularize)
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.cuda.graph(graph, pool=self._pool):
+            loss, grads = self._forward_backward(static)
+            for buffer, grad in zip(self._grad_buffers, grads):
+                if grad is not None:
+                    buffer.copy_(grad)
+            outputs = tuple(None if grad is None else buffer for buffer, grad in zip(self._grad_buffers, grads))
+            if self.update is not None:
+                self.update(outputs, regularize)
         if self._pool is None:
             self._pool = graph.pool()
         return _CapturedStep(graph, static, loss, outputs)
