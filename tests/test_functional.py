@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from ptqbench.quant.functional import affine_qparams, fake_quant_affine, fake_quant_log2, quant_range
+from ptqbench.quant.quantizer import FakeQuantizer
 
 
 def t(*values: float) -> torch.Tensor:
@@ -138,14 +141,9 @@ def test_fake_quant_log2_scale_and_zero(tau: int) -> None:
     assert mid.item() == pytest.approx(0.37 * 2 ** (-2 / tau), rel=1e-6)
 
 
-
 def test_quantizer_int_zero_point_follows_every_change_of_the_buffer() -> None:
     """The int32 zero point the fused kernel takes is kept between calls, and remade when the
     buffer gets a new range, is written in place, is loaded, or the module is copied."""
-    import copy
-
-    from ptqbench.quant.quantizer import FakeQuantizer
-
     quantizer = FakeQuantizer(4, is_weight=False)
     quantizer.set_range(torch.tensor(-1.0), torch.tensor(2.0))  # s = 0.2, z = 5
     kept = quantizer.int_zero_point()

@@ -84,7 +84,6 @@ def test_quantizer_with_learnable_log2_scale_trains_the_same_on_the_gpu() -> Non
     assert torch.allclose(grad_scale, eager_grad_scale, rtol=1e-4, atol=summation_tolerance(grad, eager))
 
 
-
 @needs_fused
 def test_tables_made_inside_a_graph_capture_are_not_kept() -> None:
     """The level table and the int32 zero point are kept between calls, but not when the first

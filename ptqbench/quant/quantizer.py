@@ -141,7 +141,7 @@ class FakeQuantizer(nn.Module):
     def __getstate__(self) -> dict:
         """Copies and pickles start without the kept int32 zero point: a copied buffer is a new
         tensor whose version count does not continue the original's."""
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_int_zero_point"] = None
         return state
 
