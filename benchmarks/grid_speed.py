@@ -13,6 +13,7 @@ Per run: the wall seconds; the cells' calibration and evaluation seconds from it
 first timed run's to the last digit. Then the median wall time against the target.
 
     python benchmarks/grid_speed.py --runs 3                       # the GPU demo grid
+    python benchmarks/grid_speed.py --runs 3 --keep grid-logs      # ... keeping each run's log and store
     python benchmarks/grid_speed.py --device cpu --runs 1 --methods mse --bits 4 --tasks coco
 """
 
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bits", default="4,6")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: every demo task)")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="stop a run after this many seconds")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep every run's store and log in this new folder (default: a deleted temporary one)")
     return parser.parse_args(argv)
 
 
@@ -87,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.runs < 1:
         raise SystemExit("grid_speed: --runs must be at least 1")
+    if args.keep is not None and args.keep.exists():
+        raise SystemExit(f"grid_speed: --keep {args.keep} exists; name a new folder")
     with tempfile.TemporaryDirectory(prefix="ptqbench-grid-speed-") as folder:
-        work = Path(folder)
+        work = Path(folder) if args.keep is None else args.keep
         env = dict(os.environ, PYTHONPYCACHEPREFIX=str(work / "bytecode"), TQDM_DISABLE="1")
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's runs keep their bytecode
         first = run_grid(args, work / "untimed", env)
         runs = [run_grid(args, work / f"run{index}", env) for index in range(1, args.runs + 1)]
     rows = [["untimed first run", f"{first.wall_s:.1f}", f"{first.calib_s:.1f}", f"{first.eval_s:.1f}",

@@ -21,6 +21,7 @@ the statistics become the initial LSQ scales and AdaRound grids that PAR trains.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -153,7 +154,9 @@ class SaqSamS:
                   seed: int) -> None:
         for name, step in self.steps(qmodel, fp_model, calib, spec, seed):
             log.info("%s: %s", self.name, name)
+            start = time.perf_counter()
             step()
+            log.info("%s: %s took %.2f s", self.name, name, time.perf_counter() - start)
 
     def report_maps(self, qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSet) -> dict[str, np.ndarray]:
         """PCC's focus masks (`pcc.focus_masks`, theta of the config) of the last decoder attention
