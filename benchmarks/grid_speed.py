@@ -10,7 +10,8 @@ install (the GPU machine's) keeps none, and every run would compile its imports 
 
 Per run: the wall seconds; the cells' calibration and evaluation seconds from its store; the rest
 (start-up and imports, data, bootstrap intervals, leaderboards); whether its metrics equal the
-first timed run's to the last digit. Then the median wall time against the target.
+first timed run's to the last digit (the untimed run's too), naming the cells that do not. Then
+the median wall time against the target.
 
     python benchmarks/grid_speed.py --runs 3                       # the GPU demo grid
     python benchmarks/grid_speed.py --runs 3 --keep grid-logs      # ... keeping each run's log and store
@@ -86,6 +87,14 @@ def run_grid(args: argparse.Namespace, out: Path, env: dict[str, str]) -> GridRu
                    {(record.task, record.method, record.bits): record.metrics for record in records})
 
 
+def same_metrics(run: GridRun, first: GridRun) -> str:
+    """"yes" when every cell's metrics equal the first run's to the last digit, else "NO: " and
+    the cells that differ."""
+    differing = [" ".join(cell) for cell in sorted(first.metrics.keys() | run.metrics.keys())
+                 if run.metrics.get(cell) != first.metrics.get(cell)]
+    return "yes" if not differing else "NO: " + ", ".join(differing)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.runs < 1:
@@ -99,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         first = run_grid(args, work / "untimed", env)
         runs = [run_grid(args, work / f"run{index}", env) for index in range(1, args.runs + 1)]
     rows = [["untimed first run", f"{first.wall_s:.1f}", f"{first.calib_s:.1f}", f"{first.eval_s:.1f}",
-             f"{first.wall_s - first.calib_s - first.eval_s:.1f}", "-"]]
+             f"{first.wall_s - first.calib_s - first.eval_s:.1f}", same_metrics(first, runs[0])]]
     rows += [[f"run {index}", f"{run.wall_s:.1f}", f"{run.calib_s:.1f}", f"{run.eval_s:.1f}",
-              f"{run.wall_s - run.calib_s - run.eval_s:.1f}", "yes" if run.metrics == runs[0].metrics else "NO"]
+              f"{run.wall_s - run.calib_s - run.eval_s:.1f}", same_metrics(run, runs[0])]
              for index, run in enumerate(runs, start=1)]
     print(tabulate(rows, headers=["run", "wall s", "calibration s", "evaluation s", "rest s",
                                   "metrics = run 1"], tablefmt="github"))

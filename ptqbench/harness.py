@@ -9,6 +9,8 @@ Each quantized cell is sealed after calibration (`seal_for_evaluation`: every si
 every element, except the FP sites its method declares in `fp_sites`). The FP row is evaluated
 through `fp_twin` of the model (the quantizable twin with every site off, not sealed:
 segment_anything's numbers bit for bit), so it runs the same forward as the quantized cells.
+The whole grid runs with cuDNN's deterministic algorithms, as the reference code bases run
+(`ptqbench.determinism`).
 
 Under torchrun (see `ptqbench.distributed`) every rank builds the model and the tasks; rank 0
 decides what to skip, calibrates and seals each cell and sends the sealed model to the other
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from ptqbench.config import DEFAULT_CALIB_SIZE, BitSpec, RunConfig
+from ptqbench.determinism import deterministic_cudnn
 from ptqbench.distributed import DistributedContext
 from ptqbench.errors import CellError, ConfigError, PtqbenchError
 from ptqbench.methods.base import METHODS
@@ -201,6 +204,12 @@ class Harness:
         self.grid = GridProgress(len(self.config.tasks) * cells_per_task, fp_cells=len(self.config.tasks))
 
     def execute(self) -> None:
+        """Run the grid, with cuDNN's deterministic algorithms as the reference code bases
+        (`ptqbench.determinism`)."""
+        with deterministic_cudnn():
+            self._execute()
+
+    def _execute(self) -> None:
         tasks = self._checked_tasks()
         loaded = self.dist.main_first(lambda: load_model(self.config.model, self.config.checkpoint,
                                                          progress=self.progress))
