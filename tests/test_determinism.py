@@ -28,10 +28,17 @@ def test_a_grid_calibrates_and_evaluates_with_deterministic_cudnn(tmp_path, monk
     seen: dict[str, list[bool]] = {"calibrate": [], "evaluate": []}
     method = METHODS.get("minmax")
     calibrate, evaluate = method.calibrate, harness.Harness._evaluate
-    monkeypatch.setattr(method, "calibrate", lambda self, *args: (
-        seen["calibrate"].append(torch.backends.cudnn.deterministic), calibrate(self, *args))[1])
-    monkeypatch.setattr(harness.Harness, "_evaluate", lambda self, *args: (
-        seen["evaluate"].append(torch.backends.cudnn.deterministic), evaluate(self, *args))[1])
+
+    def recording_calibrate(self, *args):
+        seen["calibrate"].append(torch.backends.cudnn.deterministic)
+        return calibrate(self, *args)
+
+    def recording_evaluate(self, *args):
+        seen["evaluate"].append(torch.backends.cudnn.deterministic)
+        return evaluate(self, *args)
+
+    monkeypatch.setattr(method, "calibrate", recording_calibrate)
+    monkeypatch.setattr(harness.Harness, "_evaluate", recording_evaluate)
     assert main(["run", "--methods", "minmax", "--bits", "4", "--tasks", "coco", "--limit", "1", "--device", "cpu",
                  "--out", str(tmp_path)]) == 0
     assert seen == {"calibrate": [True], "evaluate": [True, True]}
