@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from ptqbench.models.sam1 import batched_encoder
 from ptqbench.models.sam1.batched_encoder import BatchedImageEncoder
 
 
@@ -57,16 +58,21 @@ def test_only_the_first_batch_of_each_size_is_also_encoded_image_by_image(sam_ti
     assert batched.batch_size == 2
 
 
-def test_batch_dependent_blocks_fall_back_to_single_images(sam_tiny, caplog):
+def test_batch_dependent_blocks_fall_back_to_single_images_and_warn_once(sam_tiny, caplog, monkeypatch):
     encoder = sam_tiny.image_encoder
     encoder.blocks.append(BatchMixing())
     inputs = _inputs(encoder, 3)
     with torch.no_grad():
         expected = [encoder(x) for x in inputs]
+    monkeypatch.setattr(batched_encoder, "_WARNED", set())
     batched = BatchedImageEncoder(encoder, batch_size=3)
-    with caplog.at_level(logging.WARNING, logger="ptqbench.models.sam1.batched_encoder"):
+    with caplog.at_level(logging.DEBUG, logger="ptqbench.models.sam1.batched_encoder"):
         embeddings = batched(inputs)
-    assert "different bits for a batch of 3 images" in caplog.text
+        again = BatchedImageEncoder(encoder, batch_size=3)  # the next cell's encoder: checked again, warned once
+        assert all(torch.equal(e, r) for e, r in zip(again(inputs), expected)) and again.batch_size == 1
+    fallbacks = [record.levelno for record in caplog.records if "different bits for a batch of 3 images" in
+                 record.getMessage()]
+    assert fallbacks == [logging.WARNING, logging.DEBUG]
     assert all(torch.equal(e, r) for e, r in zip(embeddings, expected))
     assert batched.batch_size == 1
 

@@ -10,8 +10,10 @@ embedding and the neck run per image and only the blocks run on the batch.
 
 That the blocks agree is a property of the kernels the libraries choose for each shape on a given
 GPU, not a guarantee. `BatchedImageEncoder` therefore checks it. The first batch of each size is
-also encoded image by image and compared bit for bit. If any bit differs, the encoder logs a
-warning, keeps the single-image embeddings, and encodes one image at a time from then on.
+also encoded image by image and compared bit for bit. If any bit differs, the encoder keeps the
+single-image embeddings and encodes one image at a time from then on; it warns the first time this
+happens in the process for a device and batch size (a grid builds an encoder per cell, and on a GPU
+the same kernels disagree in every cell), later times only in the debug log.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, int]] = set()
+"""(device, batch size) pairs whose fallback this process has warned about."""
 
 
 class BatchedImageEncoder:
@@ -62,8 +66,11 @@ class BatchedImageEncoder:
         if all(torch.equal(b, s) for b, s in zip(batched, singles)):
             self._verified_sizes.add(len(inputs))
             return batched
-        log.warning("the image encoder's blocks give different bits for a batch of %d images than for "
-                    "the images one by one on %s; encoding one image at a time", len(inputs), inputs[0].device)
+        seen = (str(inputs[0].device), len(inputs))
+        log.log(logging.DEBUG if seen in _WARNED else logging.WARNING,
+                "the image encoder's blocks give different bits for a batch of %d images than for the images "
+                "one by one on %s; encoding one image at a time", len(inputs), inputs[0].device)
+        _WARNED.add(seen)
         self.batch_size = 1
         return singles
 
