@@ -10,7 +10,10 @@ runs, as separate processes, `--jobs` at a time, within one wall-clock budget (`
     task (sam_tiny, synthetic demo data, `fast` preset), one run per method;
 (c) one `sam_vit_b` cell per method: COCO, W4A4, `--limit 4 --calib-size 2 --preset fast`, on
     `../shared/realdata` when it is there, else the demo data, with random weights written once
-    to a checkpoint file (not the official one, so every row is labelled `unofficial-checkpoint`).
+    to a checkpoint file (not the official one, so every row is labelled `unofficial-checkpoint`);
+(d) the demo grid of the `--repeat` methods (default `saqsam`, whose cells use every GPU path of
+    the project: fused kernels, CUDA-graph reconstruction, lockstep searches) a second time: it
+    passes only when every task's metrics equal the first run's to the last digit.
 Each run has its own results store; the table (phase, method, pass/fail, calib_s, eval_s, peak
 GiB) is read from those stores: the method's rows summed over tasks (peak: the largest). With
 several jobs at a time the seconds include the other jobs' load. A run passes when it exits 0
@@ -22,7 +25,7 @@ every failed job's log), `pytest.log`, and `logs.tar.gz` (every job's log, and i
 leaderboards and error tracebacks). The checkpoint, stores and per-cell artefacts stay in
 `--work-dir` (default: a new temporary folder).
 
-A dry run on the CPU: `python3 tools/gpu_check.py --device cpu --methods minmax --skip-tests --out DIR`.
+A dry run on the CPU: `python3 tools/gpu_check.py --device cpu --methods minmax --repeat minmax --skip-tests --out DIR`.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ TAIL_LINES = 15  # lines of a failed job's log quoted in summary.md
 
 @dataclass(frozen=True)
 class Job:
-    """One process of the check. phase: "tests", "demo" or "sam_vit_b"; method: "-" for the tests;
-    tasks: the tasks whose row of `method` the run must store (none for the tests)."""
+    """One process of the check. phase: "tests", "demo", "sam_vit_b" or "repeat"; method: "-" for
+    the tests; tasks: the tasks whose row of `method` the run must store (none for the tests);
+    repeats: the store folder of the run whose metrics this one must reproduce."""
 
     phase: str
     method: str
@@ -58,6 +62,7 @@ class Job:
     log: Path
     out: Path | None = None
     tasks: tuple[str, ...] = ()
+    repeats: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", help="comma-separated methods (default: every registered method)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
     parser.add_argument("--data-root", help="data of the sam_vit_b cells (default ../shared/realdata, else the demo)")
+    parser.add_argument("--repeat", default="saqsam",
+                        help="comma-separated methods whose demo grid runs twice and must repeat its metrics "
+                             "(default saqsam; empty: none)")
     parser.add_argument("--jobs", type=int, help="processes at a time (default 5 on cuda, 1 otherwise)")
     parser.add_argument("--budget-s", type=float, default=520.0,
                         help="wall-clock budget of all jobs in seconds (default 520)")
@@ -101,7 +109,7 @@ def random_sam_b_checkpoint(path: Path) -> Path:
 
 
 def plan(args: argparse.Namespace, work: Path) -> list[Job]:
-    """The jobs in the order they start: the tests, then the sam_vit_b cells, then the demo grid.
+    """The jobs in the order they start: the tests, the sam_vit_b cells, the demo grid, its repeats.
 
     Each run gets a fresh store under `work/runs` (what an earlier check left there is removed).
     """
@@ -124,10 +132,13 @@ def plan(args: argparse.Namespace, work: Path) -> list[Job]:
             "--methods", method, "--limit", "4", "--calib-size", "2", "--preset", "fast", "--out", str(out)),
             work / "logs" / f"sam_vit_b-{method}.log", out, ("coco",)))
     tasks = tuple(TASKS.names())
-    for method in methods:
-        out = work / "runs" / f"demo-{method}"
-        jobs.append(Job("demo", method, run + ("--data-root", "demo", "--tasks", ",".join(tasks), "--methods", method,
-                                               "--out", str(out)), work / "logs" / f"demo-{method}.log", out, tasks))
+    repeated = [METHODS.canonical(name) for name in args.repeat.split(",") if name]
+    for phase, method in [("demo", method) for method in methods] + [("repeat", m) for m in repeated if m in methods]:
+        name = f"demo-{method}" + ("-repeat" if phase == "repeat" else "")
+        out = work / "runs" / name
+        jobs.append(Job(phase, method, run + ("--data-root", "demo", "--tasks", ",".join(tasks), "--methods", method,
+                                              "--out", str(out)), work / "logs" / f"{name}.log", out, tasks,
+                        work / "runs" / f"demo-{method}" if phase == "repeat" else None))
     return jobs
 
 
@@ -154,19 +165,27 @@ def execute(job: Job, deadline: float, threads: int) -> Outcome:
     return Outcome(returncode, time.monotonic() - start)
 
 
-def stored_rows(job: Job) -> list:
-    """The records of `job.method` in the job's store (none when it has no store yet)."""
+def stored_rows(out: Path, method: str) -> list:
+    """The records of `method` in the store of the run writing to `out` (none when it has no store yet)."""
     from ptqbench.results import RunStore
 
-    path = job.out / "ptqbench.sqlite"
+    path = out / "ptqbench.sqlite"
     if not path.is_file():
         return []
-    return [record for record in RunStore(path).records() if record.method == job.method]
+    return [record for record in RunStore(path).records() if record.method == method]
+
+
+def unrepeated_tasks(rows: list, first_rows: list) -> list[str]:
+    """The tasks whose metrics in `rows` differ from those in `first_rows` (to the last digit), or
+    that only one of the two stored."""
+    first = {record.task: record.metrics for record in first_rows}
+    again = {record.task: record.metrics for record in rows}
+    return sorted(task for task in first.keys() | again.keys() if first.get(task) != again.get(task))
 
 
 def table_row(job: Job, outcome: Outcome) -> list[str]:
     """phase, method, result, calib_s, eval_s, peak GiB (blank where the job stored nothing)."""
-    rows = stored_rows(job) if job.out is not None else []
+    rows = stored_rows(job.out, job.method) if job.out is not None else []
     if not outcome.started:
         result = "fail (not started: budget spent)"
     elif outcome.returncode is None:
@@ -175,6 +194,8 @@ def table_row(job: Job, outcome: Outcome) -> list[str]:
         result = f"fail (exit {outcome.returncode})"
     elif sorted(record.task for record in rows) != sorted(job.tasks):
         result = f"fail (rows stored for {sorted(record.task for record in rows)}, expected {sorted(job.tasks)})"
+    elif job.repeats is not None and (differ := unrepeated_tasks(rows, stored_rows(job.repeats, job.method))):
+        result = f"fail (metrics differ from the first demo run: {', '.join(differ)})"
     else:
         result = "pass"
     if not rows:
