@@ -11,9 +11,9 @@ runs, as separate processes, `--jobs` at a time, within one wall-clock budget (`
 (c) one `sam_vit_b` cell per method: COCO, W4A4, `--limit 4 --calib-size 2 --preset fast`, on
     `../shared/realdata` when it is there, else the demo data, with random weights written once
     to a checkpoint file (not the official one, so every row is labelled `unofficial-checkpoint`);
-(d) the demo grid of the `--repeat` methods (default `saqsam`, whose cells use every GPU path of
-    the project: fused kernels, CUDA-graph reconstruction, lockstep searches) a second time: it
-    passes only when every task's metrics equal the first run's to the last digit.
+(d) the demo grid of the `--repeat` methods (default `saqsam`, whose cells use most of the
+    project's GPU paths: fused kernels, CUDA-graph reconstruction, lockstep searches) a second
+    time: it passes only when every task's metrics equal the first run's to the last digit.
 Each run has its own results store; the table (phase, method, pass/fail, calib_s, eval_s, peak
 GiB) is read from those stores: the method's rows summed over tasks (peak: the largest). With
 several jobs at a time the seconds include the other jobs' load. A run passes when it exits 0
@@ -133,8 +133,9 @@ def plan(args: argparse.Namespace, work: Path) -> list[Job]:
             work / "logs" / f"sam_vit_b-{method}.log", out, ("coco",)))
     tasks = tuple(TASKS.names())
     repeated = [METHODS.canonical(name) for name in args.repeat.split(",") if name]
-    for phase, method in [("demo", method) for method in methods] + [("repeat", m) for m in repeated if m in methods]:
-        name = f"demo-{method}" + ("-repeat" if phase == "repeat" else "")
+    demo_runs = [("demo", m, f"demo-{m}") for m in methods]
+    demo_runs += [("repeat", m, f"demo-{m}-repeat") for m in repeated if m in methods]
+    for phase, method, name in demo_runs:
         out = work / "runs" / name
         jobs.append(Job(phase, method, run + ("--data-root", "demo", "--tasks", ",".join(tasks), "--methods", method,
                                               "--out", str(out)), work / "logs" / f"{name}.log", out, tasks,
