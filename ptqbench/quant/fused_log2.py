@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ptqbench.quant.graph_capture import capturing
+
 try:
     import triton
     import triton.language as tl
@@ -111,7 +113,7 @@ def level_powers(tau: int, bits: int, device: torch.device) -> Tensor:
     whatever algorithm torch's `pow` uses). Read-only: one table per (tau, bits, device) is kept
     and shared, except while a CUDA graph is being captured (a table made then would hold its
     values only once the graph replays), when a fresh one is computed."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing(device):
         return _compute_level_powers(tau, bits, device)
     return _kept_level_powers(tau, bits, device)
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ptqbench.quant import functional as qf
 from ptqbench.quant import fused_lsq
+from ptqbench.quant.graph_capture import capturing
 
 if TYPE_CHECKING:
     from ptqbench.quant.observers import Observer
@@ -134,7 +135,7 @@ class FakeQuantizer(nn.Module):
         if kept is not None and kept[0] is zero_point and kept[1] == zero_point._version:
             return kept[2]
         cast = zero_point.to(torch.int32)
-        if not (zero_point.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not capturing(zero_point.device):
             self._int_zero_point = (zero_point, zero_point._version, cast)
         return cast
 
