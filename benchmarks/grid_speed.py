@@ -107,11 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's runs keep their bytecode
         first = run_grid(args, work / "untimed", env)
         runs = [run_grid(args, work / f"run{index}", env) for index in range(1, args.runs + 1)]
-    rows = [["untimed first run", f"{first.wall_s:.1f}", f"{first.calib_s:.1f}", f"{first.eval_s:.1f}",
-             f"{first.wall_s - first.calib_s - first.eval_s:.1f}", same_metrics(first, runs[0])]]
-    rows += [[f"run {index}", f"{run.wall_s:.1f}", f"{run.calib_s:.1f}", f"{run.eval_s:.1f}",
-              f"{run.wall_s - run.calib_s - run.eval_s:.1f}", same_metrics(run, runs[0])]
-             for index, run in enumerate(runs, start=1)]
+    labelled = [("untimed first run", first)] + [(f"run {index}", run) for index, run in enumerate(runs, start=1)]
+    rows = [[label, f"{run.wall_s:.1f}", f"{run.calib_s:.1f}", f"{run.eval_s:.1f}",
+             f"{run.wall_s - run.calib_s - run.eval_s:.1f}", same_metrics(run, runs[0])] for label, run in labelled]
     print(tabulate(rows, headers=["run", "wall s", "calibration s", "evaluation s", "rest s",
                                   "metrics = run 1"], tablefmt="github"))
     median = statistics.median(run.wall_s for run in runs)
