@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from segment_anything.modeling.transformer import Attention
 
 from ptqbench.errors import PtqbenchError
+from ptqbench.methods.saqsam import pcc
 from ptqbench.methods.saqsam.pcc import (
     PCC_PERCENTILES,
     PccConfig,
@@ -17,6 +20,7 @@ from ptqbench.methods.saqsam.pcc import (
     pcc_search,
     percentile_candidates,
     read_input,
+    score_candidates,
     search_clip,
 )
 from ptqbench.models.calibration import CalibrationSample
@@ -86,7 +90,8 @@ def test_pcc_clips_far_inside_outliers_and_beats_the_mse_range():
         with torch.no_grad():
             return focus_distance(reference, attention.attention_map(queries, keys))
 
-    choice = search_clip(site, keys, distance)
+    with torch.no_grad():
+        choice = search_clip(site, keys, partial(score_candidates, attention, "k_proj.input", queries, keys, reference))
     assert site.mode == "quantize"
     assert choice.distance == min(choice.distances)
     assert max(abs(choice.x_min), abs(choice.x_max)) < 0.1 * keys.abs().max().item()  # > 10x clipping
@@ -96,6 +101,35 @@ def test_pcc_clips_far_inside_outliers_and_beats_the_mse_range():
     observer.update(keys)
     site.set_range(*observer.compute_range(4))
     assert float(distance()) > choice.distance
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("site", ["q_proj.input", "k_proj.input", "q", "k"])
+@pytest.mark.parametrize("key_tokens", [7, 1100])  # softmax rows short, and past the GPU's one-warp softmax
+def test_scoring_a_stack_of_candidates_gives_each_the_distance_it_gets_alone(device, site, key_tokens, monkeypatch):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    generator = torch.Generator().manual_seed(2)
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        attention = QuantDecoderAttention.from_float(Attention(256, 8, downsample_rate=2), 4, 4).eval().to(device)
+    q = torch.randn(3, 9, 256, generator=generator).to(device)
+    k = torch.randn(3, key_tokens, 256, generator=generator).to(device)
+    quantizer = attention.get_submodule(f"{site}_quantizer")
+    other = attention.get_submodule("q_quantizer" if site.startswith("k") else "k_quantizer")
+    with torch.no_grad():
+        reference = attention.attention_map(q, k)
+        other.set_range(torch.tensor(-1.0, device=device), torch.tensor(1.5, device=device))
+        activation = read_input(attention, f"{site}_quantizer", lambda module: module.attention_map(q, k))
+        candidates = percentile_candidates(activation)
+        alone = []
+        for x_min, x_max in candidates:
+            quantizer.set_range(x_min, x_max)
+            alone.append(focus_distance(reference, attention.attention_map(q, k)).item())
+        monkeypatch.setattr(pcc, "deferral_limit", lambda device: 10 * pcc.STACK_INTERMEDIATES * reference.nbytes)
+        stacked = score_candidates(attention, site, q, k, reference, candidates).tolist()  # stacks of 10
+    assert len(set(alone)) > 5  # the candidates differ, so a mix-up would show
+    assert stacked == alone
 
 
 def _sample(size: int = 256, boxes: int = 3) -> CalibrationSample:

@@ -94,7 +94,8 @@ class ModelAdapter(Protocol):
 
     def decoder_attentions(self, model: nn.Module) -> dict[str, nn.Module]:
         """The prompt decoder's attentions (PCC, BIG), by module path, in forward order; in a twin
-        each has `attention_map(q, k)` and a `<site>_quantizer` child per site (q, k, v, softmax)."""
+        each has `attention_map(q, k)`, its two sides `query_heads(q)` and `key_heads(k)` and their
+        `logits(query_heads, key_heads)`, and a `<site>_quantizer` child per site (q, k, v, softmax)."""
         ...
 
     def token_to_image_attentions(self, model: nn.Module) -> dict[str, nn.Module]:

@@ -76,7 +76,12 @@ class FakeQuantizer(nn.Module):
         """
         if x_min.dim() == 0:
             self.set_range_args = (x_min.detach(), x_max.detach())
-        scale, zero_point = qf.affine_qparams(x_min.float(), x_max.float(), self.bits)
+        self.set_qparams(*qf.affine_qparams(x_min.float(), x_max.float(), self.bits))
+
+    def set_qparams(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Use this scale and zero point (0-d or [C], as `functional.affine_qparams` gives them) and
+        switch to quantize mode. A search that tries many ranges computes their qparams in one
+        batch and sets each in turn: the same values as `set_range` of each range."""
         self._store(scale, zero_point)
         self.mode = "quantize"
 

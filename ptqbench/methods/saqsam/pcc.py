@@ -31,6 +31,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -41,7 +42,9 @@ from ptqbench.errors import ConfigError, PtqbenchError
 from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSample
 from ptqbench.progress import phase
+from ptqbench.quant import functional as qf
 from ptqbench.quant.layers import QuantWeightLayer
+from ptqbench.quant.lockstep import deferral_limit
 from ptqbench.quant.quantizer import FakeQuantizer
 from ptqbench.quant.sites import quantizer_sites
 from ptqbench.recon.cache import capture
@@ -68,10 +71,12 @@ def focus_masks(attn: Tensor, theta: float = DEFAULT_THETA) -> Tensor:
 def focus_iou(reference: Tensor, quantized: Tensor, theta: float = DEFAULT_THETA) -> Tensor:
     """The focus IoU per (prompt, head): sum(min(M, M_hat)) / (sum(max(M, M_hat)) + 1e-6).
 
-    reference, quantized: attention maps [..., Nq, Nk] (decoder: [prompts, heads, Nq, Nk]) ->
-    IoU [...] (sums over Nq and Nk).
+    reference: attention maps [..., Nq, Nk] (decoder: [prompts, heads, Nq, Nk]); quantized: maps of
+    the same shape, or a stack of them [C, ...] (one per candidate) -> IoU [...] or [C, ...] (sums
+    over Nq and Nk). The sums count 0/1 masks, exact in float32 whatever their order, so a stack
+    gives each candidate the IoU it gets alone, bit for bit.
     """
-    if reference.shape != quantized.shape:
+    if quantized.shape[quantized.dim() - reference.dim():] != reference.shape:
         raise ValueError(f"attention maps of shapes {tuple(reference.shape)} and {tuple(quantized.shape)} differ")
     m, m_hat = focus_masks(reference, theta), focus_masks(quantized, theta)
     inter = torch.minimum(m, m_hat).sum(dim=(-2, -1))
@@ -83,6 +88,15 @@ def focus_distance(reference: Tensor, quantized: Tensor, theta: float = DEFAULT_
     """mean(1 - focus IoU) over prompts and heads (0 for maps with the same focus), a 0-d tensor
     on the maps' device (not read back, so a search can score every candidate before one read)."""
     return (1.0 - focus_iou(reference, quantized, theta)).mean()
+
+
+def candidate_distances(reference: Tensor, stacked: Tensor, theta: float = DEFAULT_THETA) -> Tensor:
+    """`focus_distance(reference, stacked[c])` for every candidate c, bit for bit: [C] on the maps'
+    device. reference: [..., Nq, Nk]; stacked: [C, ..., Nq, Nk]. The IoUs come from one pass over the
+    stack; each candidate's mean is its own reduction, as it is alone (a batched mean may sum in
+    another order)."""
+    iou = focus_iou(reference, stacked, theta)
+    return torch.stack([(1.0 - candidate_iou).mean() for candidate_iou in iou])
 
 
 TORCH_QUANTILE_LIMIT = 2**24
@@ -143,26 +157,58 @@ class ClipChoice:
     candidates: tuple[tuple[float, float], ...]
 
 
-def search_clip(quantizer: FakeQuantizer, activation: Tensor, distance: Callable[[], Tensor],
+def search_clip(quantizer: FakeQuantizer, activation: Tensor,
+                distances: Callable[[list[tuple[Tensor, Tensor]]], Tensor],
                 percentiles: Sequence[float] = PCC_PERCENTILES) -> ClipChoice:
-    """Greedy step of PCC: try each percentile clip of `activation` on `quantizer`, keep the best.
+    """Greedy step of PCC: score each percentile clip of `activation` on `quantizer`, keep the best.
 
     quantizer: the site searched (uniform grid; left in quantize mode at the winning range).
-    activation: the site's input on the search image (any shape). distance: () -> the focus
-    distance (0-d tensor) of the model as it is now (called once per candidate, with the
-    candidate set); the distances are read back together, once per site.
+    activation: the site's input on the search image (any shape). distances: (candidate ranges,
+    each a pair of 0-d tensors) -> their focus distances [C] (a tensor, read back once per site),
+    each the distance of the model with `quantizer` at that range (`score_candidates`).
     """
     candidates = percentile_candidates(activation, percentiles)
-    scored = []
-    for x_min, x_max in candidates:
-        quantizer.set_range(x_min, x_max)
-        scored.append(distance().detach().reshape(()))
-    distances = torch.stack(scored).tolist()
-    best = min(range(len(candidates)), key=distances.__getitem__)
+    scores = distances(candidates).tolist()
+    best = min(range(len(candidates)), key=scores.__getitem__)
     x_min, x_max = candidates[best]
     quantizer.set_range(x_min, x_max)
-    return ClipChoice(float(percentiles[best]), float(x_min), float(x_max), distances[best], tuple(distances),
+    return ClipChoice(float(percentiles[best]), float(x_min), float(x_max), scores[best], tuple(scores),
                       tuple((float(lo), float(hi)) for lo, hi in candidates))
+
+
+QUERY_SIDE_SITES: frozenset[str] = frozenset({"q_proj.input", "q"})
+"""The QK sites on the query side of the logits (`query_heads`); the others are on the key side."""
+STACK_INTERMEDIATES = 6
+"""About how many tensors of a stack's size `score_candidates` holds at once (logits, maps, masks)."""
+
+
+def score_candidates(attention: nn.Module, site: str, q: Tensor, k: Tensor, reference_map: Tensor,
+                     candidates: Sequence[tuple[Tensor, Tensor]], theta: float = DEFAULT_THETA) -> Tensor:
+    """The focus distance of `attention.attention_map(q, k)` to `reference_map` with the QK site
+    `site` at each candidate range: [C], bit for bit what `focus_distance` gives each alone.
+
+    The other side of the logits is computed once; per candidate, the site's side and its logits
+    (the same kernels as `attention_logits`), then the softmax and the masks of a stack of
+    candidates in one pass each (row by row, so the same values). Stacks hold as many candidates
+    as `deferral_limit` of the device allows. The site is left at the last candidate.
+    attention: a decoder attention twin; q [B, Nq, C], k [B, Nk, C]; reference_map [B, heads, Nq, Nk].
+    """
+    quantizer = attention.get_submodule(f"{site}_quantizer")
+    scales, zero_points = qf.affine_qparams(torch.stack([lo for lo, _ in candidates]).float(),
+                                            torch.stack([hi for _, hi in candidates]).float(), quantizer.bits)
+    query_side = site in QUERY_SIDE_SITES
+    fixed = attention.key_heads(k) if query_side else attention.query_heads(q)
+    per_stack = max(1, deferral_limit(reference_map.device)
+                    // (STACK_INTERMEDIATES * reference_map.numel() * reference_map.element_size()))
+    distances = []
+    for start in range(0, len(candidates), per_stack):
+        logits = []
+        for index in range(start, min(start + per_stack, len(candidates))):
+            quantizer.set_qparams(scales[index], zero_points[index])
+            moving = attention.query_heads(q) if query_side else attention.key_heads(k)
+            logits.append(attention.logits(moving, fixed) if query_side else attention.logits(fixed, moving))
+        distances.append(candidate_distances(reference_map, torch.softmax(torch.stack(logits), dim=-1), theta))
+    return torch.cat(distances)
 
 
 @dataclass(frozen=True)
@@ -221,8 +267,9 @@ def search_attention(attention: nn.Module, q: Tensor, k: Tensor, reference_map: 
     Each site's activation is read with the attention's other sites as they are now (earlier
     sites of this pass at their picks, later ones as the previous pass left them, or off), its
     candidates are scored by the focus distance of `attention.attention_map(q, k)` to
-    `reference_map` [B, heads, Nq, Nk], and the site is left quantizing at its pick: SAQ-SAM's
-    `search_range_AOL` (`quant_model.py:349-419`). `prefix` names the attention in the results.
+    `reference_map` [B, heads, Nq, Nk] (`score_candidates`), and the site is left quantizing at
+    its pick: SAQ-SAM's `search_range_AOL` (`quant_model.py:349-419`). `prefix` names the
+    attention in the results.
     attention: a decoder attention twin (`ModelAdapter.decoder_attentions`).
     """
     results = []
@@ -230,10 +277,8 @@ def search_attention(attention: nn.Module, q: Tensor, k: Tensor, reference_map: 
         quantizer = attention.get_submodule(f"{site}_quantizer")
         activation = read_input(attention, f"{site}_quantizer", lambda module: module.attention_map(q, k))
 
-        def distance() -> Tensor:
-            return focus_distance(reference_map, attention.attention_map(q, k), config.theta)
-
-        choice = search_clip(quantizer, activation, distance, config.percentiles)
+        distances = partial(score_candidates, attention, site, q, k, reference_map, theta=config.theta)
+        choice = search_clip(quantizer, activation, distances, config.percentiles)
         results.append(PccChoice(f"{prefix}{site}", pass_index, choice))
         log.debug("PCC pass %d %s%s: p=%s range [%.4g, %.4g] distance %.4f", pass_index, prefix, site,
                   choice.percentile, choice.x_min, choice.x_max, choice.distance)

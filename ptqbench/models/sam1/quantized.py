@@ -145,14 +145,27 @@ class QuantDecoderAttention(DecoderAttention):
         _activation_quantizers(twin, a_bits)
         return twin
 
+    def query_heads(self, q: Tensor) -> Tensor:
+        """The query side of the logits: q [B, Nq, C] through the q_proj input site, q_proj and the
+        q site, split into heads [B, heads, Nq, C / heads]."""
+        return self._separate_heads(self.q_quantizer(self.q_proj(q)), self.num_heads)
+
+    def key_heads(self, k: Tensor) -> Tensor:
+        """The key side: k [B, Nk, C] through the k_proj input site, k_proj and the k site, split
+        into heads [B, heads, Nk, C / heads]."""
+        return self._separate_heads(self.k_quantizer(self.k_proj(k)), self.num_heads)
+
+    @staticmethod
+    def logits(query_heads: Tensor, key_heads: Tensor) -> Tensor:
+        """Q K^T / sqrt(d) [B, heads, Nq, Nk] of `query_heads` [B, heads, Nq, d] and `key_heads` [B, heads, Nk, d]."""
+        c_per_head = query_heads.shape[-1]
+        attn = query_heads @ key_heads.permute(0, 1, 3, 2)
+        return attn / math.sqrt(c_per_head)
+
     def attention_logits(self, q: Tensor, k: Tensor) -> Tensor:
         """Q K^T / sqrt(d) [B, heads, Nq, Nk], with the q_proj / k_proj input sites and the q / k
         sites as they are. q: [B, Nq, C], k: [B, Nk, C]. The values are not touched (no v site runs)."""
-        q = self._separate_heads(self.q_quantizer(self.q_proj(q)), self.num_heads)
-        k = self._separate_heads(self.k_quantizer(self.k_proj(k)), self.num_heads)
-        _, _, _, c_per_head = q.shape
-        attn = q @ k.permute(0, 1, 3, 2)
-        return attn / math.sqrt(c_per_head)
+        return self.logits(self.query_heads(q), self.key_heads(k))
 
     def attention_map(self, q: Tensor, k: Tensor) -> Tensor:
         """A = softmax(`attention_logits`) [B, heads, Nq, Nk] before the softmax site (PCC's attention map)."""
