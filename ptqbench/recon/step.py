@@ -7,7 +7,7 @@ engine's update on them (the AdaRound regulariser's gradients and the optimisers
 `optimisation.UnitOptimisation`). `UnitStep` returns (loss, gradients).
 
 On a GPU the step is captured as a CUDA graph the first time an input-shape signature appears
-(after two warm-up runs on a side stream) and replayed for every later entry of that signature:
+(after one warm-up run on a side stream) and replayed for every later entry of that signature:
 the inputs are copied into the graph's static buffers and the recorded kernels, the optimisers'
 included, run again, with no Python and no kernel-launch overhead. Replays compute exactly what
 the eager step computes for the same random numbers; the random stream (QDrop's input mixing and
@@ -35,7 +35,9 @@ from ptqbench.recon.unit import Unit, with_unmixed
 log = logging.getLogger(__name__)
 
 Gradients = tuple[Tensor | None, ...]
-WARMUP_RUNS = 2
+WARMUP_RUNS = 1
+"""Eager runs of a step before its capture: the first run of a signature loads its kernels (Triton's
+specialisations for new shapes) and allocates the side stream's workspaces, which a capture may not do."""
 
 
 def mix_inputs(quant: dict[str, Tensor], fp: dict[str, Tensor], quantize_prob: float,
