@@ -13,6 +13,7 @@ from ptqbench.methods.saqsam.par import (
     FAST_SETTINGS,
     PAPER_SETTINGS,
     CopyIntoReference,
+    EncodedImages,
     engine_settings,
     frozen_reference,
     par_decoder_loss,
@@ -20,6 +21,7 @@ from ptqbench.methods.saqsam.par import (
     par_units,
     with_iterations,
 )
+from ptqbench.models.adapter import adapter_for
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
 from ptqbench.models.sam1.attention_groups import encoder_stages
 from ptqbench.models.sam1.quantized import quantize_sam
@@ -184,6 +186,27 @@ def test_par_reconstruct_copies_encoder_units_into_its_reference_and_leaves_fp_m
     assert not any(p.requires_grad for p in reference.parameters())
     assert reference.mask_decoder.transformer.layers[0] is not qmodel.mask_decoder.transformer.layers[0]
     assert type(reference.mask_decoder.transformer.layers[0].self_attn).__name__ == "Attention"
+
+
+def test_prompt_side_forward_encodes_each_image_once_per_model_and_gives_the_whole_forward(sam_tiny):
+    calib = _calibration(images=2, boxes=3)
+    qmodel = _calibrated(sam_tiny, calib)
+    adapter = adapter_for(qmodel)
+    encoded = EncodedImages(adapter)
+    encodes = []
+    handles = [model.image_encoder.register_forward_hook(lambda module, args, output, m=name: encodes.append(m))
+               for name, model in (("quantized", qmodel), ("fp", sam_tiny))]
+    with torch.no_grad():
+        for sample in calib.samples * 2:
+            for model in (qmodel, sam_tiny):
+                for prompts in (sample, sample.first_prompts(1)):
+                    expected = adapter.forward(model, prompts)
+                    got = encoded.forward(model, prompts)
+                    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    for handle in handles:
+        handle.remove()
+    # Per model: the 8 whole forwards encode 8 times; the cached forward once per image, 2 more.
+    assert encodes.count("quantized") == encodes.count("fp") == 8 + 2
 
 
 def test_transformer_keys_are_the_transformer_outputs(sam_tiny):

@@ -79,6 +79,16 @@ class ModelAdapter(Protocol):
         mask logits [N, 1, h, w] and predicted IoU [N, 1] for its N box prompts."""
         ...
 
+    def image_embedding(self, model: nn.Module, sample: CalibrationSample) -> Tensor:
+        """The image encoder's output on the sample's image (SAM: [1, 256, h, w])."""
+        ...
+
+    def forward_from_embedding(self, model: nn.Module, embedding: Tensor,
+                               sample: CalibrationSample) -> tuple[Tensor, Tensor]:
+        """`forward` with the image encoder's output given (`image_embedding` of the same image):
+        the same prompt-side modules, in the same order, on the same values."""
+        ...
+
     def forward_with_graph(self, model: nn.Module, sample: CalibrationSample) -> Tensor:
         """The mask logits of `forward` with every intermediate tensor in the autograd graph (the
         inputs require grad), so gradients reach any tensor of the model (BRECQ's Fisher weights)."""

@@ -37,10 +37,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor, nn
 
-from ptqbench.models.adapter import PromptAwareConfigs, PromptAwareUnits, adapter_for
-from ptqbench.models.calibration import CalibrationSet
+from ptqbench.models.adapter import ModelAdapter, PromptAwareConfigs, PromptAwareUnits, adapter_for
+from ptqbench.models.calibration import CalibrationSample, CalibrationSet
 from ptqbench.recon.engine import ReconstructionSettings, UnitReport, reconstruct
 from ptqbench.recon.unit import LossFn, Output, Tensors, Unit, UnitConfig
 
@@ -158,13 +159,37 @@ def par_reconstruct(qmodel: nn.Module, fp_model: nn.Module, calib: CalibrationSe
     """Run PAR on `qmodel` (every site already set, e.g. by PCC and the statistics step).
 
     Encoder stages and the neck are copied into a frozen copy of `fp_model` once reconstructed
-    (sequential targets); `fp_model` itself is not changed. Returns the engine's unit reports.
+    (sequential targets); `fp_model` itself is not changed. The prompt-side units then capture
+    their inputs from each model's image embeddings, computed once (`EncodedImages`). Returns the
+    engine's unit reports.
     """
     reference = frozen_reference(fp_model)
     units = par_unit_groups(qmodel, reference, settings)
-    return reconstruct(units.image_side + units.prompt_side, qmodel, reference, calib,
-                       engine_settings(qmodel, settings), seed, progress,
-                       on_unit_done=CopyIntoReference(qmodel, reference, {unit.name for unit in units.image_side}))
+    engine = engine_settings(qmodel, settings)
+    reports = reconstruct(units.image_side, qmodel, reference, calib, engine, seed, progress,
+                          on_unit_done=CopyIntoReference(qmodel, reference, {unit.name for unit in units.image_side}))
+    encoded = EncodedImages(adapter_for(qmodel))
+    return reports + reconstruct(units.prompt_side, qmodel, reference, calib, replace(engine, forward=encoded.forward),
+                                 seed, progress)
+
+
+class EncodedImages:
+    """The calibration forward of PAR's prompt-side units: each model's image embedding of each
+    calibration image is computed once (without gradients) and the forward runs on from it
+    (`ModelAdapter.forward_from_embedding`). Once the image side is reconstructed and copied into
+    the reference, neither model's image encoder changes, so every later unit would compute the
+    same embedding again; the prompt-side units capture their inputs in the decoder."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self._kept: dict[tuple[int, int], tuple[nn.Module, Tensor, Tensor]] = {}
+
+    def forward(self, model: nn.Module, sample: CalibrationSample) -> object:
+        key = (id(model), id(sample.image))  # the model and image are kept with it: the ids stay theirs
+        if key not in self._kept:
+            with torch.no_grad():
+                self._kept[key] = (model, sample.image, self.adapter.image_embedding(model, sample))
+        return self.adapter.forward_from_embedding(model, self._kept[key][2], sample)
 
 
 def engine_settings(qmodel: nn.Module, settings: ParSettings) -> ReconstructionSettings:

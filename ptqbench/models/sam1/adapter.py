@@ -11,7 +11,12 @@ from torch import Tensor, nn
 from ptqbench.models.adapter import PromptAwareConfigs, PromptAwareUnits
 from ptqbench.models.calibration import CalibrationSample, CalibrationSet
 from ptqbench.models.sam1 import attention_groups, quantized
-from ptqbench.models.sam1.calibration import build_calibration_set, forward_with_graph, sample_forward
+from ptqbench.models.sam1.calibration import (
+    build_calibration_set,
+    decode_prompts,
+    forward_with_graph,
+    sample_forward,
+)
 from ptqbench.models.sam1.inference import BoxPredictor
 from ptqbench.models.sam1.prompt_aware_units import prompt_aware_units
 from ptqbench.models.sam1.units import sam_units
@@ -44,6 +49,15 @@ class Sam1Adapter:
     def forward(self, model: nn.Module, sample: CalibrationSample) -> tuple[Tensor, Tensor]:
         """`calibration.sample_forward`."""
         return sample_forward(model, sample)
+
+    def image_embedding(self, model: nn.Module, sample: CalibrationSample) -> Tensor:
+        """The image encoder on `sample.image`."""
+        return model.image_encoder(sample.image)
+
+    def forward_from_embedding(self, model: nn.Module, embedding: Tensor,
+                               sample: CalibrationSample) -> tuple[Tensor, Tensor]:
+        """`calibration.decode_prompts`."""
+        return decode_prompts(model, embedding, sample.boxes)
 
     def forward_with_graph(self, model: nn.Module, sample: CalibrationSample) -> Tensor:
         """`calibration.forward_with_graph`."""

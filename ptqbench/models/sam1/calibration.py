@@ -41,6 +41,13 @@ def sam_forward(model: Sam, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tenso
     return decode_single_mask(model, model.image_encoder(image), sparse, dense)
 
 
+def decode_prompts(model: Sam, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """`sam_forward` from the image encoder's output: prompt encoder + single-mask decoder.
+    embedding: [1, 256, S/16, S/16]; boxes: [N, 4] input coordinates. Returns as `sam_forward`."""
+    sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
+    return decode_single_mask(model, embedding, sparse, dense)
+
+
 def forward_with_graph(model: Sam, sample: CalibrationSample) -> Tensor:
     """Mask logits [N, 1, S/4, S/4] of `sam_forward` with every intermediate tensor in the autograd
     graph: the image and the sparse prompt tokens require grad, so gradients reach any encoder or
