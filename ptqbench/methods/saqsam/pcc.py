@@ -87,7 +87,12 @@ def focus_iou(reference: Tensor, quantized: Tensor, theta: float = DEFAULT_THETA
 def focus_distance(reference: Tensor, quantized: Tensor, theta: float = DEFAULT_THETA) -> Tensor:
     """mean(1 - focus IoU) over prompts and heads (0 for maps with the same focus), a 0-d tensor
     on the maps' device (not read back, so a search can score every candidate before one read)."""
-    return (1.0 - focus_iou(reference, quantized, theta)).mean()
+    return distance_of_iou(focus_iou(reference, quantized, theta))
+
+
+def distance_of_iou(iou: Tensor) -> Tensor:
+    """mean(1 - IoU) of one map's focus IoUs [prompts, heads], a 0-d tensor."""
+    return (1.0 - iou).mean()
 
 
 def candidate_distances(reference: Tensor, stacked: Tensor, theta: float = DEFAULT_THETA) -> Tensor:
@@ -95,8 +100,7 @@ def candidate_distances(reference: Tensor, stacked: Tensor, theta: float = DEFAU
     device. reference: [..., Nq, Nk]; stacked: [C, ..., Nq, Nk]. The IoUs come from one pass over the
     stack; each candidate's mean is its own reduction, as it is alone (a batched mean may sum in
     another order)."""
-    iou = focus_iou(reference, stacked, theta)
-    return torch.stack([(1.0 - candidate_iou).mean() for candidate_iou in iou])
+    return torch.stack([distance_of_iou(candidate_iou) for candidate_iou in focus_iou(reference, stacked, theta)])
 
 
 TORCH_QUANTILE_LIMIT = 2**24
