@@ -7,8 +7,9 @@ ranges, AGQ, activation ranges, PAR), each timed once. PAR trains every unit for
 `--iterations` steps, then once more with twice as many; its projected time per unit is the
 measured capture time plus the preset's iterations times the steady-state step time, the difference
 of the two runs' training times over the extra steps (the capture of the steps' CUDA graphs is in
-both and cancels). The statistics steps run once on one image first (untimed), so that the one-off
-compilation of the Triton kernels is not in their time. With `--project-images N` the steps that
+both and cancels). Every step runs once on one image first (untimed; PAR with 2 steps per unit),
+so that the one-off compilation of the Triton kernels is in no measured time (in the first PAR
+run's, it would make the difference of the two runs negative). With `--project-images N` the steps that
 visit every calibration image (AGQ, the activation statistics, PAR's input capture) are scaled from
 `--images` to N images, for a short run, and so is the largest PAR unit cache in the projected peak
 GPU memory (measured peak + that cache's growth). The total is compared with a target (8 minutes by
@@ -44,13 +45,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def warm_up(method: SaqSam, fp_model, calib, spec: BitSpec) -> None:
-    """The statistics steps once on the first image, on a throwaway twin: the one-off compilation of
-    the Triton kernels (once per machine) is then not scaled with the images."""
+    """Every step once on the first image, on a throwaway twin, PAR with 2 steps per unit: the
+    one-off compilation of the Triton kernels (once per machine) is then in no measured time."""
     twin = quantize_sam(fp_model, spec.w_bits, spec.a_bits).to(calib.samples[0].image.device)
     one_image = replace(calib, samples=calib.samples[:1])
-    for name, step in method.steps(twin, fp_model, one_image, spec, seed=0):
-        if name != "PAR":
-            step()
+    short = SaqSam(replace(method.config, par=with_iterations(method.config.par, 2)), progress=False)
+    for _, step in short.steps(twin, fp_model, one_image, spec, seed=0):
+        step()
     synchronize(calib.samples[0].image.device)
 
 

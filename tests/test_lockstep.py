@@ -12,8 +12,8 @@ from scipy.optimize import minimize_scalar
 
 from ptqbench.quant.bounded_brent import bounded_brent, run_alone
 from ptqbench.quant.fused_lp_error import HAS_TRITON, FusedLpError
-from ptqbench.quant.lockstep import grid_qparams, lp_error
-from ptqbench.quant.mse_search import search_tensor_ranges, side_of, tensor_extrema
+from ptqbench.quant.lockstep import LpErrorRows, grid_qparams, lp_error, run_lockstep
+from ptqbench.quant.mse_search import mse_fast_search, search_tensor_ranges, side_of, tensor_extrema
 from ptqbench.quant.observers import DeferredSearches, make_observer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -72,6 +72,40 @@ def test_batched_searches_equal_the_searches_alone(device):
     alone = [search_tensor_ranges([x], [side], [b], 2.4)[0] for x, side, b in zip(xs, sides, bits)]
     assert together == alone
     assert {"pos", "neg", "no"} <= set(sides)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lanes_change_no_result(device):
+    """The searches give the same ranges whether they run in one lane or take turns in two or three."""
+    xs = [x.to(device) for x in _tensors()]
+    extrema = tensor_extrema(xs)
+
+    def ranges(lanes: int) -> list[object]:
+        searches = [mse_fast_search(side_of(*e), *e, 4) for e in extrema]
+        return run_lockstep([(LpErrorRows(xs, 4, 2.4), searches)], lanes=lanes)[0]
+
+    one = ranges(1)
+    assert ranges(2) == one
+    assert ranges(3) == one
+
+
+def test_lanes_take_turns():
+    """With two lanes, lane 0 (even searches) and lane 1 (odd ones) are scored alternately, each
+    step's candidates chosen from the losses of that lane's previous step."""
+    calls: list[list[int]] = []
+
+    class Parabolas:
+        def losses(self, rows, candidates):
+            calls.append(list(rows))
+            return torch.tensor([(float(x) - row) ** 2 for row, x in zip(rows, candidates)])
+
+    searches = [bounded_brent(-10.0, 10.0 + i, max_iter=6 + i) for i in range(4)]
+    found = run_lockstep([(Parabolas(), searches)], lanes=2)[0]
+    assert [round(x, 4) for x, _ in found] == [0.0, 1.0, 2.0, 3.0]
+    assert [sorted({row % 2 for row in rows}) for rows in calls[:12]] == [[0], [1]] * 6
+    expected = [[run_alone(bounded_brent(-10.0, 10.0 + i, max_iter=6 + i), lambda x, i=i: np.float32((x - i) ** 2))
+                 for i in range(4)]]
+    assert [found] == expected
 
 
 @pytest.mark.parametrize("max_bytes", [1, 5000])

@@ -7,6 +7,10 @@ unfinished search, scores all of them on the data's device (queued work, no read
 reads the losses back in one transfer. Each search still sees exactly the losses it would see
 alone, so the results do not depend on how searches are batched.
 
+The searches are dealt into two lanes that take turns, so that on a GPU the host's share of a
+step (advancing the generators, computing the next candidates' qparams, launching) overlaps the
+device's scoring of the other lane's candidates instead of waiting for it.
+
 The searches of one batch are grouped by a `RowEvaluator`, which scores the candidates of its
 searches (one data row each) without reading anything back (for the MSE range search,
 `LpErrorRows`).
@@ -34,31 +38,78 @@ class RowEvaluator(Protocol):
         ...
 
 
-def run_lockstep(groups: Sequence[tuple[RowEvaluator, Sequence[Generator]]]) -> list[list[object]]:
+LANES = 2
+
+
+def run_lockstep(groups: Sequence[tuple[RowEvaluator, Sequence[Generator]]],
+                 lanes: int = LANES) -> list[list[object]]:
     """Run every search of every group to its end; returns each group's results in order.
 
-    groups: (evaluator, searches) pairs, searches[i] scored on the evaluator's row i. Each step
-    scores all pending candidates (one `losses` call per group with unfinished searches) and
-    brings the losses to the host in one transfer.
+    groups: (evaluator, searches) pairs, searches[i] scored on the evaluator's row i.
+    lanes: search i of every group runs in lane i % lanes. A lane's step scores all its pending
+    candidates (one `losses` call per group with unfinished searches) and queues one transfer of
+    the losses to the host; the lanes then take turns: each waits for its own losses, advances
+    its searches and queues its next step while the device works on the other lanes' steps.
     """
-    pending: list[dict[int, object]] = [{i: next(search) for i, search in enumerate(searches)}
-                                        for _, searches in groups]
     results: list[list[object]] = [[None] * len(searches) for _, searches in groups]
-    while any(pending):
-        active = [g for g, waiting in enumerate(pending) if waiting]
-        parts = [groups[g][0].losses(list(pending[g]), list(pending[g].values())) for g in active]
-        losses = torch.cat(parts).float().cpu().numpy()
+    turns = [_Lane(groups, lane, lanes) for lane in range(lanes)]
+    for lane in turns:
+        lane.launch()
+    while any(lane.in_flight for lane in turns):
+        for lane in turns:
+            if lane.in_flight:
+                lane.advance(results)
+                lane.launch()
+    return results
+
+
+class _Lane:
+    """One lane of `run_lockstep`: the pending candidate of each of its searches, by group and
+    search index, and the losses of its last step while they travel to the host."""
+
+    def __init__(self, groups: Sequence[tuple[RowEvaluator, Sequence[Generator]]], lane: int, lanes: int) -> None:
+        self.groups = groups
+        self.pending: list[dict[int, object]] = [
+            {i: next(search) for i, search in enumerate(searches) if i % lanes == lane} for _, searches in groups]
+        self.losses: Tensor | None = None
+        self.arrived: torch.cuda.Event | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        return self.losses is not None
+
+    def launch(self) -> None:
+        """Queue the scoring of every pending candidate and the losses' transfer to the host."""
+        parts = [self.groups[g][0].losses(list(waiting), list(waiting.values()))
+                 for g, waiting in enumerate(self.pending) if waiting]
+        if not parts:
+            return
+        losses = torch.cat(parts).float()
+        if losses.device.type == "cpu":
+            self.losses = losses
+            return
+        self.losses = torch.empty(losses.shape, dtype=losses.dtype, pin_memory=True)
+        self.losses.copy_(losses, non_blocking=True)
+        self.arrived = torch.cuda.Event()
+        self.arrived.record(torch.cuda.current_stream(losses.device))
+
+    def advance(self, results: list[list[object]]) -> None:
+        """Wait for the losses of the step in flight, send each to its search, and store the
+        results of the searches that finish."""
+        if self.arrived is not None:
+            self.arrived.synchronize()
+        losses = self.losses.numpy()
+        self.losses, self.arrived = None, None
         position = 0
-        for g in active:
-            searches = groups[g][1]
-            for i in list(pending[g]):
+        for g, waiting in enumerate(self.pending):
+            searches = self.groups[g][1]
+            for i in list(waiting):
                 try:
-                    pending[g][i] = searches[i].send(np.float32(losses[position]))
+                    waiting[i] = searches[i].send(np.float32(losses[position]))
                 except StopIteration as stop:
-                    del pending[g][i]
+                    del waiting[i]
                     results[g][i] = stop.value
                 position += 1
-    return results
 
 
 def deferral_limit(device: torch.device) -> int:

@@ -112,7 +112,10 @@ class AgqRows:
         self.taus, self.bits, self.p = taus, bits, p
 
     def losses(self, rows: Sequence[int], candidates: Sequence[object]) -> Tensor:
-        scales = torch.tensor([float(s) for s in candidates], dtype=torch.float32).to(self.attn.device)
+        scales = torch.tensor([float(s) for s in candidates], dtype=torch.float32)
+        if self.attn.is_cuda:  # a copy from pinned memory does not wait for the work queued before it
+            scales = scales.pin_memory()
+        scales = scales.to(self.attn.device, non_blocking=True)
         return torch.stack([agq_loss(self.attn, self.value, scale, self.taus[row], self.bits, self.p, self.target)
                             for row, scale in zip(rows, scales)])
 
