@@ -141,6 +141,20 @@ def test_fake_quant_log2_scale_and_zero(tau: int) -> None:
     assert mid.item() == pytest.approx(0.37 * 2 ** (-2 / tau), rel=1e-6)
 
 
+def test_quantizer_refuses_float64_qparams_on_the_cpu_too() -> None:
+    """torch's CPU fake quantization computes with a float64 scale where its CUDA kernel raises, so
+    the quantizer refuses float64 qparams itself; a float64 range is converted first."""
+    quantizer = FakeQuantizer(4, is_weight=False)
+    scale, zero_point = affine_qparams(torch.tensor(-1.0), torch.tensor(2.0), 4)
+    with pytest.raises(TypeError, match="float32"):
+        quantizer.set_qparams(scale.double(), zero_point)
+    with pytest.raises(TypeError, match="float32"):
+        quantizer.set_qparams(scale, zero_point.double())
+    quantizer.set_range(torch.tensor(-1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+    assert quantizer.scale.dtype == quantizer.zero_point.dtype == torch.float32
+    assert float(quantizer.scale) == float(scale) and float(quantizer.zero_point) == float(zero_point)
+
+
 def test_quantizer_int_zero_point_follows_every_change_of_the_buffer() -> None:
     """The int32 zero point the fused kernel takes is kept between calls, and remade when the
     buffer gets a new range, is written in place, is loaded, or the module is copied."""

@@ -11,6 +11,7 @@ from ptqbench.quant import mse_search
 from ptqbench.quant.functional import affine_qparams, fake_quant_affine
 from ptqbench.quant.mse_search import bounded_search_per_tensor, grid_search_per_channel
 from ptqbench.quant.observers import (
+    OBSERVERS,
     AvgMinMaxObserver,
     MinMaxObserver,
     MSEObserver,
@@ -257,6 +258,25 @@ def test_make_observer() -> None:
         make_observer("mse", p=0.5)
     with pytest.raises(ConfigError):
         make_observer("percentile", percentile=120.0)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("name", OBSERVERS.names())
+@pytest.mark.parametrize("channel_axis", [None, 0])
+def test_every_observer_reports_float32_ranges_on_the_data_device(name: str, channel_axis: int | None,
+                                                                  device: str) -> None:
+    """The one dtype/device rule of the observers: whatever a search computes on the host, the range
+    it reports is float32 on the device of the data it observed, per tensor (one value) or per channel ([C])."""
+    g = torch.Generator().manual_seed(3)
+    observer = make_observer(name, channel_axis=channel_axis)
+    for _ in range(2):
+        observer.update((torch.randn(6, 50, generator=g) * 3 + 0.5).to(device))
+    for bits in (4, 8):
+        x_min, x_max = observer.compute_range(bits)
+        for v in (x_min, x_max):
+            assert v.dtype == torch.float32 and v.device.type == device
+            assert v.numel() == 1 if channel_axis is None else v.shape == (6,)
+        assert bool((x_min <= x_max).all())
 
 
 def test_strided_sample_keeps_extremes_and_caps_size():

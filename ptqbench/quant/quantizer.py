@@ -115,6 +115,12 @@ class FakeQuantizer(nn.Module):
             self.register_buffer("scale", value)
 
     def _store(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Keep new qparams, on the quantizer's device. They must be float32, the dtype every fake
+        quantization here computes in: torch's CUDA kernels refuse float64 qparams, its CPU kernels
+        compute with them, so a float64 mix-up is refused here, on the CPU too."""
+        if scale.dtype != torch.float32 or zero_point.dtype != torch.float32:
+            raise TypeError(f"quantizer qparams must be float32, got scale {scale.dtype} and "
+                            f"zero point {zero_point.dtype}")
         if self.learns_scale:
             self.scale.data = scale.to(self.scale.device)
         else:
