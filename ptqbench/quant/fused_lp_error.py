@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ptqbench.quant.functional import quant_range
+from ptqbench.transfer import upload
 
 try:
     import triton
@@ -209,4 +210,4 @@ class FusedLpError:
 
     def _to_device(self, array: np.ndarray) -> Tensor:
         """A host array on the device, through pinned memory without waiting."""
-        return torch.from_numpy(np.ascontiguousarray(array)).pin_memory().to(self.device, non_blocking=True)
+        return upload(torch.from_numpy(np.ascontiguousarray(array)), self.device)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ptqbench.quant.functional import quant_range
 from ptqbench.quant.fused_lp_error import FusedLpError, can_fuse
+from ptqbench.transfer import download
 
 
 class RowEvaluator(Protocol):
@@ -84,14 +85,7 @@ class _Lane:
                  for g, waiting in enumerate(self.pending) if waiting]
         if not parts:
             return
-        losses = torch.cat(parts).float()
-        if losses.device.type == "cpu":
-            self.losses = losses
-            return
-        self.losses = torch.empty(losses.shape, dtype=losses.dtype, pin_memory=True)
-        self.losses.copy_(losses, non_blocking=True)
-        self.arrived = torch.cuda.Event()
-        self.arrived.record(torch.cuda.current_stream(losses.device))
+        self.losses, self.arrived = download(torch.cat(parts).float())
 
     def advance(self, results: list[list[object]]) -> None:
         """Wait for the losses of the step in flight, send each to its search, and store the

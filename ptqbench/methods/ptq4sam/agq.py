@@ -36,6 +36,7 @@ from ptqbench.errors import PtqbenchError
 from ptqbench.quant import functional as qf
 from ptqbench.quant.bounded_brent import Search, bounded_brent
 from ptqbench.quant.lockstep import deferral_limit, run_lockstep
+from ptqbench.transfer import upload
 
 AGQ_TAUS: tuple[int, ...] = (1, 2, 4)
 AGQ_P = 2.4
@@ -112,10 +113,7 @@ class AgqRows:
         self.taus, self.bits, self.p = taus, bits, p
 
     def losses(self, rows: Sequence[int], candidates: Sequence[object]) -> Tensor:
-        scales = torch.tensor([float(s) for s in candidates], dtype=torch.float32)
-        if self.attn.is_cuda:  # a copy from pinned memory does not wait for the work queued before it
-            scales = scales.pin_memory()
-        scales = scales.to(self.attn.device, non_blocking=True)
+        scales = upload(torch.tensor([float(s) for s in candidates], dtype=torch.float32), self.attn.device)
         return torch.stack([agq_loss(self.attn, self.value, scale, self.taus[row], self.bits, self.p, self.target)
                             for row, scale in zip(rows, scales)])
 

@@ -29,6 +29,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from ptqbench.models.prediction import PromptedImage
 from ptqbench.models.sam1.automatic import AutomaticMaskGenerator
 from ptqbench.models.sam1.batched_encoder import BatchedImageEncoder
+from ptqbench.transfer import upload
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,12 @@ class BoxPredictor:
         a copy from pageable memory blocks until all queued kernels finished), as it is otherwise."""
         return tensor.pin_memory() if self.device.type == "cuda" else tensor
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor on the device, uploaded without waiting for the device."""
-        return self._host_tensor(tensor).to(self.device, non_blocking=True)
-
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """uint8 RGB [H, W, 3] -> (normalised, padded input [1, 3, S, S], resized (h, w))."""
         return self._model_input(self.prepare(image)[0])
 
     def _model_input(self, resized: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self._to_device(resized).permute(2, 0, 1).contiguous()[None]
+        x = upload(resized, self.device).permute(2, 0, 1).contiguous()[None]
         return self.model.preprocess(x), (resized.shape[0], resized.shape[1])
 
     def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -177,7 +174,7 @@ class BoxPredictor:
         """Decode boxes [N, 4] on `image` into host tensors masks [N, H, W] and ious [N] (on a GPU,
         copies launched on the current stream)."""
         non_blocking = self.device.type == "cuda"
-        boxes_t = self._to_device(torch.as_tensor(np.asarray(boxes), dtype=torch.float))
+        boxes_t = upload(torch.as_tensor(np.asarray(boxes), dtype=torch.float), self.device)
         boxes_t = self.transform.apply_boxes_torch(boxes_t, image.original_hw)
         for start in range(0, len(boxes_t), self.chunk_size):
             chunk = slice(start, start + self.chunk_size)
