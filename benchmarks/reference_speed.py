@@ -22,6 +22,9 @@ and the same device. Timed:
     `recon_speed.bench_model` (QDrop settings, W4A4, CUDA graphs on a GPU), its steady-state
     ms/step, with the softmax sites on the AGQ log2 grid (learnable scale), as the reference's
     attention units have them; bench_model's units start from min/max ranges.
+(c) the floor of (b)'s MLP step: its six float32 matrix products alone (two forward, an input and a
+    weight gradient for each linear), on one image's tokens, as one CUDA graph. Its ratio to the
+    reference's MLP step is the lowest ratio any float32 step of that unit can reach.
 
 Before anything is timed, one FP encoder forward warms the device up for both sides, and the
 ptqbench statistics run once on the first image on a throwaway twin (Triton kernels compile once
@@ -83,6 +86,7 @@ DETECTOR_WRAPPERS = {"focalnet_dino.focalnet_dino_wrapper": "FocalNetDINOWrapper
 UNIT_KINDS = ("encoder attn (window)", "encoder attn (global)", "encoder mlp")
 TARGET_STATISTICS, TARGET_STEP = 0.2, 0.5  # ptqbench / reference, at most (issue 16)
 PRESET = "paper"
+MLP_FLOOR = "encoder mlp, its six float32 matrix products alone"
 
 
 class Unused:
@@ -350,7 +354,44 @@ def run_ptqbench(fp_model: Sam, model_name: str, calib: CalibrationSet, boxes: i
     rows, _ = bench_model(model_name, steps, len(calib.samples), boxes, device,
                           ReconstructionSettings(forward=sample_forward), softmax="log2")
     times.update({row[1]: float(row[3]) / 1000 for row in rows if row[1] in UNIT_KINDS})
+    times[MLP_FLOOR] = mlp_matmul_floor(fp_model, device, steps)
     return times
+
+
+def mlp_matmul_floor(fp_model: Sam, device: torch.device, steps: int) -> float:
+    """Seconds per step of the encoder MLP step's six float32 matrix products alone: the forward of
+    its two linears and, for each, the input and the weight gradient, on one image's tokens
+    x [T, C] (SAM-B: T = 64 * 64, C = 768; random values, the first block's weights). No step of
+    that unit, quantized or not, can take less; on a GPU they run as one CUDA graph, as ptqbench's
+    step does."""
+    encoder = fp_model.image_encoder
+    tokens = (encoder.img_size // encoder.patch_embed.proj.kernel_size[0]) ** 2
+    mlp = encoder.blocks[0].mlp
+    w1, w2 = mlp.lin1.weight.detach(), mlp.lin2.weight.detach()  # [4C, C], [C, 4C]
+    x = torch.randn(tokens, w1.shape[1], device=device)
+    hidden = torch.randn(tokens, w1.shape[0], device=device)
+    grad_hidden, grad_out = torch.randn_like(hidden), torch.randn_like(x)
+
+    def products() -> None:
+        """Forward: x W1^T, h W2^T; backward: g2 W2, g2^T h, g1 W1, g1^T x."""
+        for left, right in ((x, w1.t()), (hidden, w2.t()), (grad_out, w2), (grad_out.t(), hidden),
+                            (grad_hidden, w1), (grad_hidden.t(), x)):
+            torch.mm(left, right)
+
+    run = products
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            products()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            products()
+        run = graph.replay
+    for _ in range(WARMUP_STEPS):
+        run()
+    return timed(device, lambda: [run() for _ in range(steps)]) / steps
 
 
 def warm_up(fp_model: Sam, calib: CalibrationSet, device: torch.device) -> None:
@@ -363,11 +404,12 @@ def warm_up(fp_model: Sam, calib: CalibrationSet, device: torch.device) -> None:
 
 def table(reference: dict[str, float], ptqbench: dict[str, float]) -> list[list[str]]:
     """Rows: what, reference, ptqbench, ratio, target (within / OVER)."""
-    def row(what: str, ref_value: float, ours: float, unit: str, target: float | None) -> list[str]:
+    def row(what: str, ref_value: float, ours: float, unit: str, target: float | None,
+            note: str = "") -> list[str]:
         """One row; times in seconds, shown as s or ms/step."""
         ratio = ours / ref_value if ref_value > 0 else float("nan")
         scale = 1000 if unit == "ms/step" else 1
-        verdict = "" if target is None else f"<= {target:g}: {'within' if ratio <= target else 'OVER'}"
+        verdict = note if target is None else f"<= {target:g}: {'within' if ratio <= target else 'OVER'}"
         return [f"{what} ({unit})", f"{scale * ref_value:.2f}", f"{scale * ours:.2f}", f"{ratio:.3f}", verdict]
 
     rows = [row("quantize the model", reference["quantize"], ptqbench["quantize"], "s", None),
@@ -377,6 +419,8 @@ def table(reference: dict[str, float], ptqbench: dict[str, float]) -> list[list[
                 ptqbench["quantize"] + ptqbench["calibrate"], "s", TARGET_STATISTICS)]
     rows += [row(f"reconstruction step, {kind}", reference[kind], ptqbench[kind], "ms/step", TARGET_STEP)
              for kind in UNIT_KINDS]
+    rows.append(row(MLP_FLOOR, reference["encoder mlp"], ptqbench[MLP_FLOOR], "ms/step", None,
+                    "the lowest MLP ratio in float32"))
     return rows
 
 
